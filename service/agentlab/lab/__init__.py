@@ -1,0 +1,1 @@
+"""Lab backends: whatever really runs the prompt, behind one small interface."""

@@ -1,0 +1,125 @@
+"""The seam between the use cases and whatever runs the models.
+
+A ``Lab`` runs a task and reports what happens as ``LabEvent`` values; the
+runner in ``core`` times them, numbers them and builds the flow and metrics.
+A ``ChatModel`` is one model behind a chat-completion call, streamed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Protocol
+
+from agentlab.core.types import GenerationOptions, Task
+
+__all__ = [
+    "ChatMessage",
+    "ChatModel",
+    "Lab",
+    "LabEvent",
+    "LabNodeEnded",
+    "LabNodeStarted",
+    "LabOutput",
+    "LabToken",
+    "ModelChunk",
+    "TextChunk",
+    "Usage",
+]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    text: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+ModelChunk = TextChunk | Usage
+
+
+class ChatModel(Protocol):
+    """A model that streams a chat completion."""
+
+    @property
+    def backend(self) -> str:
+        """The backend's name, as metrics report it (for example "embedded")."""
+        ...
+
+    @property
+    def name(self) -> str:
+        """The model the backend really runs."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def stream(
+        self, messages: list[ChatMessage], options: GenerationOptions
+    ) -> AsyncGenerator[ModelChunk, None]:
+        """Yield text as it is generated, then one ``Usage``. Closing the
+        iterator early stops the generation."""
+        ...
+
+
+@dataclass(frozen=True)
+class LabNodeStarted:
+    node: str
+    input: str
+
+
+@dataclass(frozen=True)
+class LabToken:
+    node: str
+    text: str
+
+
+@dataclass(frozen=True)
+class LabNodeEnded:
+    node: str
+    output: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class LabOutput:
+    """The last event of a run: its final text."""
+
+    output: str
+
+
+LabEvent = LabNodeStarted | LabToken | LabNodeEnded | LabOutput
+
+
+class Lab(Protocol):
+    """Runs tasks. Errors are raised as ``agentlab.core.errors`` types."""
+
+    @property
+    def backend(self) -> str: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def run(self, task: Task) -> AsyncGenerator[LabEvent, None]:
+        """Yield the run's events, ending with one ``LabOutput``. Closing the
+        iterator early stops the work."""
+        ...

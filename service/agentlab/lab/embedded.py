@@ -1,0 +1,80 @@
+"""The embedded lab: the default backend, running in the gateway's process.
+
+Inference is one model call; orchestration is the LangGraph graph of
+``agentlab.lab.graph``. Both run on one ``ChatModel``: the local llama.cpp
+model, or the echo model for overhead measurements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any
+
+from agentlab.core.types import ExecutionMode, Task
+from agentlab.lab.base import ChatMessage, ChatModel, LabEvent, LabNodeEnded, LabOutput
+from agentlab.lab.graph import build_graph, model_node
+
+__all__ = ["EmbeddedLab"]
+
+_INFERENCE_NODE = "inference"
+
+
+class EmbeddedLab:
+    def __init__(self, model: ChatModel) -> None:
+        self._model = model
+        self._graph = build_graph(model)
+        self._ready = False
+
+    @property
+    def backend(self) -> str:
+        return self._model.backend
+
+    @property
+    def model_name(self) -> str:
+        return self._model.name
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        await self._model.start()
+        self._ready = True
+
+    async def close(self) -> None:
+        self._ready = False
+        await self._model.close()
+
+    async def run(self, task: Task) -> AsyncGenerator[LabEvent, None]:
+        inference = task.mode is ExecutionMode.INFERENCE
+        events = self._infer(task) if inference else self._orchestrate(task)
+        async with aclosing(events):
+            async for event in events:
+                yield event
+
+    async def _infer(self, task: Task) -> AsyncGenerator[LabEvent, None]:
+        messages = [ChatMessage("user", task.prompt)]
+        output = ""
+        async with aclosing(
+            model_node(self._model, _INFERENCE_NODE, messages, task.options)
+        ) as events:
+            async for event in events:
+                yield event
+                if isinstance(event, LabNodeEnded):
+                    output = event.output
+        yield LabOutput(output)
+
+    async def _orchestrate(self, task: Task) -> AsyncGenerator[LabEvent, None]:
+        config: Any = {"configurable": {"options": task.options}}
+        final: dict[str, Any] = {}
+        stream = self._graph.astream(
+            {"prompt": task.prompt}, config, stream_mode=["custom", "values"]
+        )
+        async with aclosing(stream):
+            async for mode, payload in stream:
+                if mode == "custom":
+                    yield payload
+                else:
+                    final = payload
+        yield LabOutput(str(final.get("output", "")))

