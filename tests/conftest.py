@@ -1,0 +1,134 @@
+"""Shared fixtures: real processes (service, Envoy) on free ports, and
+in-process servers for labs that tests construct themselves."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from agentlab.config import Settings
+from agentlab.devstack import ROOT, EnvoyProcess, Ports, ServiceProcess, free_port
+from agentlab.lab.registry import LabRegistry
+from agentlab.server import Gateway
+
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    """A command-line tool from the venv (grpcurl, buf, envoy) or PATH."""
+    found = shutil.which(name, path=str(BIN)) or shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: run `make setup`")
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _clean_agentlab_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings come from AGENTLAB_* variables: tests start from none."""
+    for name in list(os.environ):
+        if name.startswith("AGENTLAB_"):
+            monkeypatch.delenv(name)
+
+
+@dataclass
+class Stack:
+    """A service process and an Envoy in front of it."""
+
+    service: ServiceProcess
+    envoy: EnvoyProcess
+
+    @property
+    def url(self) -> str:
+        return self.envoy.url
+
+    @property
+    def gateway_grpc(self) -> str:
+        return f"127.0.0.1:{self.envoy.ports.gateway}"
+
+    @property
+    def service_grpc(self) -> str:
+        return self.service.address
+
+    def stop(self) -> None:
+        self.envoy.stop()
+        self.service.stop()
+
+
+def start_stack(log_dir: Path, env: dict[str, str] | None = None) -> Stack:
+    ports = Ports(gateway=free_port(), service=free_port(), admin=free_port())
+    service_log = (log_dir / f"service-{ports.service}.log").open("wb")
+    envoy_log = (log_dir / f"envoy-{ports.gateway}.log").open("wb")
+    service = ServiceProcess(port=ports.service, env=env or {}, output=service_log)
+    envoy = EnvoyProcess(ports=ports, output=envoy_log)
+    try:
+        service.start()
+        envoy.start()
+    except BaseException:
+        envoy.stop()
+        service.stop()
+        raise
+    return Stack(service, envoy)
+
+
+@pytest.fixture(scope="session")
+def model_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The real thing, as `make run` starts it: the embedded lab with the
+    local model, behind Envoy."""
+    stack = start_stack(tmp_path_factory.mktemp("model-stack"))
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def echo_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A stack of its own for tests that stop or break its processes; the echo
+    backend makes it start in a moment."""
+    stack = start_stack(tmp_path, {"AGENTLAB_DEFAULT_BACKEND": "echo"})
+    yield stack
+    stack.stop()
+
+
+@dataclass
+class InProcess:
+    """A server running in the test's event loop, with Envoy in front."""
+
+    gateway: Gateway
+    envoy: EnvoyProcess
+
+    @property
+    def url(self) -> str:
+        return self.envoy.url
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gateway.port}"
+
+
+async def serve_in_process(registry: LabRegistry, tmp_path: Path) -> AsyncIterator[InProcess]:
+    """Serve ``registry`` from this event loop behind a real Envoy. Clients in
+    such tests must be async: a blocking call would stall the server."""
+    port = free_port()
+    gateway = Gateway.create(Settings(grpc_address=f"127.0.0.1:{port}"), registry)
+    await gateway.start()
+    envoy = EnvoyProcess(
+        ports=Ports(gateway=free_port(), service=port, admin=free_port()),
+        output=(tmp_path / "envoy.log").open("wb"),
+    )
+    try:
+        envoy.start()
+        yield InProcess(gateway, envoy)
+    finally:
+        envoy.stop()
+        await gateway.stop(0)
+
+
+def run(
+    cmd: list[str], timeout: float = 60.0, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs)

@@ -1,0 +1,61 @@
+"""Orchestrate reaches REST clients as Server-Sent Events, as they happen."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import Stack
+from tests.sse import read_events
+
+
+def kind(event: dict[str, object]) -> str:
+    return next(key for key in event if key not in ("sequence", "time", "execution_id"))
+
+
+@pytest.mark.model
+def test_rest_stream_is_incremental(model_stack: Stack) -> None:
+    request = {"prompt": "Describe the sea in two sentences.", "max_tokens": 40, "temperature": 0}
+    with httpx.stream(
+        "POST", f"{model_stack.url}/api/v1/orchestrate", json=request, timeout=120
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        received = read_events(response)
+
+    events = [r.event for r in received]
+    assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
+    assert kind(events[0]) == "execution_started"
+    assert kind(events[-1]) == "execution_completed"
+    assert sum(kind(e) == "token_delta" for e in events) > 10
+
+    first, last = received[0], received[-1]
+    run_time = last.produced - first.produced
+    assert run_time > 0.5, f"the run took {run_time:.2f} s: too short to tell buffering apart"
+    # Buffering would deliver the first event only once the last one exists.
+    assert first.arrived < last.produced - 0.4 * run_time, (
+        f"first event arrived {first.arrived - first.produced:.2f} s after it was produced; "
+        f"the last was produced {run_time:.2f} s after the first"
+    )
+    tokens = [r for r in received if kind(r.event) == "token_delta"]
+    assert tokens[0].arrived < last.produced
+
+
+def test_get_binding_serves_browsers_eventsource(echo_stack: Stack) -> None:
+    with httpx.stream(
+        "GET",
+        f"{echo_stack.url}/api/v1/orchestrate",
+        params={"prompt": "hola que tal", "model": "echo", "mode": "EXECUTION_MODE_INFERENCE"},
+        headers={"Accept": "text/event-stream"},
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [r.event for r in read_events(response)]
+    assert kind(events[-1]) == "execution_completed"
+    result = events[-1]["execution_completed"]["result"]
+    assert result["output"] == "hola que tal"
+    assert [step["node"] for step in result["flow"]] == ["inference"]
+    assert result["metrics"]["backend"] == "echo"
+    text = "".join(e["token_delta"]["text"] for e in events if kind(e) == "token_delta")
+    assert text == result["output"]
