@@ -211,10 +211,15 @@ class _Run:
                 output="".join(node.text),
                 start_time=node.start_time,
                 duration_ms=(now - node.started) * 1000,
-                metrics=Metrics(
-                    backend=self.lab.backend,
-                    model=self.lab.model_name,
-                    requested_model=self.task.model,
+                # Token counts arrive with a node's end, so a cut node has
+                # only its timings.
+                metrics=self._metrics(
+                    started=node.started,
+                    ended=now,
+                    first_token=node.first_token,
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    generation_seconds=0.0,
                 ),
             )
             for node in self.open_nodes.values()
