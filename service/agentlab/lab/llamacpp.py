@@ -48,12 +48,20 @@ class LlamaCppModel:
         self._slots = slots
         self._context = context
         self._server: Any = None
+        self._generated = 0
+        self._generated_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="llama")
 
     @property
     def name(self) -> str:
         # "SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"
         return self._path.name.removesuffix(".gguf").split(".")[0]
+
+    @property
+    def generated_chunks(self) -> int:
+        """Chunks llama.cpp has produced since start, delivered or not: shows
+        whether a cancelled generation really stopped."""
+        return self._generated
 
     async def start(self) -> None:
         if not self._path.is_file():
@@ -99,6 +107,8 @@ class LlamaCppModel:
         server = self._server
 
         def on_chunk(chunk: dict[str, Any]) -> bool:
+            with self._generated_lock:
+                self._generated += 1
             loop.call_soon_threadsafe(chunks.put_nowait, chunk)
             # Returning True makes llama.cpp stop generating at once.
             return stop.is_set()
