@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from agentlab.config import Settings
 from agentlab.devstack import ROOT, EnvoyProcess, Ports, ServiceProcess, free_port
 from agentlab.lab.registry import LabRegistry

@@ -1,0 +1,103 @@
+"""The execute and orchestrate use cases on the echo model: validation,
+event order, flow and metrics, the same for every backend."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentlab.core.errors import InvalidArgument, LabUnavailable
+from agentlab.core.events import (
+    ExecutionCompleted,
+    ExecutionStarted,
+    NodeFinished,
+    NodeStarted,
+    TokenDelta,
+)
+from agentlab.core.runner import Runner
+from agentlab.core.types import ExecutionMode, GenerationOptions, StepStatus, Task
+from agentlab.lab.echo import EchoModel
+from agentlab.lab.embedded import EmbeddedLab
+from agentlab.lab.registry import ANY_MODEL, LabRegistry
+
+
+@pytest.fixture
+async def runner() -> Runner:
+    registry = LabRegistry(EmbeddedLab(EchoModel()))
+    await registry.start()
+    return Runner(registry.route, default_max_tokens=50)
+
+
+def task(prompt: str, mode: ExecutionMode = ExecutionMode.INFERENCE, **options: object) -> Task:
+    return Task(prompt, "mistral7b", mode, GenerationOptions(**options))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        (task(""), "prompt"),
+        (task(" \n"), "prompt"),
+        (task("hi", max_tokens=0), "max_tokens"),
+        (task("hi", temperature=-0.1), "temperature"),
+        (task("hi", temperature=2.5), "temperature"),
+    ],
+)
+async def test_bad_tasks_fail_before_any_event(runner: Runner, bad: Task, field: str) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        await anext(runner.stream(bad))
+    assert raised.value.field == field
+
+
+async def test_inference_events_and_result(runner: Runner) -> None:
+    events = [event async for event in runner.stream(task("one two three"))]
+    kinds = [type(event.kind) for event in events]
+    assert kinds == [
+        ExecutionStarted,
+        NodeStarted,
+        TokenDelta,
+        TokenDelta,
+        TokenDelta,
+        NodeFinished,
+        ExecutionCompleted,
+    ]
+    assert [event.sequence for event in events] == list(range(1, 8))
+    assert len({event.execution_id for event in events}) == 1
+    times = [event.time for event in events]
+    assert times == sorted(times)
+
+    final = events[-1].kind
+    assert isinstance(final, ExecutionCompleted)
+    result = final.result
+    assert result.execution_id == events[0].execution_id
+    assert result.output == "one two three"
+    [step] = result.flow
+    assert (step.node, step.status, step.output) == (
+        "inference",
+        StepStatus.SUCCEEDED,
+        "one two three",
+    )
+    assert result.metrics.completion_tokens == 3
+    assert result.metrics.backend == "echo"
+    assert result.metrics.requested_model == "mistral7b"
+    assert result.metrics.latency_ms >= step.duration_ms > 0
+
+
+async def test_the_default_max_tokens_applies(runner: Runner) -> None:
+    result = await runner.execute(task(" ".join(["w"] * 80)))
+    assert result.metrics.completion_tokens == 50
+
+
+async def test_orchestration_runs_plan_answer_review(runner: Runner) -> None:
+    result = await runner.execute(task("Why is the sky blue?", ExecutionMode.ORCHESTRATION))
+    assert [step.node for step in result.flow] == ["plan", "answer", "review"]
+    assert all(step.status is StepStatus.SUCCEEDED for step in result.flow)
+    assert result.output == result.flow[-1].output
+    assert result.metrics.completion_tokens == sum(s.metrics.completion_tokens for s in result.flow)
+
+
+async def test_a_lab_that_is_not_ready_is_unavailable() -> None:
+    registry = LabRegistry(EmbeddedLab(EchoModel()))  # never started
+    runner = Runner(registry.route, default_max_tokens=10)
+    with pytest.raises(LabUnavailable):
+        await runner.execute(task("hi"))
+    assert registry.models()[-1].name == ANY_MODEL
+    assert registry.models()[-1].ready is False
