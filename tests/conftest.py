@@ -130,6 +130,7 @@ async def serve_in_process(registry: LabRegistry, tmp_path: Path) -> AsyncIterat
 
 
 def run(
-    cmd: list[str], timeout: float = 60.0, **kwargs: object
+    cmd: list[str], timeout: float = 60.0, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs)
+    """Run a command as a user would from the repository (or ``cwd``)."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
