@@ -1,4 +1,5 @@
-"""`make run`: the service and its Envoy sidecar on the default ports.
+"""`make run`: the service and its Envoy sidecar, on the default ports unless
+told otherwise (the ports of gateway/envoy.yaml).
 
 Ctrl-C (or SIGTERM) drains the service and stops Envoy; nothing is left
 running.
@@ -6,11 +7,12 @@ running.
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import threading
 
-from agentlab.devstack import DEFAULT_PORTS, EnvoyProcess, ServiceProcess
+from agentlab.devstack import DEFAULT_PORTS, EnvoyProcess, Ports, ServiceProcess
 
 CURL = (
     "curl -X POST http://localhost:{port}/api/v1/execute -H 'Content-Type: application/json' \\\n"
@@ -18,13 +20,23 @@ CURL = (
 )
 
 
-def main() -> int:
+def parse_ports(argv: list[str] | None) -> Ports:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gateway-port", type=int, default=DEFAULT_PORTS.gateway)
+    parser.add_argument("--service-port", type=int, default=DEFAULT_PORTS.service)
+    parser.add_argument("--admin-port", type=int, default=DEFAULT_PORTS.admin)
+    args = parser.parse_args(argv)
+    return Ports(gateway=args.gateway_port, service=args.service_port, admin=args.admin_port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ports = parse_ports(argv)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
 
-    service = ServiceProcess()
-    envoy = EnvoyProcess()
+    service = ServiceProcess(port=ports.service)
+    envoy = EnvoyProcess(ports=ports)
     try:
         print(f"starting the service on {service.address} ...", flush=True)
         service.start()
@@ -33,10 +45,10 @@ def main() -> int:
         print(
             f"\nready:\n"
             f"  REST (Envoy)   {envoy.url}/api/v1/...\n"
-            f"  gRPC (Envoy)   127.0.0.1:{DEFAULT_PORTS.gateway}\n"
+            f"  gRPC (Envoy)   127.0.0.1:{ports.gateway}\n"
             f"  gRPC (direct)  {service.address}\n"
-            f"  Envoy admin    http://127.0.0.1:{DEFAULT_PORTS.admin}\n\n"
-            f"try:\n  {CURL.format(port=DEFAULT_PORTS.gateway)}\n\n"
+            f"  Envoy admin    http://127.0.0.1:{ports.admin}\n\n"
+            f"try:\n  {CURL.format(port=ports.gateway)}\n\n"
             "Ctrl-C stops both.",
             flush=True,
         )
