@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agentlab.config import Settings
-from agentlab.devstack import ROOT, EnvoyProcess, Ports, ServiceProcess, free_port
+from agentlab.devstack import ROOT, EnvoyProcess, Ports, Stack, free_port
 from agentlab.lab.registry import LabRegistry
 from agentlab.server import Gateway
 
@@ -37,51 +37,11 @@ def _clean_agentlab_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-@dataclass
-class Stack:
-    """A service process and an Envoy in front of it."""
-
-    service: ServiceProcess
-    envoy: EnvoyProcess
-
-    @property
-    def url(self) -> str:
-        return self.envoy.url
-
-    @property
-    def gateway_grpc(self) -> str:
-        return f"127.0.0.1:{self.envoy.ports.gateway}"
-
-    @property
-    def service_grpc(self) -> str:
-        return self.service.address
-
-    def stop(self) -> None:
-        self.envoy.stop()
-        self.service.stop()
-
-
-def start_stack(log_dir: Path, env: dict[str, str] | None = None) -> Stack:
-    ports = Ports(gateway=free_port(), service=free_port(), admin=free_port())
-    service_log = (log_dir / f"service-{ports.service}.log").open("wb")
-    envoy_log = (log_dir / f"envoy-{ports.gateway}.log").open("wb")
-    service = ServiceProcess(port=ports.service, env=env or {}, output=service_log)
-    envoy = EnvoyProcess(ports=ports, output=envoy_log)
-    try:
-        service.start()
-        envoy.start()
-    except BaseException:
-        envoy.stop()
-        service.stop()
-        raise
-    return Stack(service, envoy)
-
-
 @pytest.fixture(scope="session")
 def model_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The real thing, as `make run` starts it: the embedded lab with the
     local model, behind Envoy."""
-    stack = start_stack(tmp_path_factory.mktemp("model-stack"))
+    stack = Stack.start(tmp_path_factory.mktemp("model-stack"))
     yield stack
     stack.stop()
 
@@ -90,7 +50,7 @@ def model_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def echo_stack(tmp_path: Path) -> Iterator[Stack]:
     """A stack of its own for tests that stop or break its processes; the echo
     backend makes it start in a moment."""
-    stack = start_stack(tmp_path, {"AGENTLAB_DEFAULT_BACKEND": "echo"})
+    stack = Stack.start(tmp_path, {"AGENTLAB_DEFAULT_BACKEND": "echo"})
     yield stack
     stack.stop()
 

@@ -31,6 +31,7 @@ __all__ = [
     "EnvoyProcess",
     "Ports",
     "ServiceProcess",
+    "Stack",
     "free_port",
     "render_envoy_config",
 ]
@@ -203,3 +204,54 @@ class EnvoyProcess:
         if self._config_dir is not None:
             self._config_dir.cleanup()
         return code
+
+
+@dataclass
+class Stack:
+    """A service process and an Envoy in front of it, on free ports, with
+    their output in ``log_dir``: what the tests and the benchmark run against."""
+
+    service: ServiceProcess
+    envoy: EnvoyProcess
+
+    @classmethod
+    def start(cls, log_dir: Path, env: Mapping[str, str] | None = None) -> Stack:
+        ports = Ports(gateway=free_port(), service=free_port(), admin=free_port())
+        service = ServiceProcess(
+            port=ports.service,
+            env=env or {},
+            output=(log_dir / f"service-{ports.service}.log").open("wb"),
+        )
+        envoy = EnvoyProcess(
+            ports=ports, output=(log_dir / f"envoy-{ports.gateway}.log").open("wb")
+        )
+        stack = cls(service, envoy)
+        try:
+            service.start()
+            envoy.start()
+        except BaseException:
+            stack.stop()
+            raise
+        return stack
+
+    @property
+    def url(self) -> str:
+        return self.envoy.url
+
+    @property
+    def gateway_grpc(self) -> str:
+        return f"127.0.0.1:{self.envoy.ports.gateway}"
+
+    @property
+    def service_grpc(self) -> str:
+        return self.service.address
+
+    def stop(self) -> None:
+        """Envoy first, so nothing new reaches the draining service."""
+        try:
+            self.envoy.stop()
+        finally:
+            self.service.stop()
+            for proc in (self.envoy, self.service):
+                if proc.output is not None:
+                    proc.output.close()
