@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 import httpx
 
-from agentlab.devstack import Stack
+from agentlab.devstack import Stack, envoy_binary
 from agentlab.v1 import lab_service_pb2, lab_service_pb2_grpc
 
 ECHO_EXECUTE = {"prompt": "How much does the gateway itself cost per request?", "model": "echo"}
@@ -742,11 +742,8 @@ def _cpu_model() -> str:
 
 
 def _envoy_version() -> str:
-    # The same lookup EnvoyProcess does: the venv's Envoy first, then PATH.
-    envoy = shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which("envoy")
-    if envoy is None:
-        return "not found"
     try:
+        envoy = envoy_binary()
         out = subprocess.run(
             [envoy, "--version"], capture_output=True, text=True, timeout=30, check=False
         ).stdout

