@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2, status_pb2
 from agentlab.core.errors import (
     AgentLabError,
     Cancelled,
+    DeadlineExceeded,
     InternalError,
     InvalidArgument,
     LabFailed,
@@ -34,11 +35,28 @@ _CODES: list[tuple[type[AgentLabError], grpc.StatusCode]] = [
     (LabUnavailable, grpc.StatusCode.UNAVAILABLE),
     (LabFailed, grpc.StatusCode.INTERNAL),
     (Cancelled, grpc.StatusCode.CANCELLED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (InternalError, grpc.StatusCode.INTERNAL),
 ]
 
 
+# What a backend's own HTTP status means for our caller. Anything else a
+# backend fails with is INTERNAL: the caller cannot fix it.
+_UPSTREAM_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    502: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
 def status_code(error: AgentLabError) -> grpc.StatusCode:
+    if isinstance(error, LabFailed) and error.upstream_status is not None:
+        return _UPSTREAM_CODES.get(error.upstream_status, grpc.StatusCode.INTERNAL)
     for error_type, code in _CODES:
         if isinstance(error, error_type):
             return code

@@ -6,6 +6,7 @@ from __future__ import annotations
 __all__ = [
     "AgentLabError",
     "Cancelled",
+    "DeadlineExceeded",
     "InternalError",
     "InvalidArgument",
     "LabFailed",
@@ -76,18 +77,50 @@ class LabUnavailable(AgentLabError):
 
     reason = "LAB_UNAVAILABLE"
 
-    def __init__(self, backend: str, detail: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(f"lab backend {backend!r} is unavailable: {detail}", backend=backend)
+    def __init__(
+        self, backend: str, detail: str, retry_after_s: float = 1.0, address: str = ""
+    ) -> None:
+        where = f" at {address}" if address else ""
+        super().__init__(
+            f"lab backend {backend!r}{where} is unavailable: {detail}",
+            backend=backend,
+            **({"address": address} if address else {}),
+        )
+        self.backend = backend
+        self.address = address
         self.retry_after_s = retry_after_s
 
 
 class LabFailed(AgentLabError):
-    """The lab took the work and failed it."""
+    """The lab took the work and failed it, or answered something unusable.
+    ``upstream_status`` is the backend's own HTTP status, when it gave one."""
 
     reason = "LAB_FAILED"
 
-    def __init__(self, backend: str, detail: str) -> None:
-        super().__init__(f"lab backend {backend!r} failed: {detail}", backend=backend)
+    def __init__(
+        self, backend: str, detail: str, upstream_status: int | None = None, address: str = ""
+    ) -> None:
+        metadata = {"backend": backend}
+        if address:
+            metadata["address"] = address
+        if upstream_status is not None:
+            metadata["upstream_status"] = str(upstream_status)
+        status = f" (HTTP {upstream_status})" if upstream_status is not None else ""
+        super().__init__(f"lab backend {backend!r} failed{status}: {detail}", **metadata)
+        self.backend = backend
+        self.upstream_status = upstream_status
+
+
+class DeadlineExceeded(AgentLabError):
+    """The execution ran out of time: the caller's deadline or the model's
+    configured timeout, whichever came first."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+    def __init__(self, timeout_s: float, what: str = "the execution") -> None:
+        super().__init__(
+            f"{what} did not finish within {timeout_s:g} s", timeout_s=f"{timeout_s:g}"
+        )
 
 
 class Cancelled(AgentLabError):

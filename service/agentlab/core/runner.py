@@ -158,7 +158,10 @@ class _Run:
 
     def _finish(self, ended: LabNodeEnded, now: float) -> FlowStep:
         node = self.open_nodes.pop(ended.node, None) or _Node(ended.node, "", _now(), now)
-        generation = now - node.first_token if node.first_token is not None else 0.0
+        if ended.generation_s is not None:
+            generation = ended.generation_s
+        else:
+            generation = now - node.first_token if node.first_token is not None else 0.0
         self.generation_seconds += generation
         return FlowStep(
             node=node.name,

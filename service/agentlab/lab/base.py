@@ -14,6 +14,7 @@ from typing import Protocol
 from agentlab.core.types import GenerationOptions, Task
 
 __all__ = [
+    "Backend",
     "ChatMessage",
     "ChatModel",
     "Lab",
@@ -43,6 +44,9 @@ class TextChunk:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    # Generation time as the backend measured it (Ollama's eval_duration);
+    # None lets the runner time it from the tokens' arrival.
+    generation_s: float | None = None
 
 
 ModelChunk = TextChunk | Usage
@@ -91,6 +95,7 @@ class LabNodeEnded:
     output: str
     prompt_tokens: int
     completion_tokens: int
+    generation_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -122,4 +127,38 @@ class Lab(Protocol):
     def run(self, task: Task) -> AsyncGenerator[LabEvent, None]:
         """Yield the run's events, ending with one ``LabOutput``. Closing the
         iterator early stops the work."""
+        ...
+
+
+class Backend(Protocol):
+    """A configured place where models run: the embedded model, an Ollama
+    server, an OpenAI-compatible server, or the HTTP lab service."""
+
+    @property
+    def name(self) -> str:
+        """The configured name; metrics report it as the backend."""
+        ...
+
+    @property
+    def kind(self) -> str:
+        """One of "embedded", "echo", "ollama", "openai", "http_lab"."""
+        ...
+
+    @property
+    def address(self) -> str:
+        """Where it is reached ("" when it runs in this process)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def check(self) -> None:
+        """Return if the backend is reachable now; raise ``LabUnavailable``
+        (or ``LabFailed``) saying why not. Cheap: health probes call it."""
+        ...
+
+    def lab(self, model: str) -> Lab:
+        """The lab that runs tasks on ``model``, the backend's own model name
+        (for example "mistral:7b"). Its ``backend`` is this backend's name."""
         ...

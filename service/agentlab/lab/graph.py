@@ -24,6 +24,7 @@ from agentlab.lab.base import (
     LabNodeStarted,
     LabToken,
     TextChunk,
+    Usage,
 )
 
 __all__ = ["NODES", "build_graph", "model_node"]
@@ -54,15 +55,17 @@ async def model_node(
     """Run one model call as one node: its start, its tokens, its end."""
     yield LabNodeStarted(node=node, input=messages[-1].content)
     parts: list[str] = []
-    prompt_tokens = completion_tokens = 0
+    usage = Usage(prompt_tokens=0, completion_tokens=0)
     async with aclosing(model.stream(messages, options)) as chunks:
         async for chunk in chunks:
             if isinstance(chunk, TextChunk):
                 parts.append(chunk.text)
                 yield LabToken(node=node, text=chunk.text)
             else:
-                prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-    yield LabNodeEnded(node, "".join(parts), prompt_tokens, completion_tokens)
+                usage = chunk
+    yield LabNodeEnded(
+        node, "".join(parts), usage.prompt_tokens, usage.completion_tokens, usage.generation_s
+    )
 
 
 async def _run_node(

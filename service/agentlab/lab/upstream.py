@@ -1,0 +1,174 @@
+"""What every HTTP backend shares: a pooled client, retries only where they
+are safe, and the translation of transport failures into domain errors.
+
+A request is retried only when the connection was refused or could not be
+opened, so nothing was sent and nothing can run twice. Once a response has
+started, a failure is the caller's to see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+
+from agentlab.core.errors import LabFailed, LabUnavailable
+
+__all__ = ["Upstream", "iter_ndjson", "iter_sse_data"]
+
+logger = logging.getLogger(__name__)
+
+_ERROR_BODY_LIMIT = 2048
+
+
+class Upstream:
+    """One backend's HTTP endpoint. ``backend`` is its configured name, used
+    in every error so a caller knows which part failed."""
+
+    def __init__(
+        self,
+        backend: str,
+        base_url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        connect_timeout_s: float = 5.0,
+        connect_attempts: int = 3,
+        backoff_s: float = 0.1,
+        max_connections: int = 64,
+    ) -> None:
+        self.backend = backend
+        self.address = base_url.rstrip("/")
+        self._attempts = max(1, connect_attempts)
+        self._backoff_s = backoff_s
+        # No read timeout: a generation may pause for long between tokens;
+        # the runner bounds the whole call by its deadline and cancels it.
+        self._client = httpx.AsyncClient(
+            base_url=self.address,
+            headers=dict(headers or {}),
+            timeout=httpx.Timeout(None, connect=connect_timeout_s, pool=connect_timeout_s),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=16),
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def unavailable(self, detail: str) -> LabUnavailable:
+        return LabUnavailable(self.backend, detail, address=self.address)
+
+    def failed(self, detail: str, upstream_status: int | None = None) -> LabFailed:
+        return LabFailed(self.backend, detail, upstream_status, address=self.address)
+
+    @asynccontextmanager
+    async def stream(
+        self, method: str, path: str, *, json_body: Any = None, timeout_s: float | None = None
+    ) -> AsyncIterator[httpx.Response]:
+        """An open response with a 2xx status. Leaving the block closes it,
+        which closes the connection if the body was not read to the end: that
+        is how a cancelled call stops the backend's work."""
+        request = self._client.build_request(
+            method,
+            path,
+            json=json_body,
+            timeout=httpx.Timeout(timeout_s, connect=self._client.timeout.connect)
+            if timeout_s is not None
+            else None,
+        )
+        response = await self._send(request)
+        try:
+            if not response.is_success:
+                body = (await response.aread())[:_ERROR_BODY_LIMIT]
+                raise self.failed(_error_text(body) or response.reason_phrase, response.status_code)
+            yield response
+        except httpx.TimeoutException:
+            raise self.unavailable("timed out waiting for the response") from None
+        except httpx.HTTPError as error:
+            # The backend went away in the middle of its answer.
+            raise self.unavailable(f"the connection broke mid-response: {error!r}") from None
+        finally:
+            await response.aclose()
+
+    async def get_json(self, path: str, *, timeout_s: float = 5.0) -> Any:
+        async with self.stream("GET", path, timeout_s=timeout_s) as response:
+            body = await response.aread()
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise self.failed(f"GET {path} answered something that is not JSON") from None
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return await self._client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                if attempt == self._attempts:
+                    raise self.unavailable(_connect_failure(error)) from None
+                delay = self._backoff_s * 2 ** (attempt - 1)
+                logger.info(
+                    "%s at %s: %s; retry %d in %.2f s",
+                    self.backend,
+                    self.address,
+                    _connect_failure(error),
+                    attempt,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            except httpx.TimeoutException:
+                raise self.unavailable("timed out waiting for the response") from None
+            except httpx.HTTPError as error:
+                raise self.unavailable(f"the request failed: {error!r}") from None
+        raise AssertionError("unreachable")
+
+
+async def iter_ndjson(upstream: Upstream, response: httpx.Response) -> AsyncGenerator[Any, None]:
+    """One JSON value per non-empty line (Ollama, the lab service)."""
+    async for line in response.aiter_lines():
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except ValueError:
+            raise upstream.failed(f"a streamed line is not JSON: {line[:200]!r}") from None
+
+
+async def iter_sse_data(upstream: Upstream, response: httpx.Response) -> AsyncGenerator[str, None]:
+    """The data of each Server-Sent Event (OpenAI-compatible servers)."""
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line.strip() and data:
+            yield "\n".join(data)
+            data = []
+    if data:
+        yield "\n".join(data)
+
+
+def _connect_failure(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    if "refused" in text.lower():
+        return "connection refused"
+    if isinstance(error, httpx.ConnectTimeout):
+        return "timed out connecting"
+    return f"cannot connect: {text}"
+
+
+def _error_text(body: bytes) -> str:
+    """The message of an error body: JSON {"error": ...} as most servers send
+    it, or the text itself."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(parsed, dict):
+        error = parsed.get("error", parsed.get("detail", parsed.get("message")))
+        if isinstance(error, dict):
+            error = error.get("message", error)
+        if error is not None:
+            return str(error)
+    return text
