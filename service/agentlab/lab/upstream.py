@@ -150,8 +150,13 @@ async def iter_sse_data(upstream: Upstream, response: httpx.Response) -> AsyncGe
 
 def _connect_failure(error: Exception) -> str:
     text = str(error) or type(error).__name__
-    if "refused" in text.lower():
-        return "connection refused"
+    # httpx words a refusal "All connection attempts failed"; the OS error
+    # under it says what happened.
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError) or "refused" in str(cause).lower():
+            return "connection refused"
+        cause = cause.__cause__ or cause.__context__
     if isinstance(error, httpx.ConnectTimeout):
         return "timed out connecting"
     return f"cannot connect: {text}"

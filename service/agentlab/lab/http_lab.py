@@ -1,0 +1,164 @@
+"""The http_lab backend: the lab service (``agentlab.labservice``, or any
+server speaking ``agentlab.lab.wire``) called over HTTP.
+
+A streamed answer is relayed event by event as it arrives; a complete JSON
+answer (a lab that does not stream) is replayed as the same events without
+tokens. Closing a run closes the HTTP response, and with it the connection:
+that is what tells the lab service to stop the work.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import httpx
+
+from agentlab.core.errors import InvalidArgument, LabFailed
+from agentlab.core.types import Task
+from agentlab.lab import wire
+from agentlab.lab.base import LabEvent, LabOutput
+from agentlab.lab.upstream import Upstream, iter_ndjson
+
+__all__ = ["HttpLab", "HttpLabBackend"]
+
+_T = TypeVar("_T")
+
+
+class _Rejected(LabFailed):
+    """A non-2xx answer that keeps the lab service's own message: a 400's
+    message says which field was wrong."""
+
+    def __init__(
+        self, backend: str, detail: str, upstream_status: int | None, address: str
+    ) -> None:
+        super().__init__(backend, detail, upstream_status, address=address)
+        self.detail = detail
+
+
+class _LabServiceUpstream(Upstream):
+    def failed(self, detail: str, upstream_status: int | None = None) -> LabFailed:
+        return _Rejected(self.backend, detail, upstream_status, self.address)
+
+
+class HttpLabBackend:
+    kind = "http_lab"
+
+    def __init__(
+        self, name: str, url: str, *, connect_attempts: int = 3, stream: bool = True
+    ) -> None:
+        self._name = name
+        self._stream = stream
+        self._upstream = _LabServiceUpstream(name, url, connect_attempts=connect_attempts)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def address(self) -> str:
+        return self._upstream.address
+
+    async def start(self) -> None:
+        # Nothing to open: the gateway starts even while the lab service is
+        # down, and health (check) reports it.
+        return None
+
+    async def close(self) -> None:
+        await self._upstream.close()
+
+    async def check(self) -> None:
+        try:
+            await self._upstream.get_json(wire.HEALTH_PATH)
+        except _Rejected as error:
+            if error.upstream_status is not None and error.upstream_status >= 500:
+                raise self._upstream.unavailable(
+                    f"health check answered HTTP {error.upstream_status}: {error.detail}"
+                ) from None
+            raise
+
+    def lab(self, model: str) -> HttpLab:
+        return HttpLab(self._upstream, model, stream=self._stream)
+
+
+class HttpLab:
+    def __init__(self, upstream: Upstream, model: str, *, stream: bool) -> None:
+        self._upstream = upstream
+        self._model = model
+        self._stream = stream
+        self._ready = False
+
+    @property
+    def backend(self) -> str:
+        return self._upstream.backend
+
+    @property
+    def model_name(self) -> str:
+        return self._model
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        self._ready = True
+
+    async def close(self) -> None:
+        self._ready = False
+
+    async def run(self, task: Task) -> AsyncGenerator[LabEvent, None]:
+        body = wire.encode_request(replace(task, model=self._model), stream=self._stream)
+        try:
+            async with self._upstream.stream(
+                "POST", wire.PATHS[task.mode], json_body=body
+            ) as response:
+                content_type = response.headers.get("content-type", "").split(";")[0].strip()
+                if content_type == wire.NDJSON:
+                    events = self._streamed(response)
+                elif content_type == wire.JSON:
+                    events = self._complete(response)
+                else:
+                    raise self._upstream.failed(f"unexpected content type {content_type!r}")
+                async with aclosing(events):
+                    async for event in events:
+                        yield event
+        except _Rejected as error:
+            # Only answers that arrived before the stream began have a status.
+            if error.upstream_status == 400:
+                raise _invalid_argument(error.detail) from None
+            if error.upstream_status == 503:
+                raise self._upstream.unavailable(error.detail) from None
+            raise
+
+    async def _streamed(self, response: httpx.Response) -> AsyncGenerator[LabEvent, None]:
+        async with aclosing(iter_ndjson(self._upstream, response)) as lines:
+            async for line in lines:
+                if isinstance(line, dict) and line.get("type") == "error":
+                    raise wire.decode_error(line, self.backend, self._upstream.address)
+                yield (event := self._decode(wire.decode_event, line))
+                if isinstance(event, LabOutput):
+                    return
+        raise self._upstream.failed("the lab's stream ended early")
+
+    async def _complete(self, response: httpx.Response) -> AsyncGenerator[LabEvent, None]:
+        try:
+            body = json.loads(await response.aread())
+        except ValueError:
+            raise self._upstream.failed("the lab answered something that is not JSON") from None
+        for event in self._decode(wire.decode_result, body):
+            yield event
+
+    def _decode(self, decode: Callable[[Any], _T], value: Any) -> _T:
+        try:
+            return decode(value)
+        except wire.WireError as error:
+            raise self._upstream.failed(f"the lab answered off the wire format: {error}") from None
+
+
+def _invalid_argument(message: str) -> InvalidArgument:
+    # Upstream keeps only a 400's message, InvalidArgument's "field: description".
+    field, found, description = message.partition(": ")
+    return InvalidArgument(field, description) if found else InvalidArgument("", message)
