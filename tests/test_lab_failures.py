@@ -16,7 +16,7 @@ from grpc_status import rpc_status
 from agentlab.core.errors import LabFailed
 from agentlab.core.types import GenerationOptions
 from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk
-from agentlab.lab.embedded import EmbeddedLab
+from agentlab.lab.local import LocalBackend
 from agentlab.lab.registry import LabRegistry
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
@@ -79,7 +79,7 @@ class Failing:
 )
 async def failing(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Failing]:
     error, message = request.param
-    registry = LabRegistry(EmbeddedLab(FailingModel(error)))
+    registry = LabRegistry.serving_everything(LocalBackend("failing", FailingModel(error)))
     async for served in serve_in_process(registry, tmp_path):
         yield Failing(served, message)
 

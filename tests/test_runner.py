@@ -3,11 +3,16 @@ event order, flow and metrics, the same for every backend."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncGenerator
+from dataclasses import replace
+
 import pytest
 
-from agentlab.core.errors import InvalidArgument, LabUnavailable
+from agentlab.core.errors import DeadlineExceeded, InvalidArgument, LabUnavailable
 from agentlab.core.events import (
     ExecutionCompleted,
+    ExecutionFailed,
     ExecutionStarted,
     NodeFinished,
     NodeStarted,
@@ -15,14 +20,16 @@ from agentlab.core.events import (
 )
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, GenerationOptions, StepStatus, Task
+from agentlab.lab.base import ChatMessage, ModelChunk, Route, TextChunk, Usage
 from agentlab.lab.echo import EchoModel
 from agentlab.lab.embedded import EmbeddedLab
+from agentlab.lab.local import LocalBackend
 from agentlab.lab.registry import ANY_MODEL, LabRegistry
 
 
 @pytest.fixture
 async def runner() -> Runner:
-    registry = LabRegistry(EmbeddedLab(EchoModel()))
+    registry = LabRegistry.serving_everything(LocalBackend("echo", EchoModel()))
     await registry.start()
     return Runner(registry.route, default_max_tokens=50)
 
@@ -95,9 +102,64 @@ async def test_orchestration_runs_plan_answer_review(runner: Runner) -> None:
 
 
 async def test_a_lab_that_is_not_ready_is_unavailable() -> None:
-    registry = LabRegistry(EmbeddedLab(EchoModel()))  # never started
+    registry = LabRegistry.serving_everything(LocalBackend("echo", EchoModel()))  # never started
     runner = Runner(registry.route, default_max_tokens=10)
     with pytest.raises(LabUnavailable):
         await runner.execute(task("hi"))
     assert registry.models()[-1].name == ANY_MODEL
     assert registry.models()[-1].ready is False
+
+
+class SlowModel:
+    """One word every 20 ms; remembers whether its stream was closed."""
+
+    backend = "slow"
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def stream(
+        self, messages: list[ChatMessage], options: GenerationOptions
+    ) -> AsyncGenerator[ModelChunk, None]:
+        try:
+            for index in range(500):
+                await asyncio.sleep(0.02)
+                yield TextChunk(f"w{index} ")
+            yield Usage(1, 500)
+        finally:
+            self.closed = True
+
+
+@pytest.mark.parametrize("mode", list(ExecutionMode))
+async def test_a_deadline_stops_the_lab_and_keeps_the_partial_flow(mode: ExecutionMode) -> None:
+    model = SlowModel()
+    lab = EmbeddedLab(model)
+    await lab.start()
+    runner = Runner(lambda _: Route(lab, timeout_s=60), default_max_tokens=500)
+
+    events = [e async for e in runner.stream(replace(task("go", mode), timeout_s=0.3))]
+    final = events[-1].kind
+    assert isinstance(final, ExecutionFailed)
+    assert isinstance(final.error, DeadlineExceeded)
+    assert "0.3 s" in final.error.message
+    # What was generated before the deadline is kept, marked failed.
+    step = final.flow[-1]
+    assert step.status is StepStatus.FAILED
+    assert step.output.startswith("w0 w1 ")
+    assert sum(isinstance(e.kind, TokenDelta) for e in events) == len(step.output.split())
+    assert model.closed, "the model call must be closed, not left running"
+
+
+async def test_the_shorter_of_the_callers_and_the_models_timeout_wins() -> None:
+    lab = EmbeddedLab(SlowModel())
+    await lab.start()
+    runner = Runner(lambda _: Route(lab, timeout_s=0.2), default_max_tokens=500)
+    with pytest.raises(DeadlineExceeded, match=r"0\.2 s"):
+        await runner.execute(replace(task("go"), timeout_s=30))

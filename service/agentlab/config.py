@@ -21,6 +21,8 @@ class ConfigError(ValueError):
 class Settings:
     # Where the gRPC server listens ("[::]:0" picks a free port).
     grpc_address: str = "localhost:50051"
+    # Where the lab service (python -m agentlab.labservice) listens.
+    lab_address: str = "127.0.0.1:8100"
     # The backend for every model name: "embedded" (the local model) or
     # "echo" (no model: for measuring the gateway itself).
     default_backend: str = "embedded"
@@ -33,6 +35,11 @@ class Settings:
     model_context: int = 8192
     # Generated tokens per model call when a request does not say.
     default_max_tokens: int = 256
+    # The model routing file (see models.example.yaml); None: the default
+    # backend serves every model name.
+    models_file: Path | None = None
+    # Seconds between health checks of the backends.
+    health_interval_s: float = 5.0
     # Seconds in-flight calls get to finish on SIGTERM.
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
@@ -61,13 +68,18 @@ class Settings:
                 f"AGENTLAB_DEFAULT_BACKEND must be one of {', '.join(_BACKENDS)}, not {backend!r}"
             )
         model_path = text("MODEL_PATH", "")
-        grace = text("SHUTDOWN_GRACE_S", str(defaults.shutdown_grace_s))
-        try:
-            grace_s = float(grace)
-        except ValueError:
-            raise ConfigError(
-                f"AGENTLAB_SHUTDOWN_GRACE_S must be a number, not {grace!r}"
-            ) from None
+
+        def seconds(name: str, default: float) -> float:
+            raw = text(name, str(default))
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ConfigError(f"AGENTLAB_{name} must be a number, not {raw!r}") from None
+            if not value >= 0:
+                raise ConfigError(f"AGENTLAB_{name} must not be negative, not {raw}")
+            return value
+
+        models_file = text("MODELS_FILE", "")
         return cls(
             grpc_address=text("GRPC_ADDRESS", defaults.grpc_address),
             default_backend=backend,
@@ -76,6 +88,9 @@ class Settings:
             model_slots=number("MODEL_SLOTS", defaults.model_slots),
             model_context=number("MODEL_CONTEXT", defaults.model_context),
             default_max_tokens=number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens),
-            shutdown_grace_s=grace_s,
+            lab_address=text("LAB_ADDRESS", defaults.lab_address),
+            models_file=Path(models_file) if models_file else None,
+            health_interval_s=seconds("HEALTH_INTERVAL_S", defaults.health_interval_s),
+            shutdown_grace_s=seconds("SHUTDOWN_GRACE_S", defaults.shutdown_grace_s),
             log_level=text("LOG_LEVEL", defaults.log_level).upper(),
         )

@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_PORTS",
     "ROOT",
     "EnvoyProcess",
+    "LabServiceProcess",
     "Ports",
     "ServiceProcess",
     "Stack",
@@ -152,6 +153,58 @@ class ServiceProcess:
             except grpc.RpcError:
                 return False
         return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        return _stop(self.proc, timeout_s)
+
+
+@dataclass
+class LabServiceProcess:
+    """``python -m agentlab.labservice`` on a port, ready once its health
+    (GET /orchestrate/) answers 200. Its output is appended to ``log_path``,
+    so a restart on the same port keeps one log of both lives."""
+
+    port: int
+    log_path: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def start(self, timeout_s: float = 60.0) -> LabServiceProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
+        env.update({"AGENTLAB_LAB_ADDRESS": self.address, "PYTHONUNBUFFERED": "1"})
+        env.update(self.env)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agentlab.labservice"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            _wait(self.ready, "the lab service", timeout_s, self.proc)
+        except (RuntimeError, TimeoutError) as error:
+            self.stop()
+            raise RuntimeError(f"{error}:\n{self.log()}") from None
+        return self
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/orchestrate/", timeout=1.0) as answer:
+                return bool(answer.status == 200)
+        except OSError:  # refused, or an HTTP error status (503 while loading)
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         return _stop(self.proc, timeout_s)

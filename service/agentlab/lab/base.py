@@ -8,7 +8,7 @@ A ``ChatModel`` is one model behind a chat-completion call, streamed.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from agentlab.core.types import GenerationOptions, Task
@@ -24,6 +24,7 @@ __all__ = [
     "LabOutput",
     "LabToken",
     "ModelChunk",
+    "Route",
     "TextChunk",
     "Usage",
 ]
@@ -162,3 +163,13 @@ class Backend(Protocol):
         """The lab that runs tasks on ``model``, the backend's own model name
         (for example "mistral:7b"). Its ``backend`` is this backend's name."""
         ...
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a model name leads: the lab that serves it, and the defaults and
+    time limit configured for it."""
+
+    lab: Lab
+    defaults: GenerationOptions = field(default_factory=GenerationOptions)
+    timeout_s: float | None = None
