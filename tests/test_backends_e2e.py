@@ -53,6 +53,8 @@ backends:
 models:
   mistral7b: {{backend: ollama, model: "mistral:7b"}}
   orchestrator: {{backend: lab, model: any}}
+  hasty: {{backend: ollama, model: "mistral:7b", timeout_s: 0.5}}
+  unpulled: {{backend: ollama, model: "nope:1b"}}
 """
     )
     env = {"AGENTLAB_MODELS_FILE": str(models), "AGENTLAB_HEALTH_INTERVAL_S": "0.2"}
@@ -220,3 +222,55 @@ async def test_closing_a_rest_stream_closes_the_upstream_request(
     assert ollama.disconnected_at is not None
     assert ollama.disconnected_at - closed_at < 1.0
     assert ollama.lines_sent < 100
+
+
+async def test_a_models_timeout_is_504_and_the_stream_keeps_the_partial_flow(
+    stack: Stack, ollama: FakeOllama
+) -> None:
+    ollama.words = [f"w{i} " for i in range(400)]
+    ollama.delay_s = 0.02
+    answer = await post(f"{stack.url}/api/v1/execute", {"prompt": "go", "model": "hasty"})
+    assert answer.status_code == 504, answer.text
+    error = answer.json()
+    assert error["code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert "0.5 s" in error["message"]
+
+    async with (
+        httpx.AsyncClient(timeout=30) as client,
+        client.stream(
+            "POST",
+            f"{stack.url}/api/v1/orchestrate",
+            json={"prompt": "go", "model": "hasty", "mode": "EXECUTION_MODE_INFERENCE"},
+        ) as response,
+    ):
+        events = [r.event async for r in aread_events(response)]
+    failed = events[-1]["execution_failed"]
+    assert failed["error"]["code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    [step] = failed["flow"]
+    assert step["status"] == "STEP_STATUS_FAILED"
+    deltas = "".join(e["token_delta"]["text"] for e in events if "token_delta" in e)
+    assert deltas
+    assert step["output"] == deltas
+
+
+async def test_a_grpc_deadline_reaches_the_lab(stack: Stack, ollama: FakeOllama) -> None:
+    ollama.words = [f"w{i} " for i in range(400)]
+    ollama.delay_s = 0.02
+    async with grpc.aio.insecure_channel(stack.gateway_grpc) as channel:
+        stub = svc_grpc.LabServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Execute(svc.ExecuteRequest(prompt="go", model="mistral7b"), timeout=1.0)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The lab's own status with its message, not the transport's bare one.
+    assert "did not finish within" in (raised.value.details() or "")
+    await asyncio.wait_for(ollama.disconnected.wait(), timeout=1.0)
+
+
+async def test_an_upstream_http_error_keeps_its_status(stack: Stack) -> None:
+    answer = await post(f"{stack.url}/api/v1/execute", {"prompt": "hi", "model": "unpulled"})
+    assert answer.status_code == 404, answer.text
+    error = answer.json()
+    assert "nope:1b" in error["message"]
+    [info] = [d for d in error["details"] if d["@type"].endswith("ErrorInfo")]
+    assert info["metadata"]["upstream_status"] == "404"
+    assert info["metadata"]["backend"] == "ollama"
