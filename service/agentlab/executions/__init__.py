@@ -1,0 +1,1 @@
+"""Executions as durable resources: records, their events, live fan-out."""

@@ -1,0 +1,178 @@
+"""An execution's durable record, and the two seams it is kept behind: the
+store (SQLite or PostgreSQL) and the bus (in-process or Redis).
+
+Events, results and errors are kept as opaque bytes (serialized protobuf
+messages): storage keeps them exactly, and only the api layer reads them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+__all__ = [
+    "ACTIVE_STATES",
+    "Cursor",
+    "EventBus",
+    "ExecutionRecord",
+    "ExecutionState",
+    "ExecutionStore",
+    "NewExecution",
+    "StoredEvent",
+]
+
+
+class ExecutionState(enum.Enum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+ACTIVE_STATES = (ExecutionState.QUEUED, ExecutionState.RUNNING)
+
+
+@dataclass(frozen=True)
+class NewExecution:
+    id: str
+    # The client's idempotency key ("" for none): unique per caller.
+    request_id: str
+    caller: str
+    model: str
+    mode: str  # "inference" or "orchestration"
+    prompt: str
+    options: dict[str, float | int]  # temperature, max_tokens, seed when set
+    background: bool
+    created_at: datetime
+    # The process that runs it, and when that process last said so.
+    owner: str
+
+
+@dataclass(frozen=True)
+class ExecutionRecord:
+    id: str
+    request_id: str
+    caller: str
+    model: str
+    mode: str
+    prompt: str
+    options: dict[str, float | int]
+    background: bool
+    state: ExecutionState
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    owner: str
+    heartbeat_at: datetime
+    last_sequence: int
+    # A serialized agentlab.v1.ExecuteResponse when it succeeded (or, when it
+    # failed, the flow so far in one), and a serialized google.rpc.Status
+    # when it failed or was cancelled.
+    result: bytes | None
+    error: bytes | None
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    sequence: int
+    payload: bytes  # a serialized agentlab.v1.ExecutionEvent
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page ended: the last record's creation time and id (newest
+    first, ties broken by id)."""
+
+    created_at: datetime
+    id: str
+
+
+class ExecutionStore(Protocol):
+    async def open(self) -> None:
+        """Connect and bring the schema up to date (migrations)."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def create(self, new: NewExecution) -> tuple[ExecutionRecord, bool]:
+        """Insert a QUEUED record; if the caller already has one with the same
+        non-empty request_id, return that one and False instead."""
+        ...
+
+    async def get(self, execution_id: str) -> ExecutionRecord | None: ...
+
+    async def page(
+        self,
+        *,
+        page_size: int,
+        after: Cursor | None = None,
+        caller: str | None = None,
+        model: str | None = None,
+        state: ExecutionState | None = None,
+    ) -> tuple[list[ExecutionRecord], Cursor | None]:
+        """Newest first; the cursor is None on the last page."""
+        ...
+
+    async def mark_running(self, execution_id: str, at: datetime) -> None: ...
+
+    async def append_event(self, execution_id: str, event: StoredEvent) -> None:
+        """Store one event; sequences are unique per execution (a duplicate
+        is an error) and last_sequence follows them."""
+        ...
+
+    async def finish(
+        self,
+        execution_id: str,
+        state: ExecutionState,
+        at: datetime,
+        result: bytes | None,
+        error: bytes | None,
+    ) -> None: ...
+
+    async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
+        """Stored events with sequence > after_sequence, in order."""
+        ...
+
+    async def heartbeat(self, owner: str, at: datetime) -> None:
+        """Touch heartbeat_at of every active record ``owner`` runs."""
+        ...
+
+    async def stale(self, before: datetime) -> list[ExecutionRecord]:
+        """Active records whose owner has not been heard from since ``before``."""
+        ...
+
+    async def claim(
+        self, execution_id: str, owner: str, stale_before: datetime, at: datetime
+    ) -> bool:
+        """Take over a stale active record: atomically set owner and heartbeat
+        if its heartbeat is still older than ``stale_before``. True if taken."""
+        ...
+
+
+class EventBus(Protocol):
+    """Live events and cancel requests across processes."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def publish(self, execution_id: str, event: StoredEvent) -> None: ...
+
+    def subscribe(
+        self, execution_id: str
+    ) -> AbstractAsyncContextManager[AsyncIterator[StoredEvent]]:
+        """Events published for the execution from the moment the context is
+        entered (the subscription is live on entry: a Watch subscribes first,
+        then replays the store, so no event falls between the two)."""
+        ...
+
+    async def request_cancel(self, execution_id: str) -> None: ...
+
+    def cancel_requests(self) -> AbstractAsyncContextManager[AsyncIterator[str]]:
+        """Ids whose cancellation is requested from now on, by any process."""
+        ...
