@@ -1,0 +1,218 @@
+"""The stores' schema, as numbered migrations per SQL dialect.
+
+A migration is never edited once released: a change is a new migration with
+the next version, for both dialects. Each is applied in its own transaction
+together with its row in ``schema_migrations``, so a crash leaves the schema
+at one version or the next, never in between. Processes starting together
+against the same database take turns (SQLite: the write lock of BEGIN
+IMMEDIATE; PostgreSQL: an advisory lock), and the one that comes second finds
+the work done.
+
+SQLite keeps times as integer microseconds since the Unix epoch (UTC): they
+round-trip to the microsecond, and they order as the instants they stand for,
+which text would only do with one fixed format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import aiosqlite
+    import asyncpg
+
+__all__ = ["POSTGRES", "SQLITE", "Migration", "migrate_postgres", "migrate_sqlite"]
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    # One statement each: sqlite3 runs one per call (its executescript
+    # would commit the open transaction first).
+    statements: tuple[str, ...]
+
+
+# The states are spelled out rather than taken from ExecutionState: a released
+# migration must mean the same thing after the enum changes.
+SQLITE: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "executions and their events",
+        (
+            """
+            CREATE TABLE executions (
+                id TEXT NOT NULL PRIMARY KEY,
+                request_id TEXT NOT NULL,
+                caller TEXT NOT NULL,
+                model TEXT NOT NULL,
+                mode TEXT NOT NULL,
+                prompt TEXT NOT NULL,
+                options TEXT NOT NULL,
+                background INTEGER NOT NULL CHECK (background IN (0, 1)),
+                state TEXT NOT NULL
+                    CHECK (state IN ('QUEUED', 'RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLED')),
+                created_at INTEGER NOT NULL,
+                started_at INTEGER,
+                ended_at INTEGER,
+                owner TEXT NOT NULL,
+                heartbeat_at INTEGER NOT NULL,
+                last_sequence INTEGER NOT NULL DEFAULT 0,
+                result BLOB,
+                error BLOB
+            )
+            """,
+            # Partial: an empty request_id means "no idempotency key".
+            """
+            CREATE UNIQUE INDEX executions_caller_request_id
+                ON executions (caller, request_id) WHERE request_id <> ''
+            """,
+            "CREATE INDEX executions_newest ON executions (created_at DESC, id DESC)",
+            # The filters lead and the listing order follows, so a filtered
+            # page is read in order from the index instead of sorted.
+            "CREATE INDEX executions_state ON executions (state, created_at DESC, id DESC)",
+            "CREATE INDEX executions_model ON executions (model, created_at DESC, id DESC)",
+            """
+            CREATE TABLE execution_events (
+                execution_id TEXT NOT NULL REFERENCES executions (id) ON DELETE CASCADE,
+                sequence INTEGER NOT NULL,
+                payload BLOB NOT NULL,
+                PRIMARY KEY (execution_id, sequence)
+            )
+            """,
+        ),
+    ),
+)
+
+POSTGRES: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "executions and their events",
+        (
+            # COLLATE "C": ids break ties in the listing order, which must be
+            # the same bytewise order SQLite uses, whatever the database's
+            # locale (en_US would ignore case and punctuation).
+            """
+            CREATE TABLE executions (
+                id text COLLATE "C" NOT NULL PRIMARY KEY,
+                request_id text NOT NULL,
+                caller text NOT NULL,
+                model text NOT NULL,
+                mode text NOT NULL,
+                prompt text NOT NULL,
+                options text NOT NULL,
+                background boolean NOT NULL,
+                state text NOT NULL
+                    CHECK (state IN ('QUEUED', 'RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLED')),
+                created_at timestamptz NOT NULL,
+                started_at timestamptz,
+                ended_at timestamptz,
+                owner text NOT NULL,
+                heartbeat_at timestamptz NOT NULL,
+                last_sequence bigint NOT NULL DEFAULT 0,
+                result bytea,
+                error bytea
+            )
+            """,
+            """
+            CREATE UNIQUE INDEX executions_caller_request_id
+                ON executions (caller, request_id) WHERE request_id <> ''
+            """,
+            "CREATE INDEX executions_newest ON executions (created_at DESC, id DESC)",
+            "CREATE INDEX executions_state ON executions (state, created_at DESC, id DESC)",
+            "CREATE INDEX executions_model ON executions (model, created_at DESC, id DESC)",
+            """
+            CREATE TABLE execution_events (
+                execution_id text COLLATE "C" NOT NULL
+                    REFERENCES executions (id) ON DELETE CASCADE,
+                sequence bigint NOT NULL,
+                payload bytea NOT NULL,
+                PRIMARY KEY (execution_id, sequence)
+            )
+            """,
+        ),
+    ),
+)
+
+_SQLITE_LEDGER = """
+    CREATE TABLE IF NOT EXISTS schema_migrations (
+        version INTEGER NOT NULL PRIMARY KEY,
+        applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    )
+"""
+
+_POSTGRES_LEDGER = """
+    CREATE TABLE IF NOT EXISTS schema_migrations (
+        version integer NOT NULL PRIMARY KEY,
+        applied_at timestamptz NOT NULL DEFAULT now()
+    )
+"""
+
+# Any fixed number, the same in every process: it names the lock, per database.
+_POSTGRES_LOCK_KEY = 0x6167_656E_746C_6162  # "agentlab"
+
+
+async def migrate_sqlite(db: aiosqlite.Connection) -> list[int]:
+    """Apply what is missing of SQLITE; the versions applied now.
+
+    ``db`` must be in autocommit mode (isolation_level=None): the
+    transactions here are explicit."""
+    applied: list[int] = []
+    for migration in SQLITE:
+        # IMMEDIATE takes the write lock before the version is read, so a
+        # second process waits here and then sees the version recorded.
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.execute(_SQLITE_LEDGER)
+            async with db.execute(
+                "SELECT 1 FROM schema_migrations WHERE version = ?", (migration.version,)
+            ) as cursor:
+                done = await cursor.fetchone() is not None
+            if not done:
+                for statement in migration.statements:
+                    await db.execute(statement)
+                await db.execute(
+                    "INSERT INTO schema_migrations (version) VALUES (?)", (migration.version,)
+                )
+                applied.append(migration.version)
+        except BaseException:
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            raise
+        await db.execute("COMMIT")
+    return applied
+
+
+async def migrate_postgres(conn: asyncpg.Connection, schema: str | None = None) -> list[int]:
+    """Apply what is missing of POSTGRES; the versions applied now.
+
+    With ``schema``, it is created if missing (the connection's search_path
+    must already name it)."""
+    applied: list[int] = []
+    for migration in POSTGRES:
+        async with conn.transaction():
+            # Without it, two processes could both see a version missing, or
+            # both run CREATE ... IF NOT EXISTS and one fail on the catalog's
+            # unique index. Released at commit.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _POSTGRES_LOCK_KEY)
+            if schema is not None:
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
+            await conn.execute(_POSTGRES_LEDGER)
+            done = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = $1)",
+                migration.version,
+            )
+            if not done:
+                for statement in migration.statements:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version) VALUES ($1)", migration.version
+                )
+                applied.append(migration.version)
+    return applied
+
+
+def quote_ident(name: str) -> str:
+    """A PostgreSQL identifier, quoted: any name is then taken literally."""
+    return '"' + name.replace('"', '""') + '"'

@@ -1,0 +1,414 @@
+"""ExecutionStore in a SQLite file: the default, for one process (or a few on
+one machine).
+
+One connection, in autocommit mode, with every transaction explicit and run
+under an asyncio lock: aiosqlite serializes statements but not transactions,
+so without the lock one coroutine's statement could land inside another's
+BEGIN ... COMMIT. Writes begin IMMEDIATE (taking SQLite's write lock up
+front) so that other processes on the same file wait on the busy timeout
+instead of failing to upgrade a read lock mid-transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from agentlab.executions.errors import DuplicateEvent, UnknownExecution
+from agentlab.executions.migrations import migrate_sqlite
+from agentlab.executions.model import (
+    ACTIVE_STATES,
+    Cursor,
+    ExecutionRecord,
+    ExecutionState,
+    NewExecution,
+    StoredEvent,
+)
+
+__all__ = ["SqliteStore"]
+
+T = TypeVar("T")
+
+# Upsert (ON CONFLICT ... DO NOTHING) arrived in 3.24.
+_MIN_SQLITE = (3, 24, 0)
+
+# Seconds a statement waits for another process's write lock.
+_BUSY_TIMEOUT_S = 10.0
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+_COLUMNS = (
+    "id, request_id, caller, model, mode, prompt, options, background, state, created_at,"
+    " started_at, ended_at, owner, heartbeat_at, last_sequence, result, error"
+)
+_ACTIVE = tuple(state.value for state in ACTIVE_STATES)
+_ACTIVE_SQL = "(" + ", ".join("?" for _ in _ACTIVE) + ")"
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        # Writes outlive cancelled callers (see _write): held here until done.
+        self._writes: set[asyncio.Task[Any]] = set()
+
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        if sqlite3.sqlite_version_info < _MIN_SQLITE:
+            raise RuntimeError(
+                f"SQLite {sqlite3.sqlite_version} is too old: the execution store needs "
+                f"{'.'.join(map(str, _MIN_SQLITE))} or newer"
+            )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            # WAL: readers (other processes) do not block the writer, nor it them.
+            await _enable_wal(db)
+            # NORMAL is durable across application crashes in WAL mode; only
+            # a power loss may drop the last commits.
+            await db.execute("PRAGMA synchronous = NORMAL")
+            # Off by default in SQLite, per connection.
+            await db.execute("PRAGMA foreign_keys = ON")
+            db.row_factory = aiosqlite.Row
+            await migrate_sqlite(db)
+        except BaseException:
+            await db.close()
+            raise
+        self._db = db
+
+    async def close(self) -> None:
+        # Writes already started end first, even those whose callers were
+        # cancelled and are not waiting for them.
+        if self._writes:
+            await asyncio.wait(self._writes)
+        async with self._lock:
+            db, self._db = self._db, None
+            if db is not None:
+                await db.close()
+
+    async def create(self, new: NewExecution) -> tuple[ExecutionRecord, bool]:
+        created_at = _to_us(new.created_at)
+
+        async def insert(db: aiosqlite.Connection) -> tuple[sqlite3.Row | None, bool]:
+            async with db.execute(
+                f"""
+                INSERT INTO executions ({_COLUMNS})
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, 0, NULL, NULL)
+                ON CONFLICT (caller, request_id) WHERE request_id <> '' DO NOTHING
+                """,
+                (
+                    new.id,
+                    new.request_id,
+                    new.caller,
+                    new.model,
+                    new.mode,
+                    new.prompt,
+                    _encode_options(new.options),
+                    int(new.background),
+                    ExecutionState.QUEUED.value,
+                    created_at,
+                    new.owner,
+                    created_at,
+                ),
+            ) as cursor:
+                created = cursor.rowcount == 1
+            if created:
+                row = await _fetchone(db, f"SELECT {_COLUMNS} FROM executions WHERE id = ?", new.id)
+            else:
+                # The write lock is held, so the conflicting row is committed
+                # and stays put until this transaction ends.
+                row = await _fetchone(
+                    db,
+                    f"SELECT {_COLUMNS} FROM executions WHERE caller = ? AND request_id = ?",
+                    new.caller,
+                    new.request_id,
+                )
+            return row, created
+
+        row, created = await self._write(insert)
+        assert row is not None
+        return _record(row), created
+
+    async def get(self, execution_id: str) -> ExecutionRecord | None:
+        async with self._read() as db:
+            row = await _fetchone(
+                db, f"SELECT {_COLUMNS} FROM executions WHERE id = ?", execution_id
+            )
+        return None if row is None else _record(row)
+
+    async def page(
+        self,
+        *,
+        page_size: int,
+        after: Cursor | None = None,
+        caller: str | None = None,
+        model: str | None = None,
+        state: ExecutionState | None = None,
+    ) -> tuple[list[ExecutionRecord], Cursor | None]:
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, not {page_size}")
+        where: list[str] = []
+        args: list[object] = []
+        if after is not None:
+            where.append("(created_at, id) < (?, ?)")
+            args += [_to_us(after.created_at), after.id]
+        for column, value in (
+            ("caller", caller),
+            ("model", model),
+            ("state", None if state is None else state.value),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        # One more than asked: whether it comes back tells if a next page exists.
+        args.append(page_size + 1)
+        async with self._read() as db:
+            rows = await _fetchall(
+                db,
+                f"SELECT {_COLUMNS} FROM executions"
+                f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+                " ORDER BY created_at DESC, id DESC LIMIT ?",
+                *args,
+            )
+        records = [_record(row) for row in rows[:page_size]]
+        if len(rows) <= page_size:
+            return records, None
+        last = records[-1]
+        return records, Cursor(created_at=last.created_at, id=last.id)
+
+    async def mark_running(self, execution_id: str, at: datetime) -> None:
+        # Only an active record: a cancel that finished it first must stick.
+        await self._update(
+            "UPDATE executions SET state = ?, started_at = ?"
+            f" WHERE id = ? AND state IN {_ACTIVE_SQL}",
+            ExecutionState.RUNNING.value,
+            _to_us(at),
+            execution_id,
+            *_ACTIVE,
+        )
+
+    async def append_event(self, execution_id: str, event: StoredEvent) -> None:
+        async def insert(db: aiosqlite.Connection) -> None:
+            async with db.execute(
+                "UPDATE executions SET last_sequence = MAX(last_sequence, ?) WHERE id = ?",
+                (event.sequence, execution_id),
+            ) as cursor:
+                if cursor.rowcount == 0:
+                    raise UnknownExecution(execution_id)
+            try:
+                await db.execute(
+                    "INSERT INTO execution_events (execution_id, sequence, payload)"
+                    " VALUES (?, ?, ?)",
+                    (execution_id, event.sequence, event.payload),
+                )
+            except sqlite3.IntegrityError as error:
+                if error.sqlite_errorname == "SQLITE_CONSTRAINT_PRIMARYKEY":
+                    raise DuplicateEvent(execution_id, event.sequence) from error
+                raise
+
+        await self._write(insert)
+
+    async def finish(
+        self,
+        execution_id: str,
+        state: ExecutionState,
+        at: datetime,
+        result: bytes | None,
+        error: bytes | None,
+    ) -> None:
+        await self._update(
+            "UPDATE executions SET state = ?, ended_at = ?, result = ?, error = ? WHERE id = ?",
+            state.value,
+            _to_us(at),
+            result,
+            error,
+            execution_id,
+        )
+
+    async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
+        async with self._read() as db:
+            rows = await _fetchall(
+                db,
+                "SELECT sequence, payload FROM execution_events"
+                " WHERE execution_id = ? AND sequence > ? ORDER BY sequence",
+                execution_id,
+                after_sequence,
+            )
+        return [StoredEvent(sequence=row["sequence"], payload=row["payload"]) for row in rows]
+
+    async def heartbeat(self, owner: str, at: datetime) -> None:
+        await self._update(
+            f"UPDATE executions SET heartbeat_at = ? WHERE owner = ? AND state IN {_ACTIVE_SQL}",
+            _to_us(at),
+            owner,
+            *_ACTIVE,
+        )
+
+    async def stale(self, before: datetime) -> list[ExecutionRecord]:
+        async with self._read() as db:
+            rows = await _fetchall(
+                db,
+                f"SELECT {_COLUMNS} FROM executions"
+                f" WHERE state IN {_ACTIVE_SQL} AND heartbeat_at < ?"
+                " ORDER BY heartbeat_at, id",
+                *_ACTIVE,
+                _to_us(before),
+            )
+        return [_record(row) for row in rows]
+
+    async def claim(
+        self, execution_id: str, owner: str, stale_before: datetime, at: datetime
+    ) -> bool:
+        taken = await self._update(
+            "UPDATE executions SET owner = ?, heartbeat_at = ?"
+            f" WHERE id = ? AND state IN {_ACTIVE_SQL} AND heartbeat_at < ?",
+            owner,
+            _to_us(at),
+            execution_id,
+            *_ACTIVE,
+            _to_us(stale_before),
+        )
+        return taken == 1
+
+    def _connection(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("the SQLite store is not open")
+        return self._db
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            yield self._connection()
+
+    async def _update(self, sql: str, *args: object) -> int:
+        """One statement in a transaction; the number of rows it changed."""
+
+        async def run(db: aiosqlite.Connection) -> int:
+            async with db.execute(sql, args) as cursor:
+                return cursor.rowcount
+
+        return await self._write(run)
+
+    async def _write(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """``work`` in a transaction of its own, committed unless it raises.
+
+        Shielded from cancellation: a cancelled caller stops waiting, but the
+        transaction still runs to its end. Cut short between BEGIN and
+        COMMIT, it would stay open on the one connection, failing every
+        later BEGIN here and holding the write lock against other processes.
+        """
+        task = asyncio.ensure_future(self._transaction(work))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return await asyncio.shield(task)
+
+    async def _transaction(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        async with self._lock:
+            db = self._connection()
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                result = await work(db)
+            except BaseException:
+                # SQLite ends the transaction itself on some errors (a full
+                # disk, say); a ROLLBACK then would hide the error.
+                if db.in_transaction:
+                    await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+            return result
+
+
+async def _enable_wal(db: aiosqlite.Connection) -> None:
+    """Switch the file to WAL (it stays so: later opens find it done).
+
+    The switch needs the file to itself, and SQLite reports another
+    connection's lock on it at once as SQLITE_BUSY, without waiting out the
+    busy timeout: so it is retried here, for when processes start together
+    on a new file."""
+    deadline = asyncio.get_running_loop().time() + _BUSY_TIMEOUT_S
+    while True:
+        try:
+            async with db.execute("PRAGMA journal_mode = WAL") as cursor:
+                row = await cursor.fetchone()
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorname != "SQLITE_BUSY":
+                raise
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.02)
+            continue
+        # A file system without the shared memory WAL needs answers with the
+        # mode it kept instead of failing.
+        mode = None if row is None else str(row[0]).lower()
+        if mode != "wal":
+            raise RuntimeError(f"SQLite could not switch to WAL mode (the mode is {mode})")
+        return
+
+
+async def _fetchone(db: aiosqlite.Connection, sql: str, *args: object) -> sqlite3.Row | None:
+    async with db.execute(sql, args) as cursor:
+        row: sqlite3.Row | None = await cursor.fetchone()
+        return row
+
+
+async def _fetchall(db: aiosqlite.Connection, sql: str, *args: object) -> list[sqlite3.Row]:
+    async with db.execute(sql, args) as cursor:
+        return list(await cursor.fetchall())
+
+
+def _record(row: sqlite3.Row) -> ExecutionRecord:
+    return ExecutionRecord(
+        id=row["id"],
+        request_id=row["request_id"],
+        caller=row["caller"],
+        model=row["model"],
+        mode=row["mode"],
+        prompt=row["prompt"],
+        options=_decode_options(row["options"]),
+        background=bool(row["background"]),
+        state=ExecutionState(row["state"]),
+        created_at=_from_us(row["created_at"]),
+        started_at=_from_us_or_none(row["started_at"]),
+        ended_at=_from_us_or_none(row["ended_at"]),
+        owner=row["owner"],
+        heartbeat_at=_from_us(row["heartbeat_at"]),
+        last_sequence=row["last_sequence"],
+        result=row["result"],
+        error=row["error"],
+    )
+
+
+def _to_us(at: datetime) -> int:
+    """Microseconds since the epoch; exact, unlike going through a float."""
+    if at.utcoffset() is None:
+        raise ValueError(f"a naive datetime cannot be stored, it must carry a timezone: {at!r}")
+    return (at - _EPOCH) // _MICROSECOND
+
+
+def _from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def _from_us_or_none(us: int | None) -> datetime | None:
+    return None if us is None else _from_us(us)
+
+
+def _encode_options(options: dict[str, float | int]) -> str:
+    return json.dumps(options, sort_keys=True, separators=(",", ":"))
+
+
+def _decode_options(text: str) -> dict[str, float | int]:
+    # json keeps int and float apart (1 and 1.0), as the dataclass does.
+    decoded: Any = json.loads(text)
+    return dict(decoded)
