@@ -75,7 +75,9 @@ async def serve_in_process(registry: LabRegistry, tmp_path: Path) -> AsyncIterat
     """Serve ``registry`` from this event loop behind a real Envoy. Clients in
     such tests must be async: a blocking call would stall the server."""
     port = free_port()
-    gateway = Gateway.create(Settings(grpc_address=f"127.0.0.1:{port}"), registry)
+    gateway = Gateway.create(
+        Settings(grpc_address=f"127.0.0.1:{port}", data_dir=tmp_path / "data"), registry
+    )
     await gateway.start()
     envoy = EnvoyProcess(
         ports=Ports(gateway=free_port(), service=port, admin=free_port()),

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from agentlab.core.errors import DeadlineExceeded, InvalidArgument, LabUnavailable
+from agentlab.core.errors import Cancelled, DeadlineExceeded, InvalidArgument, LabUnavailable
 from agentlab.core.events import (
     ExecutionCompleted,
     ExecutionFailed,
@@ -18,7 +18,7 @@ from agentlab.core.events import (
     NodeStarted,
     TokenDelta,
 )
-from agentlab.core.runner import Runner
+from agentlab.core.runner import Runner, Stop
 from agentlab.core.types import ExecutionMode, GenerationOptions, StepStatus, Task
 from agentlab.lab.base import ChatMessage, ModelChunk, Route, TextChunk, Usage
 from agentlab.lab.echo import EchoModel
@@ -163,3 +163,26 @@ async def test_the_shorter_of_the_callers_and_the_models_timeout_wins() -> None:
     runner = Runner(lambda _: Route(lab, timeout_s=0.2), default_max_tokens=500)
     with pytest.raises(DeadlineExceeded, match=r"0\.2 s"):
         await runner.execute(replace(task("go"), timeout_s=30))
+
+
+@pytest.mark.parametrize("mode", list(ExecutionMode))
+async def test_a_stop_request_cancels_the_lab_and_keeps_the_partial_flow(
+    mode: ExecutionMode,
+) -> None:
+    model = SlowModel()
+    lab = EmbeddedLab(model)
+    await lab.start()
+    runner = Runner(lambda _: Route(lab), default_max_tokens=500)
+    stop = Stop()
+    events = []
+    async for event in runner.stream(task("go", mode), execution_id="e1", stop=stop):
+        events.append(event)
+        if isinstance(event.kind, TokenDelta) and len(events) > 4:
+            stop.request()
+    final = events[-1].kind
+    assert isinstance(final, ExecutionFailed)
+    assert isinstance(final.error, Cancelled)
+    assert final.flow[-1].status is StepStatus.CANCELLED
+    assert final.flow[-1].output
+    assert {event.execution_id for event in events} == {"e1"}
+    assert model.closed

@@ -38,6 +38,16 @@ class Settings:
     # The model routing file (see models.example.yaml); None: the default
     # backend serves every model name.
     models_file: Path | None = None
+    # Where executions are stored: None means SQLite in data_dir;
+    # postgresql://... a PostgreSQL database.
+    database_url: str | None = None
+    data_dir: Path = Path("data")
+    # Redis for live events and cancels across replicas; None: in-process.
+    redis_url: str | None = None
+    # Seconds between an execution owner's heartbeats, and of silence after
+    # which another process takes its executions over.
+    execution_heartbeat_s: float = 5.0
+    execution_lease_s: float = 15.0
     # Seconds between health checks of the backends.
     health_interval_s: float = 5.0
     # Seconds in-flight calls get to finish on SIGTERM.
@@ -89,6 +99,11 @@ class Settings:
             model_context=number("MODEL_CONTEXT", defaults.model_context),
             default_max_tokens=number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens),
             lab_address=text("LAB_ADDRESS", defaults.lab_address),
+            database_url=text("DATABASE_URL", "") or None,
+            data_dir=Path(text("DATA_DIR", str(defaults.data_dir))),
+            redis_url=text("REDIS_URL", "") or None,
+            execution_heartbeat_s=seconds("EXECUTION_HEARTBEAT_S", defaults.execution_heartbeat_s),
+            execution_lease_s=seconds("EXECUTION_LEASE_S", defaults.execution_lease_s),
             models_file=Path(models_file) if models_file else None,
             health_interval_s=seconds("HEALTH_INTERVAL_S", defaults.health_interval_s),
             shutdown_grace_s=seconds("SHUTDOWN_GRACE_S", defaults.shutdown_grace_s),

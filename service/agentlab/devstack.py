@@ -277,7 +277,8 @@ class Stack:
         ports = Ports(gateway=free_port(), service=free_port(), admin=free_port())
         service = ServiceProcess(
             port=ports.service,
-            env=env or {},
+            # Each stack keeps its executions apart unless told otherwise.
+            env={"AGENTLAB_DATA_DIR": str(log_dir / "data"), **(env or {})},
             output=(log_dir / f"service-{ports.service}.log").open("wb"),
         )
         envoy = EnvoyProcess(

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 import sys
+import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -17,6 +20,11 @@ from agentlab.api.servicer import LabServicer
 from agentlab.config import ConfigError, Settings
 from agentlab.core.errors import AgentLabError
 from agentlab.core.runner import Runner
+from agentlab.executions.local_bus import LocalBus
+from agentlab.executions.model import EventBus
+from agentlab.executions.redis_bus import RedisBus
+from agentlab.executions.service import Executions
+from agentlab.executions.stores import open_store
 from agentlab.health import OVERALL, Health
 from agentlab.lab.factory import build_registry
 from agentlab.lab.registry import LabRegistry
@@ -37,6 +45,7 @@ class Gateway:
     port: int
     health: Health
     registry: LabRegistry
+    executions: Executions
     health_interval_s: float = 5.0
     _monitor: asyncio.Task[None] | None = None
 
@@ -45,13 +54,10 @@ class Gateway:
         # A second server on a taken port must fail, not split the traffic.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health = Health([LAB_SERVICE, *(backend_service(b.name) for b in registry.backends)])
+        runner = Runner(registry.route, default_max_tokens=settings.default_max_tokens)
+        executions = build_executions(settings, runner)
         lab_service_pb2_grpc.add_LabServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            LabServicer(
-                Runner(registry.route, default_max_tokens=settings.default_max_tokens),
-                health,
-                registry.models,
-            ),
-            server,
+            LabServicer(executions, health, registry.models), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
         reflection.enable_server_reflection(
@@ -65,7 +71,7 @@ class Gateway:
         port = server.add_insecure_port(settings.grpc_address)
         if port == 0:
             raise ConfigError(f"cannot listen on {settings.grpc_address}")
-        return cls(server, port, health, registry, settings.health_interval_s)
+        return cls(server, port, health, registry, executions, settings.health_interval_s)
 
     async def start(self) -> None:
         """Serve at once (health NOT_SERVING), load the labs, then report
@@ -73,6 +79,7 @@ class Gateway:
         await self.health.set_serving(False)
         await self.server.start()
         await self.registry.start()
+        await self.executions.start()
         await self._report()
         self._monitor = asyncio.create_task(self._watch(), name="backend-health")
 
@@ -83,6 +90,7 @@ class Gateway:
             self._monitor.cancel()
         await self.health.set_serving(False)
         await self.server.stop(grace_s)
+        await self.executions.stop(grace_s)
         await self.registry.close()
 
     async def _watch(self) -> None:
@@ -101,6 +109,20 @@ class Gateway:
             await self.health.set(backend_service(backend.name), reachable)
         await self.health.set(OVERALL, any_reachable)
         await self.health.set(LAB_SERVICE, any_reachable)
+
+
+def build_executions(settings: Settings, runner: Runner) -> Executions:
+    """SQLite in the data directory unless a database URL says otherwise;
+    Redis for live events when configured, else in-process."""
+    bus: EventBus = RedisBus(settings.redis_url) if settings.redis_url else LocalBus()
+    return Executions(
+        runner,
+        open_store(settings.database_url, settings.data_dir),
+        bus,
+        owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+        heartbeat_s=settings.execution_heartbeat_s,
+        lease_s=settings.execution_lease_s,
+    )
 
 
 def backend_service(backend: str) -> str:

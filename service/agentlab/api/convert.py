@@ -18,10 +18,11 @@ from agentlab.core.types import (
     StepStatus,
     Task,
 )
+from agentlab.executions.model import ExecutionRecord, ExecutionState
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 
-__all__ = ["event", "models", "result", "task"]
+__all__ = ["STATES", "event", "execution", "models", "result", "state", "task"]
 
 _MODES = {
     pb.EXECUTION_MODE_INFERENCE: ExecutionMode.INFERENCE,
@@ -128,3 +129,48 @@ def models(values: list[ModelInfo]) -> svc.ListModelsResponse:
             for info in values
         ]
     )
+
+
+_STATES_PB = {
+    ExecutionState.QUEUED: pb.EXECUTION_STATE_QUEUED,
+    ExecutionState.RUNNING: pb.EXECUTION_STATE_RUNNING,
+    ExecutionState.SUCCEEDED: pb.EXECUTION_STATE_SUCCEEDED,
+    ExecutionState.FAILED: pb.EXECUTION_STATE_FAILED,
+    ExecutionState.CANCELLED: pb.EXECUTION_STATE_CANCELLED,
+}
+STATES = {number: state for state, number in _STATES_PB.items()}
+
+
+def state(value: ExecutionState) -> pb.ExecutionState:
+    return _STATES_PB[value]
+
+
+def execution(record: ExecutionRecord) -> pb.Execution:
+    message = pb.Execution(
+        execution_id=record.id,
+        state=_STATES_PB[record.state],
+        prompt=record.prompt,
+        model=record.model,
+        mode=_MODES_PB[ExecutionMode(record.mode)],
+        request_id=record.request_id,
+        background=record.background,
+        create_time=_timestamp(record.created_at),
+        last_sequence=record.last_sequence,
+    )
+    options = record.options
+    if "temperature" in options:
+        message.temperature = float(options["temperature"])
+    if "max_tokens" in options:
+        message.max_tokens = int(options["max_tokens"])
+    if "seed" in options:
+        message.seed = int(options["seed"])
+    if record.started_at is not None:
+        message.start_time.CopyFrom(_timestamp(record.started_at))
+    if record.ended_at is not None:
+        message.end_time.CopyFrom(_timestamp(record.ended_at))
+    if record.result is not None:
+        message.result.ParseFromString(record.result)
+        message.result.state = message.state
+    if record.error is not None:
+        message.error.ParseFromString(record.error)
+    return message

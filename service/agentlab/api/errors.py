@@ -24,7 +24,7 @@ from agentlab.core.errors import (
     NotServing,
 )
 
-__all__ = ["DOMAIN", "abort", "to_rpc_status"]
+__all__ = ["DOMAIN", "abort", "abort_with_status", "to_rpc_status"]
 
 DOMAIN = "agentlab.v1"
 
@@ -100,9 +100,19 @@ def to_rpc_status(error: AgentLabError) -> status_pb2.Status:
 
 async def abort(context: grpc.aio.ServicerContext[object, object], error: AgentLabError) -> None:
     """End the call with the error's status; never returns."""
-    status = to_rpc_status(error)
+    await abort_with_status(context, to_rpc_status(error))
+
+
+async def abort_with_status(
+    context: grpc.aio.ServicerContext[object, object], status: status_pb2.Status
+) -> None:
+    """End the call with a status already built (a stored execution's error)."""
+    code = _BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
     await context.abort(
-        status_code(error),
+        code,
         status.message,
         trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
     )
+
+
+_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}

@@ -13,12 +13,12 @@ from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
-from agentlab.api import convert
-from agentlab.api.errors import abort
+from agentlab.api import convert, paging
+from agentlab.api.errors import abort, abort_with_status
 from agentlab.core.errors import AgentLabError, InternalError, NotFound, NotServing
-from agentlab.core.events import ExecutionFailed
-from agentlab.core.runner import Runner, new_error_id
+from agentlab.core.runner import new_error_id
 from agentlab.core.types import ExecutionMode, ModelInfo, Task
+from agentlab.executions.service import Executions, Submitted, is_final
 from agentlab.health import Health
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
@@ -33,40 +33,123 @@ Context = Any  # grpc.aio.ServicerContext, untyped in grpcio
 
 class LabServicer(svc_grpc.LabServiceServicer):
     def __init__(
-        self, runner: Runner, health: Health, models: Callable[[], list[ModelInfo]]
+        self, executions: Executions, health: Health, models: Callable[[], list[ModelInfo]]
     ) -> None:
-        self._runner = runner
+        self._executions = executions
         self._health = health
         self._models = models
 
     async def Execute(self, request: svc.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
+        final: pb.ExecutionEvent | None = None
+        submitted: Submitted | None = None
         try:
-            task = _with_deadline(convert.task(request, ExecutionMode.INFERENCE), context)
-            return convert.result(await self._runner.execute(task))
+            task = convert.task(request, ExecutionMode.INFERENCE)
+            if not request.background:
+                # A background execution outlives the call and its deadline.
+                task = _with_deadline(task, context)
+            submitted = await self._executions.submit(
+                task, request_id=request.request_id, background=request.background
+            )
+            if request.background:
+                record = submitted.record
+                return pb.ExecuteResponse(execution_id=record.id, state=convert.state(record.state))
+            async for event in self._executions.watch(submitted.record.id):
+                final = event
         except AgentLabError as error:
-            failure = error
+            await abort(context, error)
         except Exception:
-            failure = _internal("Execute")
-        await abort(context, failure)
-        raise AssertionError("abort returned")
+            await abort(context, _internal("Execute"))
+        finally:
+            if submitted is not None and not request.background and final is None:
+                await self._cancel_quietly(submitted.record.id)
+        assert final is not None
+        if final.HasField("execution_failed"):
+            await abort_with_status(context, final.execution_failed.error)
+        result = pb.ExecuteResponse()
+        result.CopyFrom(final.execution_completed.result)
+        result.state = pb.EXECUTION_STATE_SUCCEEDED
+        return result
 
     async def Orchestrate(
         self, request: svc.OrchestrateRequest, context: Context
     ) -> AsyncGenerator[svc.OrchestrateResponse, None]:
         task = _with_deadline(convert.task(request, ExecutionMode.ORCHESTRATION), context)
-        failure: AgentLabError | None = None
+        final: pb.ExecutionEvent | None = None
+        submitted: Submitted | None = None
         try:
-            async with aclosing(self._runner.stream(task)) as events:
+            submitted = await self._executions.submit(task, request_id=request.request_id)
+            async with aclosing(self._executions.watch(submitted.record.id)) as events:
                 async for event in events:
-                    yield svc.OrchestrateResponse(event=convert.event(event))
-                    if isinstance(event.kind, ExecutionFailed):
-                        failure = event.kind.error
+                    if is_final(event):
+                        final = event
+                    yield svc.OrchestrateResponse(event=event)
         except AgentLabError as error:  # raised before the first event
-            failure = error
+            await abort(context, error)
         except Exception:
-            failure = _internal("Orchestrate")
-        if failure is not None:
-            await abort(context, failure)
+            await abort(context, _internal("Orchestrate"))
+        finally:
+            keep = request.on_disconnect == svc.DISCONNECT_POLICY_CONTINUE
+            if submitted is not None and final is None and not keep:
+                await self._cancel_quietly(submitted.record.id)
+        if final is not None and final.HasField("execution_failed"):
+            await abort_with_status(context, final.execution_failed.error)
+
+    async def GetExecution(
+        self, request: svc.GetExecutionRequest, context: Context
+    ) -> svc.GetExecutionResponse:
+        try:
+            record = await self._executions.get(request.execution_id)
+        except AgentLabError as error:
+            await abort(context, error)
+            raise
+        return svc.GetExecutionResponse(execution=convert.execution(record))
+
+    async def ListExecutions(
+        self, request: svc.ListExecutionsRequest, context: Context
+    ) -> svc.ListExecutionsResponse:
+        try:
+            page_size = paging.page_size(request.page_size)
+            after = paging.decode(request.page_token)
+            state = convert.STATES.get(request.state) if request.state else None
+            records, cursor = await self._executions.page(
+                page_size=page_size, after=after, model=request.model or None, state=state
+            )
+        except AgentLabError as error:
+            await abort(context, error)
+            raise
+        return svc.ListExecutionsResponse(
+            executions=[convert.execution(record) for record in records],
+            next_page_token=paging.encode(cursor),
+        )
+
+    async def CancelExecution(
+        self, request: svc.CancelExecutionRequest, context: Context
+    ) -> svc.CancelExecutionResponse:
+        try:
+            record = await self._executions.cancel(request.execution_id)
+        except AgentLabError as error:
+            await abort(context, error)
+            raise
+        return svc.CancelExecutionResponse(execution=convert.execution(record))
+
+    async def WatchExecution(
+        self, request: svc.WatchExecutionRequest, context: Context
+    ) -> AsyncGenerator[svc.WatchExecutionResponse, None]:
+        try:
+            async with aclosing(
+                self._executions.watch(request.execution_id, request.after_sequence)
+            ) as events:
+                async for event in events:
+                    yield svc.WatchExecutionResponse(event=event)
+        except AgentLabError as error:
+            await abort(context, error)
+
+    async def _cancel_quietly(self, execution_id: str) -> None:
+        """The caller went away: stop its execution (a stream's default)."""
+        try:
+            await self._executions.cancel(execution_id)
+        except Exception:
+            logger.exception("cancelling %s after its caller left failed", execution_id)
 
     async def ListModels(
         self, request: svc.ListModelsRequest, context: Context

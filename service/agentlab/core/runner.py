@@ -17,7 +17,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from agentlab.core.errors import AgentLabError, DeadlineExceeded, InternalError, InvalidArgument
+from agentlab.core.errors import (
+    AgentLabError,
+    Cancelled,
+    DeadlineExceeded,
+    InternalError,
+    InvalidArgument,
+)
 from agentlab.core.events import (
     Event,
     EventKind,
@@ -46,7 +52,7 @@ from agentlab.lab.base import (
     Route,
 )
 
-__all__ = ["LabRouter", "Runner", "new_error_id"]
+__all__ = ["LabRouter", "Runner", "Stop", "new_error_id", "new_execution_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,21 +98,26 @@ class Runner:
                     raise event.kind.error
         raise InternalError(new_error_id())  # a stream always ends with a final event
 
-    async def stream(self, task: Task) -> AsyncGenerator[Event, None]:
+    async def stream(
+        self, task: Task, *, execution_id: str | None = None, stop: Stop | None = None
+    ) -> AsyncGenerator[Event, None]:
         """The execution's events, the last one ExecutionCompleted or
         ExecutionFailed. Validation errors are raised before the first."""
         task, lab = self.prepare(task)
-        run = _Run(task, lab)
+        run = _Run(task, lab, execution_id or new_execution_id())
         yield run.event(ExecutionStarted(task.mode, task.model))
         deadline = None if task.timeout_s is None else time.monotonic() + task.timeout_s
         try:
             async with aclosing(lab.run(task)) as lab_events:
-                while (lab_event := await _next_before(lab_events, deadline, task)) is not None:
+                while (
+                    lab_event := await _next_before(lab_events, deadline, task, stop)
+                ) is not None:
                     if (event := run.observe(lab_event)) is not None:
                         yield event
         except AgentLabError as error:
             logger.info("execution %s failed: %s", run.execution_id, error)
-            yield run.event(ExecutionFailed(error, run.flow_so_far(StepStatus.FAILED)))
+            cut = StepStatus.CANCELLED if isinstance(error, Cancelled) else StepStatus.FAILED
+            yield run.event(ExecutionFailed(error, run.flow_so_far(cut)))
             return
         except Exception:
             error_id = new_error_id()
@@ -124,23 +135,57 @@ def _first(*values: _T | None) -> _T | None:
     return next((value for value in values if value is not None), None)
 
 
+class Stop:
+    """A request to stop one execution from outside it (a cancel): honoured
+    while the execution waits for its lab's next event, which is where it
+    spends its time."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._waiting: asyncio.Timeout | None = None
+
+    def request(self) -> None:
+        self.requested = True
+        if self._waiting is not None and not self._waiting.expired():
+            self._waiting.reschedule(asyncio.get_running_loop().time())
+
+    def attach(self, waiting: asyncio.Timeout) -> None:
+        self._waiting = waiting
+        if self.requested:
+            waiting.reschedule(asyncio.get_running_loop().time())
+
+    def detach(self) -> None:
+        self._waiting = None
+
+
 async def _next_before(
-    events: AsyncGenerator[LabEvent, None], deadline: float | None, task: Task
+    events: AsyncGenerator[LabEvent, None], deadline: float | None, task: Task, stop: Stop | None
 ) -> LabEvent | None:
-    """The lab's next event, or None at its end. Past the deadline the lab's
-    work is cancelled where it stands (closing its upstream requests) and the
-    execution fails with what it had done so far."""
-    if deadline is None:
+    """The lab's next event, or None at its end. Past the deadline, or on a
+    stop request, the lab's work is cancelled where it stands (closing its
+    upstream requests) and the execution fails with what it had done so far."""
+    if deadline is None and stop is None:
         return await anext(events, None)
     # time.monotonic is the event loop's clock too.
     limit = asyncio.timeout_at(deadline)
     try:
         async with limit:
+            if stop is not None:
+                stop.attach(limit)
             return await anext(events, None)
     except TimeoutError:
-        if limit.expired():
-            raise DeadlineExceeded(task.timeout_s or 0.0) from None
-        raise
+        if not limit.expired():
+            raise
+        if stop is not None and stop.requested:
+            raise Cancelled() from None
+        raise DeadlineExceeded(task.timeout_s or 0.0) from None
+    finally:
+        if stop is not None:
+            stop.detach()
+
+
+def new_execution_id() -> str:
+    return uuid.uuid4().hex
 
 
 def new_error_id() -> str:
@@ -169,7 +214,7 @@ class _Run:
 
     task: Task
     lab: Lab
-    execution_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    execution_id: str
     started: float = field(default_factory=time.perf_counter)
     sequence: int = 0
     flow: list[FlowStep] = field(default_factory=list)

@@ -1,0 +1,45 @@
+"""Page tokens for ListExecutions: opaque to clients, a cursor inside."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import datetime
+
+from agentlab.core.errors import InvalidArgument
+from agentlab.executions.model import Cursor
+
+__all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "decode", "encode", "page_size"]
+
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+
+
+def page_size(requested: int) -> int:
+    if requested == 0:
+        return DEFAULT_PAGE_SIZE
+    if not 1 <= requested <= MAX_PAGE_SIZE:
+        raise InvalidArgument("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
+    return requested
+
+
+def encode(cursor: Cursor | None) -> str:
+    if cursor is None:
+        return ""
+    raw = json.dumps({"t": cursor.created_at.isoformat(), "i": cursor.id}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode(token: str) -> Cursor | None:
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        fields = json.loads(raw)
+        created_at = datetime.fromisoformat(fields["t"])
+        if created_at.tzinfo is None:
+            raise ValueError("naive time")
+        return Cursor(created_at=created_at, id=str(fields["i"]))
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        raise InvalidArgument("page_token", "is not a token this service issued") from None

@@ -1,0 +1,356 @@
+"""Executions as durable resources: every call is recorded before its work
+starts, every event is stored before it is published, and a watcher replays
+the store and then follows the bus, so it sees each event exactly once.
+
+A process owns the executions it runs and says so on a heartbeat; when an
+owner falls silent for longer than the lease (it was killed), any process
+takes over its executions: queued background ones are run, running ones are
+failed with a reason, their flow kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from google.rpc import code_pb2, status_pb2
+
+from agentlab.api import convert
+from agentlab.core.errors import NotFound
+from agentlab.core.runner import Runner, Stop, new_execution_id
+from agentlab.core.types import ExecutionMode, GenerationOptions, Task
+from agentlab.executions.model import (
+    ACTIVE_STATES,
+    Cursor,
+    EventBus,
+    ExecutionRecord,
+    ExecutionState,
+    ExecutionStore,
+    NewExecution,
+    StoredEvent,
+)
+from agentlab.v1 import execution_pb2 as pb
+
+__all__ = ["Executions", "Submitted", "is_final"]
+
+logger = logging.getLogger(__name__)
+
+_FINAL = ("execution_completed", "execution_failed")
+
+
+def is_final(event: pb.ExecutionEvent) -> bool:
+    return event.WhichOneof("kind") in _FINAL
+
+
+@dataclass(frozen=True)
+class Submitted:
+    record: ExecutionRecord
+    # False when the request_id had been seen: the record is the earlier one.
+    created: bool
+
+
+class Executions:
+    def __init__(
+        self,
+        runner: Runner,
+        store: ExecutionStore,
+        bus: EventBus,
+        *,
+        owner: str,
+        heartbeat_s: float = 5.0,
+        lease_s: float = 15.0,
+        poll_s: float = 1.0,
+    ) -> None:
+        self._runner = runner
+        self._store = store
+        self._bus = bus
+        self._owner = owner
+        self._heartbeat_s = heartbeat_s
+        self._lease_s = lease_s
+        # How often a watcher looks at the store when the bus is quiet: it
+        # covers a publish that failed.
+        self._poll_s = poll_s
+        self._running: dict[str, tuple[asyncio.Task[None], Stop]] = {}
+        self._background: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self._store.open()
+        await self._bus.open()
+        listening = asyncio.Event()
+        self._background = [
+            asyncio.create_task(self._listen_for_cancels(listening), name="cancel-listener"),
+            asyncio.create_task(self._keep_alive(), name="executions-heartbeat"),
+        ]
+        await listening.wait()
+        await self.recover()
+
+    async def stop(self, grace_s: float) -> None:
+        """Let running executions finish within ``grace_s``, then cancel the
+        rest; each ends with its final event stored."""
+        running = [task for task, _ in self._running.values()]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace_s)
+            for execution_id, (task, stop) in list(self._running.items()):
+                if task in pending:
+                    logger.warning("execution %s cut by the shutdown", execution_id)
+                    stop.request()
+            if pending:
+                await asyncio.wait(pending, timeout=5.0)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._bus.close()
+        await self._store.close()
+
+    async def submit(
+        self, task: Task, *, caller: str = "", request_id: str = "", background: bool = False
+    ) -> Submitted:
+        """Record the execution and start its work; a bad request raises
+        before anything is recorded."""
+        self._runner.prepare(task)
+        now = datetime.now(UTC)
+        record, created = await self._store.create(
+            NewExecution(
+                id=new_execution_id(),
+                request_id=request_id,
+                caller=caller,
+                model=task.model,
+                mode=task.mode.value,
+                prompt=task.prompt,
+                options=_options(task.options),
+                background=background,
+                created_at=now,
+                owner=self._owner,
+            )
+        )
+        if created:
+            self._launch(record.id, task)
+        return Submitted(record, created)
+
+    async def get(self, execution_id: str) -> ExecutionRecord:
+        record = await self._store.get(execution_id)
+        if record is None:
+            raise NotFound("execution", execution_id)
+        return record
+
+    async def page(
+        self,
+        *,
+        page_size: int,
+        after: Cursor | None,
+        model: str | None = None,
+        state: ExecutionState | None = None,
+        caller: str | None = None,
+    ) -> tuple[list[ExecutionRecord], Cursor | None]:
+        return await self._store.page(
+            page_size=page_size, after=after, caller=caller, model=model, state=state
+        )
+
+    async def cancel(self, execution_id: str, wait_s: float = 10.0) -> ExecutionRecord:
+        record = await self.get(execution_id)
+        if record.state not in ACTIVE_STATES:
+            return record
+        local = self._running.get(execution_id)
+        if local is not None:
+            task, stop = local
+            stop.request()
+            await asyncio.wait({task}, timeout=wait_s)
+        else:
+            # Another process runs it: it hears this on the bus.
+            await self._bus.request_cancel(execution_id)
+            deadline = asyncio.get_running_loop().time() + wait_s
+            while (await self.get(execution_id)).state in ACTIVE_STATES:
+                if asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+        return await self.get(execution_id)
+
+    async def watch(
+        self, execution_id: str, after_sequence: int = 0
+    ) -> AsyncGenerator[pb.ExecutionEvent, None]:
+        """Events after ``after_sequence`` until the final one, each once."""
+        await self.get(execution_id)
+        last = after_sequence
+        inbox: asyncio.Queue[StoredEvent | Exception] = asyncio.Queue()
+        async with self._bus.subscribe(execution_id) as live:
+            # Subscribed before the store is read: an event stored after the
+            # read was published after the subscription, so it arrives live.
+            pump = asyncio.create_task(_pump(live, inbox))
+            try:
+                while True:
+                    for stored in await self._store.events_after(execution_id, last):
+                        event = _parse(stored)
+                        last = stored.sequence
+                        yield event
+                        if is_final(event):
+                            return
+                    try:
+                        item = await asyncio.wait_for(inbox.get(), timeout=self._poll_s)
+                    except TimeoutError:
+                        continue
+                    if isinstance(item, Exception):
+                        logger.warning("watching %s: the bus failed (%s)", execution_id, item)
+                        continue  # the store alone still serves, at the poll rate
+                    if item.sequence != last + 1:
+                        continue  # seen already, or a gap the store fills
+                    event = _parse(item)
+                    last = item.sequence
+                    yield event
+                    if is_final(event):
+                        return
+            finally:
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
+
+    async def recover(self) -> None:
+        """Take over the executions of owners that fell silent."""
+        now = datetime.now(UTC)
+        stale_before = now - timedelta(seconds=self._lease_s)
+        for record in await self._store.stale(stale_before):
+            if not await self._store.claim(record.id, self._owner, stale_before, now):
+                continue  # another process took it
+            if record.state is ExecutionState.QUEUED and record.background:
+                logger.info("running queued execution %s left by %s", record.id, record.owner)
+                self._launch(record.id, _task(record))
+            else:
+                logger.warning("execution %s was cut: %s stopped", record.id, record.owner)
+                await self._fail_orphan(record)
+
+    def _launch(self, execution_id: str, task: Task) -> None:
+        stop = Stop()
+        run = asyncio.create_task(self._run(execution_id, task, stop), name=execution_id)
+        self._running[execution_id] = (run, stop)
+        run.add_done_callback(lambda _: self._running.pop(execution_id, None))
+
+    async def _run(self, execution_id: str, task: Task, stop: Stop) -> None:
+        try:
+            started = False
+            async for event in self._runner.stream(task, execution_id=execution_id, stop=stop):
+                message = convert.event(event)
+                if not started:
+                    started = True
+                    await self._store.mark_running(execution_id, datetime.now(UTC))
+                await self._record(execution_id, message)
+                if is_final(message):
+                    await self._finish(execution_id, message)
+        except Exception:
+            # The store itself failed: nothing more can be recorded.
+            logger.exception("execution %s could not be recorded", execution_id)
+
+    async def _record(self, execution_id: str, message: pb.ExecutionEvent) -> None:
+        stored = StoredEvent(message.sequence, message.SerializeToString())
+        await self._store.append_event(execution_id, stored)
+        try:
+            await self._bus.publish(execution_id, stored)
+        except Exception as error:  # watchers fall back to the store
+            logger.warning("publishing %s #%d failed: %s", execution_id, stored.sequence, error)
+
+    async def _finish(self, execution_id: str, final: pb.ExecutionEvent) -> None:
+        now = datetime.now(UTC)
+        if final.HasField("execution_completed"):
+            result = final.execution_completed.result
+            await self._store.finish(
+                execution_id, ExecutionState.SUCCEEDED, now, result.SerializeToString(), None
+            )
+            return
+        failed = final.execution_failed
+        state = (
+            ExecutionState.CANCELLED
+            if failed.error.code == code_pb2.CANCELLED
+            else ExecutionState.FAILED
+        )
+        flow = pb.ExecuteResponse(execution_id=execution_id, flow=failed.flow)
+        await self._store.finish(
+            execution_id, state, now, flow.SerializeToString(), failed.error.SerializeToString()
+        )
+
+    async def _fail_orphan(self, record: ExecutionRecord) -> None:
+        steps = [
+            event.node_finished.step
+            for event in map(_parse, await self._store.events_after(record.id, 0))
+            if event.HasField("node_finished")
+        ]
+        error = status_pb2.Status(
+            code=code_pb2.UNAVAILABLE,
+            message=(
+                f"the process running this execution ({record.owner}) stopped before it "
+                "finished; the flow holds the steps it completed"
+            ),
+        )
+        final = pb.ExecutionEvent(sequence=record.last_sequence + 1, execution_id=record.id)
+        final.time.GetCurrentTime()
+        final.execution_failed.error.CopyFrom(error)
+        final.execution_failed.flow.extend(steps)
+        await self._record(record.id, final)
+        await self._finish(record.id, final)
+
+    async def _listen_for_cancels(self, listening: asyncio.Event) -> None:
+        while True:
+            try:
+                async with self._bus.cancel_requests() as requests:
+                    listening.set()
+                    async for execution_id in requests:
+                        if (local := self._running.get(execution_id)) is not None:
+                            local[1].request()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                listening.set()
+                logger.warning("listening for cancel requests failed (%s); retrying", error)
+                await asyncio.sleep(1.0)
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            try:
+                await self._store.heartbeat(self._owner, datetime.now(UTC))
+                await self.recover()
+            except Exception:
+                logger.exception("the executions heartbeat failed")
+
+
+async def _pump(
+    live: AsyncIterator[StoredEvent], inbox: asyncio.Queue[StoredEvent | Exception]
+) -> None:
+    try:
+        async for event in live:
+            inbox.put_nowait(event)
+    except Exception as error:
+        inbox.put_nowait(error)
+
+
+def _parse(stored: StoredEvent) -> pb.ExecutionEvent:
+    event = pb.ExecutionEvent()
+    event.ParseFromString(stored.payload)
+    return event
+
+
+def _options(options: GenerationOptions) -> dict[str, float | int]:
+    given = {
+        "temperature": options.temperature,
+        "max_tokens": options.max_tokens,
+        "seed": options.seed,
+    }
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _task(record: ExecutionRecord) -> Task:
+    options = record.options
+    temperature = options.get("temperature")
+    max_tokens = options.get("max_tokens")
+    seed = options.get("seed")
+    return Task(
+        prompt=record.prompt,
+        model=record.model,
+        mode=ExecutionMode(record.mode),
+        options=GenerationOptions(
+            temperature=None if temperature is None else float(temperature),
+            max_tokens=None if max_tokens is None else int(max_tokens),
+            seed=None if seed is None else int(seed),
+        ),
+    )
