@@ -7,6 +7,7 @@ gateway/envoy.yaml: only its ports and the descriptor path are rewritten.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import signal
@@ -48,6 +49,9 @@ class Ports:
     gateway: int = 8000
     service: int = 50051
     admin: int = 9901
+    # More service processes behind the same Envoy (replicas sharing a
+    # database and Redis).
+    replicas: tuple[int, ...] = ()
 
 
 DEFAULT_PORTS = Ports()
@@ -90,6 +94,13 @@ def render_envoy_config(ports: Ports, descriptor: Path = DESCRIPTOR) -> str:
     missing = set(replacements) - found
     if missing:
         raise ValueError(f"{ENVOY_CONFIG} no longer has the default ports {sorted(missing)}")
+    if ports.replicas:
+        [cluster] = config["static_resources"]["clusters"]
+        endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        for port in ports.replicas:
+            replica = copy.deepcopy(endpoints[0])
+            replica["endpoint"]["address"]["socket_address"]["port_value"] = port
+            endpoints.append(replica)
     return str(yaml.safe_dump(config, sort_keys=False))
 
 
