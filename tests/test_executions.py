@@ -74,9 +74,20 @@ def test_an_execute_is_recorded_and_listed(echo_stack: Stack) -> None:
     listed = httpx.get(f"{echo_stack.url}/api/v1/executions", timeout=10).json()
     assert listed["executions"][0]["execution_id"] == result["execution_id"]
 
-    missing = httpx.get(f"{echo_stack.url}/api/v1/executions/{'0' * 32}", timeout=10)
-    assert missing.status_code == 404
-    assert missing.json()["code"] == 5
+    unknown = "0" * 32
+    for method, path in [
+        ("GET", unknown),
+        ("GET", f"{unknown}:watch"),
+        ("POST", f"{unknown}:cancel"),
+    ]:
+        missing = httpx.request(
+            method,
+            f"{echo_stack.url}/api/v1/executions/{path}",
+            json={} if method == "POST" else None,
+            timeout=10,
+        )
+        assert missing.status_code == 404, (path, missing.text)
+        assert missing.json()["code"] == 5
 
 
 def test_pagination_walks_120_executions_without_gaps(echo_stack: Stack) -> None:

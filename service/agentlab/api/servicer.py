@@ -53,8 +53,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
             if request.background:
                 record = submitted.record
                 return pb.ExecuteResponse(execution_id=record.id, state=convert.state(record.state))
-            async for event in self._executions.watch(submitted.record.id):
-                final = event
+            final = await self._executions.outcome(submitted.record.id)
         except AgentLabError as error:
             await abort(context, error)
         except Exception:

@@ -8,7 +8,7 @@ messages): storage keeps them exactly, and only the api layer reads them.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -123,6 +123,10 @@ class ExecutionStore(Protocol):
     async def append_event(self, execution_id: str, event: StoredEvent) -> None:
         """Store one event; sequences are unique per execution (a duplicate
         is an error) and last_sequence follows them."""
+        ...
+
+    async def append_events(self, execution_id: str, events: Sequence[StoredEvent]) -> None:
+        """Store several events in one transaction, all or none."""
         ...
 
     async def finish(

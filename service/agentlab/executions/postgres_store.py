@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -178,6 +178,12 @@ class PostgresStore:
         )
 
     async def append_event(self, execution_id: str, event: StoredEvent) -> None:
+        await self.append_events(execution_id, [event])
+
+    async def append_events(self, execution_id: str, events: Sequence[StoredEvent]) -> None:
+        if not events:
+            return
+
         async def insert(conn: Any) -> None:
             # The update first: it locks the execution's row, so appends to
             # one execution take turns, and it tells if the execution exists.
@@ -186,21 +192,19 @@ class PostgresStore:
                     "UPDATE executions SET last_sequence = GREATEST(last_sequence, $2)"
                     " WHERE id = $1",
                     execution_id,
-                    event.sequence,
+                    max(event.sequence for event in events),
                 )
                 if _rowcount(status) == 0:
                     raise UnknownExecution(execution_id)
                 try:
-                    await conn.execute(
+                    await conn.executemany(
                         "INSERT INTO execution_events (execution_id, sequence, payload)"
                         " VALUES ($1, $2, $3)",
-                        execution_id,
-                        event.sequence,
-                        event.payload,
+                        [(execution_id, event.sequence, event.payload) for event in events],
                     )
                 except asyncpg.UniqueViolationError as error:
                     # Raised inside the transaction: last_sequence rolls back too.
-                    raise DuplicateEvent(execution_id, event.sequence) from error
+                    raise DuplicateEvent(execution_id, events[0].sequence) from error
 
         await self._run(insert)
 

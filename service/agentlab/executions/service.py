@@ -20,8 +20,8 @@ from datetime import UTC, datetime, timedelta
 from google.rpc import code_pb2, status_pb2
 
 from agentlab.api import convert
-from agentlab.core.errors import NotFound
-from agentlab.core.runner import Runner, Stop, new_execution_id
+from agentlab.core.errors import InternalError, NotFound
+from agentlab.core.runner import Runner, Stop, new_error_id, new_execution_id
 from agentlab.core.types import ExecutionMode, GenerationOptions, Task
 from agentlab.executions.model import (
     ACTIVE_STATES,
@@ -75,6 +75,9 @@ class Executions:
         # covers a publish that failed.
         self._poll_s = poll_s
         self._running: dict[str, tuple[asyncio.Task[None], Stop]] = {}
+        # The final event of each execution run here, for callers in this
+        # process: waiting on it costs no store reads.
+        self._finals: dict[str, asyncio.Future[pb.ExecutionEvent]] = {}
         self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -207,6 +210,17 @@ class Executions:
                 with contextlib.suppress(asyncio.CancelledError):
                     await pump
 
+    async def outcome(self, execution_id: str) -> pb.ExecutionEvent:
+        """The execution's final event, once there is one."""
+        local = self._finals.get(execution_id)
+        if local is not None:
+            return await asyncio.shield(local)
+        final: pb.ExecutionEvent | None = None
+        async for event in self.watch(execution_id):
+            final = event
+        assert final is not None  # watch ends with the final event only
+        return final
+
     async def recover(self) -> None:
         """Take over the executions of owners that fell silent."""
         now = datetime.now(UTC)
@@ -223,11 +237,23 @@ class Executions:
 
     def _launch(self, execution_id: str, task: Task) -> None:
         stop = Stop()
-        run = asyncio.create_task(self._run(execution_id, task, stop), name=execution_id)
+        final: asyncio.Future[pb.ExecutionEvent] = asyncio.get_running_loop().create_future()
+        run = asyncio.create_task(self._run(execution_id, task, stop, final), name=execution_id)
         self._running[execution_id] = (run, stop)
-        run.add_done_callback(lambda _: self._running.pop(execution_id, None))
+        self._finals[execution_id] = final
 
-    async def _run(self, execution_id: str, task: Task, stop: Stop) -> None:
+        def forget(_: object) -> None:
+            self._running.pop(execution_id, None)
+            self._finals.pop(execution_id, None)
+            if not final.done():  # the run could not record its end
+                final.set_exception(InternalError(new_error_id()))
+
+        run.add_done_callback(forget)
+
+    async def _run(
+        self, execution_id: str, task: Task, stop: Stop, final: asyncio.Future[pb.ExecutionEvent]
+    ) -> None:
+        writer = _EventWriter(self._store, self._bus, execution_id)
         try:
             started = False
             async for event in self._runner.stream(task, execution_id=execution_id, stop=stop):
@@ -235,20 +261,21 @@ class Executions:
                 if not started:
                     started = True
                     await self._store.mark_running(execution_id, datetime.now(UTC))
-                await self._record(execution_id, message)
+                writer.add(message)
                 if is_final(message):
+                    await writer.close()
                     await self._finish(execution_id, message)
+                    final.set_result(message)
         except Exception:
             # The store itself failed: nothing more can be recorded.
             logger.exception("execution %s could not be recorded", execution_id)
+        finally:
+            await writer.abandon()
 
     async def _record(self, execution_id: str, message: pb.ExecutionEvent) -> None:
-        stored = StoredEvent(message.sequence, message.SerializeToString())
-        await self._store.append_event(execution_id, stored)
-        try:
-            await self._bus.publish(execution_id, stored)
-        except Exception as error:  # watchers fall back to the store
-            logger.warning("publishing %s #%d failed: %s", execution_id, stored.sequence, error)
+        writer = _EventWriter(self._store, self._bus, execution_id)
+        writer.add(message)
+        await writer.close()
 
     async def _finish(self, execution_id: str, final: pb.ExecutionEvent) -> None:
         now = datetime.now(UTC)
@@ -312,6 +339,69 @@ class Executions:
                 await self.recover()
             except Exception:
                 logger.exception("the executions heartbeat failed")
+
+
+class _EventWriter:
+    """Stores one execution's events, then publishes them, in small batches:
+    the first event after a quiet spell at once, the rest coalesced for up
+    to ``interval_s``, the last at once on close. One transaction per batch
+    instead of one per token; and stored before published, so a watcher that
+    sees a gap on the bus always finds the missing events in the store."""
+
+    def __init__(
+        self, store: ExecutionStore, bus: EventBus, execution_id: str, interval_s: float = 0.02
+    ) -> None:
+        self._store = store
+        self._bus = bus
+        self._execution_id = execution_id
+        self._interval_s = interval_s
+        self._pending: list[StoredEvent] = []
+        self._wake = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._task = asyncio.create_task(self._loop(), name=f"events-{execution_id}")
+
+    def add(self, message: pb.ExecutionEvent) -> None:
+        if self._task.done():
+            self._task.result()  # raises what stopped the writer
+        self._pending.append(StoredEvent(message.sequence, message.SerializeToString()))
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Write what is pending and stop; raises if a write failed."""
+        self._closed.set()
+        self._wake.set()
+        await self._task
+
+    async def abandon(self) -> None:
+        if not self._task.done():
+            self._closed.set()
+            self._wake.set()
+            with contextlib.suppress(Exception):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush()
+            if self._closed.is_set() and not self._pending:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), self._interval_s)
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        await self._store.append_events(self._execution_id, batch)
+        for stored in batch:
+            try:
+                await self._bus.publish(self._execution_id, stored)
+            except Exception as error:  # watchers fall back to the store
+                logger.warning(
+                    "publishing %s #%d failed: %s", self._execution_id, stored.sequence, error
+                )
+                return
 
 
 async def _pump(

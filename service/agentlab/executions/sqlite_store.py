@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -199,22 +199,28 @@ class SqliteStore:
         )
 
     async def append_event(self, execution_id: str, event: StoredEvent) -> None:
+        await self.append_events(execution_id, [event])
+
+    async def append_events(self, execution_id: str, events: Sequence[StoredEvent]) -> None:
+        if not events:
+            return
+
         async def insert(db: aiosqlite.Connection) -> None:
             async with db.execute(
                 "UPDATE executions SET last_sequence = MAX(last_sequence, ?) WHERE id = ?",
-                (event.sequence, execution_id),
+                (max(event.sequence for event in events), execution_id),
             ) as cursor:
                 if cursor.rowcount == 0:
                     raise UnknownExecution(execution_id)
             try:
-                await db.execute(
+                await db.executemany(
                     "INSERT INTO execution_events (execution_id, sequence, payload)"
                     " VALUES (?, ?, ?)",
-                    (execution_id, event.sequence, event.payload),
+                    [(execution_id, event.sequence, event.payload) for event in events],
                 )
             except sqlite3.IntegrityError as error:
                 if error.sqlite_errorname == "SQLITE_CONSTRAINT_PRIMARYKEY":
-                    raise DuplicateEvent(execution_id, event.sequence) from error
+                    raise DuplicateEvent(execution_id, events[0].sequence) from error
                 raise
 
         await self._write(insert)
