@@ -4,10 +4,12 @@ and a service killed mid-execution."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ import httpx
 import pytest
 
 from agentlab.devstack import Stack
+from agentlab.executions.model import NewExecution
+from agentlab.executions.sqlite_store import SqliteStore
 from tests.sse import read_events
 
 SLOW = {"model": "mistral7b", "max_tokens": 300, "temperature": 0.8}
@@ -248,3 +252,37 @@ def test_a_killed_service_leaves_a_failed_execution_with_a_reason(
         timeout=60,
     )
     assert answer.status_code == 200, answer.text
+
+
+def test_a_queued_background_execution_left_behind_is_run_at_start(tmp_path: Path) -> None:
+    """A process died after accepting a background execution and before
+    starting it: the next process runs it."""
+    data = tmp_path / "data"
+    long_ago = datetime.now(UTC) - timedelta(minutes=5)
+
+    async def leave_one_behind() -> None:
+        store = SqliteStore(data / "agentlab.db")
+        await store.open()
+        await store.create(
+            NewExecution(
+                id="a" * 32,
+                request_id="",
+                caller="",
+                model="echo",
+                mode="inference",
+                prompt="left behind",
+                options={},
+                background=True,
+                created_at=long_ago,
+                owner="a-process-that-died",
+            )
+        )
+        await store.close()
+
+    asyncio.run(leave_one_behind())
+    stack = Stack.start(tmp_path, {"AGENTLAB_DATA_DIR": str(data)})
+    try:
+        execution = wait_for_state(stack, "a" * 32, {"EXECUTION_STATE_SUCCEEDED"}, timeout_s=10)
+        assert execution["result"]["output"] == "left behind"
+    finally:
+        stack.stop()
