@@ -33,7 +33,11 @@ RUN python scripts/gen_protos.py \
     && pip install ".[gateway]" \
     && rm -rf build/lib build/bdist.* service/*.egg-info
 
-RUN useradd --create-home --uid 10001 agentlab
+# Executions are kept in SQLite here unless AGENTLAB_DATABASE_URL names a
+# PostgreSQL; docker-compose.yml mounts a volume on it.
+ENV AGENTLAB_DATA_DIR=/var/lib/agentlab
+RUN useradd --create-home --uid 10001 agentlab \
+    && mkdir -p /var/lib/agentlab && chown agentlab /var/lib/agentlab
 USER agentlab
 
 # Documentation only: docker-compose.yml uses host networking.
