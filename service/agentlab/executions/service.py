@@ -349,7 +349,7 @@ class _EventWriter:
     sees a gap on the bus always finds the missing events in the store."""
 
     def __init__(
-        self, store: ExecutionStore, bus: EventBus, execution_id: str, interval_s: float = 0.02
+        self, store: ExecutionStore, bus: EventBus, execution_id: str, interval_s: float = 0.05
     ) -> None:
         self._store = store
         self._bus = bus
