@@ -48,6 +48,14 @@ class Settings:
     # which another process takes its executions over.
     execution_heartbeat_s: float = 5.0
     execution_lease_s: float = 15.0
+    # Executions running at once in this process, and waiting for a turn;
+    # beyond both a call is refused with RESOURCE_EXHAUSTED (HTTP 429).
+    max_running_executions: int = 16
+    max_queued_executions: int = 64
+    # The longest prompt accepted, in characters.
+    max_prompt_chars: int = 32_000
+    # A file of API keys, stored hashed (see README); None leaves the API open.
+    api_keys_file: Path | None = None
     # Seconds between health checks of the backends.
     health_interval_s: float = 5.0
     # Seconds in-flight calls get to finish on SIGTERM.
@@ -99,6 +107,12 @@ class Settings:
             model_context=number("MODEL_CONTEXT", defaults.model_context),
             default_max_tokens=number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens),
             lab_address=text("LAB_ADDRESS", defaults.lab_address),
+            max_running_executions=number(
+                "MAX_RUNNING_EXECUTIONS", defaults.max_running_executions
+            ),
+            max_queued_executions=number("MAX_QUEUED_EXECUTIONS", defaults.max_queued_executions),
+            max_prompt_chars=number("MAX_PROMPT_CHARS", defaults.max_prompt_chars),
+            api_keys_file=Path(keys) if (keys := text("API_KEYS_FILE", "")) else None,
             database_url=text("DATABASE_URL", "") or None,
             data_dir=Path(text("DATA_DIR", str(defaults.data_dir))),
             redis_url=text("REDIS_URL", "") or None,
