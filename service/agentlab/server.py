@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from agentlab.api.auth import AuthInterceptor, load_keys
 from agentlab.api.servicer import LabServicer
 from agentlab.config import ConfigError, Settings
 from agentlab.core.errors import AgentLabError
@@ -52,7 +53,10 @@ class Gateway:
     @classmethod
     def create(cls, settings: Settings, registry: LabRegistry) -> Gateway:
         # A second server on a taken port must fail, not split the traffic.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        interceptors = (
+            [AuthInterceptor(load_keys(settings.api_keys_file))] if settings.api_keys_file else []
+        )
+        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         health = Health([LAB_SERVICE, *(backend_service(b.name) for b in registry.backends)])
         runner = Runner(registry.route, default_max_tokens=settings.default_max_tokens)
         executions = build_executions(settings, runner)

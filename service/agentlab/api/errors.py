@@ -22,6 +22,7 @@ from agentlab.core.errors import (
     LabUnavailable,
     NotFound,
     NotServing,
+    Unauthenticated,
 )
 
 __all__ = ["DOMAIN", "abort", "abort_with_status", "to_rpc_status"]
@@ -37,6 +38,7 @@ _CODES: list[tuple[type[AgentLabError], grpc.StatusCode]] = [
     (Cancelled, grpc.StatusCode.CANCELLED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (InternalError, grpc.StatusCode.INTERNAL),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 ]
 
 

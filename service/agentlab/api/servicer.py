@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from agentlab.api import convert, paging
+from agentlab.api.auth import current_caller
 from agentlab.api.errors import abort, abort_with_status
 from agentlab.core.errors import AgentLabError, InternalError, NotFound, NotServing
 from agentlab.core.runner import new_error_id
@@ -48,7 +49,10 @@ class LabServicer(svc_grpc.LabServiceServicer):
                 # A background execution outlives the call and its deadline.
                 task = _with_deadline(task, context)
             submitted = await self._executions.submit(
-                task, request_id=request.request_id, background=request.background
+                task,
+                caller=current_caller(),
+                request_id=request.request_id,
+                background=request.background,
             )
             if request.background:
                 record = submitted.record
@@ -76,8 +80,12 @@ class LabServicer(svc_grpc.LabServiceServicer):
         final: pb.ExecutionEvent | None = None
         submitted: Submitted | None = None
         try:
-            submitted = await self._executions.submit(task, request_id=request.request_id)
-            async with aclosing(self._executions.watch(submitted.record.id)) as events:
+            submitted = await self._executions.submit(
+                task, caller=current_caller(), request_id=request.request_id
+            )
+            async with aclosing(
+                self._executions.watch(submitted.record.id, caller=current_caller())
+            ) as events:
                 async for event in events:
                     if is_final(event):
                         final = event
@@ -97,7 +105,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
         self, request: svc.GetExecutionRequest, context: Context
     ) -> svc.GetExecutionResponse:
         try:
-            record = await self._executions.get(request.execution_id)
+            record = await self._executions.get(request.execution_id, current_caller())
         except AgentLabError as error:
             await abort(context, error)
             raise
@@ -111,7 +119,11 @@ class LabServicer(svc_grpc.LabServiceServicer):
             after = paging.decode(request.page_token)
             state = convert.STATES.get(request.state) if request.state else None
             records, cursor = await self._executions.page(
-                page_size=page_size, after=after, model=request.model or None, state=state
+                page_size=page_size,
+                after=after,
+                model=request.model or None,
+                state=state,
+                caller=current_caller(),
             )
         except AgentLabError as error:
             await abort(context, error)
@@ -125,7 +137,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
         self, request: svc.CancelExecutionRequest, context: Context
     ) -> svc.CancelExecutionResponse:
         try:
-            record = await self._executions.cancel(request.execution_id)
+            record = await self._executions.cancel(request.execution_id, current_caller())
         except AgentLabError as error:
             await abort(context, error)
             raise
@@ -136,7 +148,9 @@ class LabServicer(svc_grpc.LabServiceServicer):
     ) -> AsyncGenerator[svc.WatchExecutionResponse, None]:
         try:
             async with aclosing(
-                self._executions.watch(request.execution_id, request.after_sequence)
+                self._executions.watch(
+                    request.execution_id, request.after_sequence, current_caller()
+                )
             ) as events:
                 async for event in events:
                     yield svc.WatchExecutionResponse(event=event)
@@ -146,7 +160,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
     async def _cancel_quietly(self, execution_id: str) -> None:
         """The caller went away: stop its execution (a stream's default)."""
         try:
-            await self._executions.cancel(execution_id)
+            await self._executions.cancel(execution_id, current_caller())
         except Exception:
             logger.exception("cancelling %s after its caller left failed", execution_id)
 

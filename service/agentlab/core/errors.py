@@ -14,6 +14,7 @@ __all__ = [
     "ModelNotFound",
     "NotFound",
     "NotServing",
+    "Unauthenticated",
 ]
 
 
@@ -128,6 +129,16 @@ class Cancelled(AgentLabError):
 
     def __init__(self, detail: str = "the execution was cancelled") -> None:
         super().__init__(detail)
+
+
+class Unauthenticated(AgentLabError):
+    """No API key, or not a valid one. ``reason`` says which."""
+
+    reason = "UNAUTHENTICATED"
+
+    def __init__(self, detail: str, reason: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 class InternalError(AgentLabError):

@@ -134,9 +134,11 @@ class Executions:
             self._launch(record.id, task)
         return Submitted(record, created)
 
-    async def get(self, execution_id: str) -> ExecutionRecord:
+    async def get(self, execution_id: str, caller: str | None = None) -> ExecutionRecord:
+        """The record; NOT_FOUND too when it is another caller's, so ids of
+        others' executions reveal nothing."""
         record = await self._store.get(execution_id)
-        if record is None:
+        if record is None or (caller is not None and record.caller != caller):
             raise NotFound("execution", execution_id)
         return record
 
@@ -153,8 +155,10 @@ class Executions:
             page_size=page_size, after=after, caller=caller, model=model, state=state
         )
 
-    async def cancel(self, execution_id: str, wait_s: float = 10.0) -> ExecutionRecord:
-        record = await self.get(execution_id)
+    async def cancel(
+        self, execution_id: str, caller: str | None = None, wait_s: float = 10.0
+    ) -> ExecutionRecord:
+        record = await self.get(execution_id, caller)
         if record.state not in ACTIVE_STATES:
             return record
         local = self._running.get(execution_id)
@@ -173,10 +177,10 @@ class Executions:
         return await self.get(execution_id)
 
     async def watch(
-        self, execution_id: str, after_sequence: int = 0
+        self, execution_id: str, after_sequence: int = 0, caller: str | None = None
     ) -> AsyncGenerator[pb.ExecutionEvent, None]:
         """Events after ``after_sequence`` until the final one, each once."""
-        await self.get(execution_id)
+        await self.get(execution_id, caller)
         last = after_sequence
         inbox: asyncio.Queue[StoredEvent | Exception] = asyncio.Queue()
         async with self._bus.subscribe(execution_id) as live:
