@@ -31,6 +31,8 @@ class FakeOllama:
     error_line: str | None = None
     garbage_line: str | None = None
     omit_done: bool = False
+    # Drop the connection after this many words, as a crashing server does.
+    die_after: int | None = None
 
     url: str = ""
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -74,7 +76,11 @@ class FakeOllama:
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         try:
-            for word in self.words:
+            for index, word in enumerate(self.words):
+                if self.die_after is not None and index == self.die_after:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return response
                 await self._send(response, self._chunk(model, word, done=False))
                 await asyncio.sleep(self.delay_s)
             if self.error_line is not None:
