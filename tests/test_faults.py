@@ -152,3 +152,23 @@ async def test_envoy_restarted_while_the_service_runs(stack: Stack) -> None:
     await asyncio.to_thread(stack.envoy.stop)
     await asyncio.to_thread(stack.envoy.start)
     await frontend_request_works(stack)
+
+
+async def test_a_rest_grpc_timeout_header_bounds_the_execution(
+    stack: Stack, ollama: FakeOllama
+) -> None:
+    ollama.words = [f"w{i} " for i in range(200)]
+    ollama.delay_s = 0.02
+    async with httpx.AsyncClient(timeout=30) as client:
+        answer = await client.post(
+            f"{stack.url}/api/v1/execute",
+            json={"prompt": "x", "model": "flaky"},
+            # Shorter than the model's own 1 s timeout: the client's wins.
+            headers={"grpc-timeout": "400m"},
+        )
+    assert answer.status_code == 504, answer.text
+    error = answer.json()
+    assert error["code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    # The service's own status (the lab was stopped), not Envoy's timeout.
+    assert "did not finish within" in error["message"]
+    await frontend_request_works(stack)
