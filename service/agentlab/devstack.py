@@ -8,6 +8,7 @@ gateway/envoy.yaml: only its ports and the descriptor path are rewritten.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import signal
@@ -64,9 +65,12 @@ def free_port() -> int:
         return port
 
 
-def render_envoy_config(ports: Ports, descriptor: Path = DESCRIPTOR) -> str:
+def render_envoy_config(
+    ports: Ports, descriptor: Path = DESCRIPTOR, rate_limit: tuple[int, float] | None = None
+) -> str:
     """gateway/envoy.yaml with its default ports replaced by ``ports`` and the
-    descriptor path made absolute."""
+    descriptor path made absolute; ``rate_limit`` (burst, requests per second)
+    replaces the per-client token bucket."""
     replacements = {
         DEFAULT_PORTS.gateway: ports.gateway,
         DEFAULT_PORTS.service: ports.service,
@@ -101,7 +105,29 @@ def render_envoy_config(ports: Ports, descriptor: Path = DESCRIPTOR) -> str:
             replica = copy.deepcopy(endpoints[0])
             replica["endpoint"]["address"]["socket_address"]["port_value"] = port
             endpoints.append(replica)
+    if rate_limit is not None:
+        _set_rate_limit(config, *rate_limit)
     return str(yaml.safe_dump(config, sort_keys=False))
+
+
+def _set_rate_limit(config: Any, burst: int, per_second: float) -> None:
+    [listener] = config["static_resources"]["listeners"]
+    [manager] = listener["filter_chains"][0]["filters"]
+    [limiter] = [
+        f
+        for f in manager["typed_config"]["http_filters"]
+        if f["name"] == "envoy.filters.http.local_ratelimit"
+    ]
+    # Whole tokens per fill: one token every 1/per_second s below 1/s.
+    per_fill = max(1, round(per_second))
+    interval_s = per_fill / per_second
+    limiter["typed_config"]["descriptors"][0]["token_bucket"] = {
+        "max_tokens": burst,
+        "tokens_per_fill": per_fill,
+        "fill_interval": f"{interval_s:.3f}s",
+    }
+    [retry_after] = limiter["typed_config"]["response_headers_to_add"]
+    retry_after["header"]["value"] = str(math.ceil(interval_s))
 
 
 def _wait(check: Any, what: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
@@ -235,6 +261,8 @@ class EnvoyProcess:
 
     ports: Ports = DEFAULT_PORTS
     output: IO[bytes] | None = None
+    # (burst, requests per second) instead of the per-client rate limit's.
+    rate_limit: tuple[int, float] | None = None
     proc: subprocess.Popen[bytes] | None = None
     _config_dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -246,7 +274,7 @@ class EnvoyProcess:
         envoy = envoy_binary()
         self._config_dir = tempfile.TemporaryDirectory(prefix="agentlab-envoy-")
         config = Path(self._config_dir.name) / "envoy.yaml"
-        config.write_text(render_envoy_config(self.ports))
+        config.write_text(render_envoy_config(self.ports, rate_limit=self.rate_limit))
         self.proc = subprocess.Popen(
             # --disable-hot-restart: no shared memory, so several Envoys can
             # run at once and one started by a script survives the script.
@@ -284,7 +312,12 @@ class Stack:
     envoy: EnvoyProcess
 
     @classmethod
-    def start(cls, log_dir: Path, env: Mapping[str, str] | None = None) -> Stack:
+    def start(
+        cls,
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+        rate_limit: tuple[int, float] | None = None,
+    ) -> Stack:
         ports = Ports(gateway=free_port(), service=free_port(), admin=free_port())
         service = ServiceProcess(
             port=ports.service,
@@ -293,7 +326,9 @@ class Stack:
             output=(log_dir / f"service-{ports.service}.log").open("wb"),
         )
         envoy = EnvoyProcess(
-            ports=ports, output=(log_dir / f"envoy-{ports.gateway}.log").open("wb")
+            ports=ports,
+            output=(log_dir / f"envoy-{ports.gateway}.log").open("wb"),
+            rate_limit=rate_limit,
         )
         stack = cls(service, envoy)
         try:

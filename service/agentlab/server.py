@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agentlab.api.auth import AuthInterceptor, load_keys
+from agentlab.api.interceptors import DecodeRequests
 from agentlab.api.servicer import LabServicer
 from agentlab.config import ConfigError, Settings
 from agentlab.core.errors import AgentLabError
@@ -37,6 +38,10 @@ logger = logging.getLogger("agentlab")
 
 LAB_SERVICE = lab_service_pb2.DESCRIPTOR.services_by_name["LabService"].full_name
 
+# Seconds calls get after the shutdown's grace period to deliver the final
+# events of the executions it cut.
+_DELIVERY_S = 5.0
+
 
 @dataclass
 class Gateway:
@@ -53,12 +58,18 @@ class Gateway:
     @classmethod
     def create(cls, settings: Settings, registry: LabRegistry) -> Gateway:
         # A second server on a taken port must fail, not split the traffic.
-        interceptors = (
-            [AuthInterceptor(load_keys(settings.api_keys_file))] if settings.api_keys_file else []
-        )
+        # The key is checked first (the outer interceptor): a caller without
+        # one learns nothing, not even whether its bytes parse.
+        interceptors: list[grpc.aio.ServerInterceptor] = [DecodeRequests()]
+        if settings.api_keys_file:
+            interceptors.insert(0, AuthInterceptor(load_keys(settings.api_keys_file)))
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         health = Health([LAB_SERVICE, *(backend_service(b.name) for b in registry.backends)])
-        runner = Runner(registry.route, default_max_tokens=settings.default_max_tokens)
+        runner = Runner(
+            registry.route,
+            default_max_tokens=settings.default_max_tokens,
+            max_prompt_chars=settings.max_prompt_chars,
+        )
         executions = build_executions(settings, runner)
         lab_service_pb2_grpc.add_LabServiceServicer_to_server(  # type: ignore[no-untyped-call]
             LabServicer(executions, health, registry.models), server
@@ -88,13 +99,19 @@ class Gateway:
         self._monitor = asyncio.create_task(self._watch(), name="backend-health")
 
     async def stop(self, grace_s: float) -> None:
-        """Drain: NOT_SERVING first so balancers stop sending, then let
-        in-flight calls finish within the grace period."""
+        """Drain: NOT_SERVING first so balancers stop sending, and no new
+        calls; executions get the grace period to finish, then are cut, each
+        ending with its final event, which the calls still deliver (a stream
+        cut without one would look complete to a REST client); then the calls
+        left are cancelled."""
         if self._monitor is not None:
             self._monitor.cancel()
         await self.health.set_serving(False)
-        await self.server.stop(grace_s)
-        await self.executions.stop(grace_s)
+        server_stopped = asyncio.create_task(self.server.stop(grace_s + _DELIVERY_S))
+        await asyncio.sleep(0)  # new calls are refused from its first step on
+        await self.executions.drain(grace_s)
+        await server_stopped
+        await self.executions.close()
         await self.registry.close()
 
     async def _watch(self) -> None:
@@ -126,6 +143,8 @@ def build_executions(settings: Settings, runner: Runner) -> Executions:
         owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         heartbeat_s=settings.execution_heartbeat_s,
         lease_s=settings.execution_lease_s,
+        max_running=settings.max_running_executions,
+        max_queued=settings.max_queued_executions,
     )
 
 

@@ -3,10 +3,15 @@
 Every status carries exactly one google.rpc.ErrorInfo (reason, domain
 "agentlab.v1", metadata) plus BadRequest or RetryInfo where they apply, in the
 `grpc-status-details-bin` trailer that grpcio-status and Envoy's transcoder
-read.
+read. A status with RetryInfo also carries a `retry-after` trailer (whole
+seconds): on a call that fails before its first message gRPC sends one
+trailers-only response, and Envoy's transcoder passes it on to REST clients
+as the HTTP `Retry-After` header.
 """
 
 from __future__ import annotations
+
+import math
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -22,6 +27,7 @@ from agentlab.core.errors import (
     LabUnavailable,
     NotFound,
     NotServing,
+    ResourceExhausted,
     Unauthenticated,
 )
 
@@ -34,6 +40,7 @@ _CODES: list[tuple[type[AgentLabError], grpc.StatusCode]] = [
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (NotServing, grpc.StatusCode.UNAVAILABLE),
     (LabUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (LabFailed, grpc.StatusCode.INTERNAL),
     (Cancelled, grpc.StatusCode.CANCELLED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -93,27 +100,40 @@ def to_rpc_status(error: AgentLabError) -> status_pb2.Status:
                 )
             )
         )
-    if isinstance(error, LabUnavailable):
+    if (retry_after_s := _retry_after_s(error)) is not None:
         delay = duration_pb2.Duration()
-        delay.FromMilliseconds(int(error.retry_after_s * 1000))
+        delay.FromMilliseconds(int(retry_after_s * 1000))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     return status_pb2.Status(code=code.value[0], message=error.message, details=details)
 
 
+def _retry_after_s(error: AgentLabError) -> float | None:
+    if isinstance(error, LabUnavailable | ResourceExhausted):
+        return error.retry_after_s
+    return None
+
+
 async def abort(context: grpc.aio.ServicerContext[object, object], error: AgentLabError) -> None:
     """End the call with the error's status; never returns."""
-    await abort_with_status(context, to_rpc_status(error))
+    retry_after_s = _retry_after_s(error)
+    extra = () if retry_after_s is None else (("retry-after", str(math.ceil(retry_after_s))),)
+    await abort_with_status(context, to_rpc_status(error), extra)
 
 
 async def abort_with_status(
-    context: grpc.aio.ServicerContext[object, object], status: status_pb2.Status
+    context: grpc.aio.ServicerContext[object, object],
+    status: status_pb2.Status,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> None:
     """End the call with a status already built (a stored execution's error)."""
     code = _BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
     await context.abort(
         code,
         status.message,
-        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+        trailing_metadata=(
+            ("grpc-status-details-bin", status.SerializeToString()),
+            *metadata,
+        ),
     )
 
 

@@ -92,6 +92,25 @@ class LabUnavailable(AgentLabError):
         self.retry_after_s = retry_after_s
 
 
+class ResourceExhausted(AgentLabError):
+    """The gateway is at its limit of executions (running plus waiting for a
+    turn); the caller may retry after ``retry_after_s``."""
+
+    reason = "TOO_MANY_EXECUTIONS"
+
+    def __init__(self, max_running: int, max_queued: int, retry_after_s: float = 1.0) -> None:
+        super().__init__(
+            f"too many executions: {max_running} running and {max_queued} waiting already; "
+            f"retry in {retry_after_s:g} s",
+            max_running=str(max_running),
+            max_queued=str(max_queued),
+            retry_after_s=f"{retry_after_s:g}",
+        )
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self.retry_after_s = retry_after_s
+
+
 class LabFailed(AgentLabError):
     """The lab took the work and failed it, or answered something unusable.
     ``upstream_status`` is the backend's own HTTP status, when it gave one."""

@@ -63,9 +63,12 @@ LabRouter = Callable[[str], Route]
 
 
 class Runner:
-    def __init__(self, route: LabRouter, *, default_max_tokens: int) -> None:
+    def __init__(
+        self, route: LabRouter, *, default_max_tokens: int, max_prompt_chars: int = 32_000
+    ) -> None:
         self._route = route
         self._default_max_tokens = default_max_tokens
+        self._max_prompt_chars = max_prompt_chars
 
     def prepare(self, task: Task) -> tuple[Task, Lab]:
         """Validate a task, find its lab and apply the model's defaults;
@@ -73,6 +76,8 @@ class Runner:
         error, not as a failed stream."""
         if not task.prompt.strip():
             raise InvalidArgument("prompt", "must contain at least one non-whitespace character")
+        if len(task.prompt) > self._max_prompt_chars:
+            raise InvalidArgument("prompt", f"must be at most {self._max_prompt_chars} characters")
         options = task.options
         if options.max_tokens is not None and options.max_tokens < 1:
             raise InvalidArgument("max_tokens", "must be at least 1 when set")

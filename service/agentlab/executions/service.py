@@ -6,6 +6,10 @@ A process owns the executions it runs and says so on a heartbeat; when an
 owner falls silent for longer than the lease (it was killed), any process
 takes over its executions: queued background ones are run, running ones are
 failed with a reason, their flow kept.
+
+A process runs at most ``max_running`` executions' lab work at once; up to
+``max_queued`` more wait for a turn (their records QUEUED). Beyond both,
+``submit`` refuses with ResourceExhausted before recording anything.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from datetime import UTC, datetime, timedelta
 from google.rpc import code_pb2, status_pb2
 
 from agentlab.api import convert
-from agentlab.core.errors import InternalError, NotFound
+from agentlab.core.errors import Cancelled, InternalError, NotFound, ResourceExhausted
+from agentlab.core.events import Event, ExecutionFailed, ExecutionStarted
 from agentlab.core.runner import Runner, Stop, new_error_id, new_execution_id
 from agentlab.core.types import ExecutionMode, GenerationOptions, Task
 from agentlab.executions.model import (
@@ -40,6 +45,11 @@ __all__ = ["Executions", "Submitted", "is_final"]
 logger = logging.getLogger(__name__)
 
 _FINAL = ("execution_completed", "execution_failed")
+
+# Live events a watcher holds for a client that does not read: beyond them
+# it drops live events and later reads the missing ones from the store, so a
+# slow reader costs a bounded amount of memory.
+_WATCH_BUFFER = 256
 
 
 def is_final(event: pb.ExecutionEvent) -> bool:
@@ -64,6 +74,9 @@ class Executions:
         heartbeat_s: float = 5.0,
         lease_s: float = 15.0,
         poll_s: float = 1.0,
+        max_running: int = 16,
+        max_queued: int = 64,
+        retry_after_s: float = 1.0,
     ) -> None:
         self._runner = runner
         self._store = store
@@ -79,6 +92,18 @@ class Executions:
         # process: waiting on it costs no store reads.
         self._finals: dict[str, asyncio.Future[pb.ExecutionEvent]] = {}
         self._background: list[asyncio.Task[None]] = []
+        self._max_running = max_running
+        self._max_queued = max_queued
+        self._retry_after_s = retry_after_s
+        # Turns at the lab; an execution waits for one while QUEUED.
+        self._turns = asyncio.Semaphore(max_running)
+        # Executions admitted here and not finished: running, waiting for a
+        # turn, or being recorded (counted before the store is awaited, so
+        # concurrent submits cannot overshoot).
+        self._admitted = 0
+        # Executions waiting for a turn, and whether stop() has begun.
+        self._waiting: set[str] = set()
+        self._stopping = False
 
     async def start(self) -> None:
         await self._store.open()
@@ -92,8 +117,18 @@ class Executions:
         await self.recover()
 
     async def stop(self, grace_s: float) -> None:
+        await self.drain(grace_s)
+        await self.close()
+
+    async def drain(self, grace_s: float) -> None:
         """Let running executions finish within ``grace_s``, then cancel the
-        rest; each ends with its final event stored."""
+        rest; each ends with its final event stored. Those still waiting for
+        a turn do not start: background ones stay QUEUED, for the process
+        that takes over (or this one, restarted) to run, the others end
+        CANCELLED. Watchers can still read the store and the bus."""
+        self._stopping = True
+        for execution_id in list(self._waiting):
+            self._running[execution_id][1].request()
         running = [task for task, _ in self._running.values()]
         if running:
             _, pending = await asyncio.wait(running, timeout=grace_s)
@@ -103,6 +138,9 @@ class Executions:
                     stop.request()
             if pending:
                 await asyncio.wait(pending, timeout=5.0)
+
+    async def close(self) -> None:
+        """Stop the heartbeat and close the bus and the store (after drain)."""
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -112,26 +150,35 @@ class Executions:
     async def submit(
         self, task: Task, *, caller: str = "", request_id: str = "", background: bool = False
     ) -> Submitted:
-        """Record the execution and start its work; a bad request raises
-        before anything is recorded."""
+        """Record the execution and start its work; a bad request, or one
+        beyond the limits of executions, raises before anything is recorded."""
         self._runner.prepare(task)
-        now = datetime.now(UTC)
-        record, created = await self._store.create(
-            NewExecution(
-                id=new_execution_id(),
-                request_id=request_id,
-                caller=caller,
-                model=task.model,
-                mode=task.mode.value,
-                prompt=task.prompt,
-                options=_options(task.options),
-                background=background,
-                created_at=now,
-                owner=self._owner,
+        if self._admitted >= self._max_running + self._max_queued:
+            raise ResourceExhausted(self._max_running, self._max_queued, self._retry_after_s)
+        self._admitted += 1
+        launched = False
+        try:
+            now = datetime.now(UTC)
+            record, created = await self._store.create(
+                NewExecution(
+                    id=new_execution_id(),
+                    request_id=request_id,
+                    caller=caller,
+                    model=task.model,
+                    mode=task.mode.value,
+                    prompt=task.prompt,
+                    options=_options(task.options),
+                    background=background,
+                    created_at=now,
+                    owner=self._owner,
+                )
             )
-        )
-        if created:
-            self._launch(record.id, task)
+            if created:
+                self._launch(record.id, task, background=background, admitted=True)
+                launched = True
+        finally:
+            if not launched:
+                self._admitted -= 1
         return Submitted(record, created)
 
     async def get(self, execution_id: str, caller: str | None = None) -> ExecutionRecord:
@@ -182,37 +229,56 @@ class Executions:
         """Events after ``after_sequence`` until the final one, each once."""
         await self.get(execution_id, caller)
         last = after_sequence
-        inbox: asyncio.Queue[StoredEvent | Exception] = asyncio.Queue()
+        inbox: asyncio.Queue[StoredEvent | Exception] = asyncio.Queue(_WATCH_BUFFER)
+        dropped = asyncio.Event()
         async with self._bus.subscribe(execution_id) as live:
             # Subscribed before the store is read: an event stored after the
             # read was published after the subscription, so it arrives live.
-            pump = asyncio.create_task(_pump(live, inbox))
+            pump = asyncio.create_task(_pump(live, inbox, dropped))
             try:
                 while True:
-                    for stored in await self._store.events_after(execution_id, last):
+                    stored_events = await self._store.events_after(execution_id, last)
+                    for stored in stored_events:
                         event = _parse(stored)
                         last = stored.sequence
                         yield event
                         if is_final(event):
                             return
-                    try:
-                        item = await asyncio.wait_for(inbox.get(), timeout=self._poll_s)
-                    except TimeoutError:
-                        continue
-                    if isinstance(item, Exception):
-                        logger.warning("watching %s: the bus failed (%s)", execution_id, item)
-                        continue  # the store alone still serves, at the poll rate
-                    if item.sequence != last + 1:
-                        continue  # seen already, or a gap the store fills
-                    event = _parse(item)
-                    last = item.sequence
-                    yield event
-                    if is_final(event):
-                        return
+                    if not stored_events and await self._past_the_end(execution_id, last):
+                        return  # resumed after the final event: nothing more will come
+                    # Live events, until one is missing: the store has it.
+                    while True:
+                        if dropped.is_set() and inbox.empty():
+                            dropped.clear()
+                            break  # the newest were dropped while the client lagged
+                        try:
+                            item = await asyncio.wait_for(inbox.get(), timeout=self._poll_s)
+                        except TimeoutError:
+                            break
+                        if isinstance(item, Exception):
+                            logger.warning("watching %s: the bus failed (%s)", execution_id, item)
+                            break  # the store alone still serves, at the poll rate
+                        if item.sequence <= last:
+                            continue  # seen already, in the store
+                        if item.sequence != last + 1:
+                            break  # a gap
+                        event = _parse(item)
+                        last = item.sequence
+                        yield event
+                        if is_final(event):
+                            return
             finally:
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pump
+
+    async def _past_the_end(self, execution_id: str, last: int) -> bool:
+        record = await self._store.get(execution_id)
+        return (
+            record is not None
+            and record.state not in ACTIVE_STATES
+            and last >= record.last_sequence
+        )
 
     async def outcome(self, execution_id: str) -> pb.ExecutionEvent:
         """The execution's final event, once there is one."""
@@ -234,19 +300,29 @@ class Executions:
                 continue  # another process took it
             if record.state is ExecutionState.QUEUED and record.background:
                 logger.info("running queued execution %s left by %s", record.id, record.owner)
-                self._launch(record.id, _task(record))
+                self._launch(record.id, _task(record), background=True)
             else:
                 logger.warning("execution %s was cut: %s stopped", record.id, record.owner)
                 await self._fail_orphan(record)
 
-    def _launch(self, execution_id: str, task: Task) -> None:
+    def _launch(
+        self, execution_id: str, task: Task, *, background: bool, admitted: bool = False
+    ) -> None:
+        """Run an execution; ``admitted`` when submit has counted it already.
+        Executions taken over from a dead process are counted too, never
+        refused: they are recorded already."""
+        if not admitted:
+            self._admitted += 1
         stop = Stop()
         final: asyncio.Future[pb.ExecutionEvent] = asyncio.get_running_loop().create_future()
-        run = asyncio.create_task(self._run(execution_id, task, stop, final), name=execution_id)
+        run = asyncio.create_task(
+            self._run(execution_id, task, stop, final, background), name=execution_id
+        )
         self._running[execution_id] = (run, stop)
         self._finals[execution_id] = final
 
         def forget(_: object) -> None:
+            self._admitted -= 1
             self._running.pop(execution_id, None)
             self._finals.pop(execution_id, None)
             if not final.done():  # the run could not record its end
@@ -255,26 +331,85 @@ class Executions:
         run.add_done_callback(forget)
 
     async def _run(
-        self, execution_id: str, task: Task, stop: Stop, final: asyncio.Future[pb.ExecutionEvent]
+        self,
+        execution_id: str,
+        task: Task,
+        stop: Stop,
+        final: asyncio.Future[pb.ExecutionEvent],
+        background: bool,
     ) -> None:
         writer = _EventWriter(self._store, self._bus, execution_id)
         try:
-            started = False
-            async for event in self._runner.stream(task, execution_id=execution_id, stop=stop):
-                message = convert.event(event)
-                if not started:
-                    started = True
-                    await self._store.mark_running(execution_id, datetime.now(UTC))
-                writer.add(message)
-                if is_final(message):
-                    await writer.close()
-                    await self._finish(execution_id, message)
-                    final.set_result(message)
+            self._waiting.add(execution_id)
+            async with self._turn(stop) as turn:
+                self._waiting.discard(execution_id)
+                if not turn and self._stopping and background:
+                    logger.info("execution %s stays queued for the next process", execution_id)
+                    final.cancel()
+                    return
+                if not turn:
+                    await self._cancel_queued(execution_id, task, final, writer)
+                    return
+                started = False
+                async for event in self._runner.stream(task, execution_id=execution_id, stop=stop):
+                    message = convert.event(event)
+                    if not started:
+                        started = True
+                        await self._store.mark_running(execution_id, datetime.now(UTC))
+                    writer.add(message)
+                    if is_final(message):
+                        await writer.close()
+                        await self._finish(execution_id, message)
+                        final.set_result(message)
         except Exception:
             # The store itself failed: nothing more can be recorded.
             logger.exception("execution %s could not be recorded", execution_id)
         finally:
+            self._waiting.discard(execution_id)
             await writer.abandon()
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, stop: Stop) -> AsyncIterator[bool]:
+        """Wait (QUEUED) for a turn at the lab, and hold it while running;
+        False when a stop (a cancel, the shutdown) came first."""
+        waiting = asyncio.timeout(None)
+        acquired = False
+        try:
+            async with waiting:
+                stop.attach(waiting)
+                await self._turns.acquire()
+                acquired = True
+        except TimeoutError:
+            if not stop.requested:
+                raise
+        finally:
+            stop.detach()
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                self._turns.release()
+
+    async def _cancel_queued(
+        self,
+        execution_id: str,
+        task: Task,
+        final: asyncio.Future[pb.ExecutionEvent],
+        writer: _EventWriter,
+    ) -> None:
+        """End an execution stopped before its turn: started, then cancelled,
+        with no lab work and an empty flow."""
+        now = datetime.now(UTC)
+        error = Cancelled("the execution was cancelled while it waited for a turn")
+        started = convert.event(
+            Event(1, now, execution_id, ExecutionStarted(task.mode, task.model))
+        )
+        failed = convert.event(Event(2, now, execution_id, ExecutionFailed(error, ())))
+        writer.add(started)
+        writer.add(failed)
+        await writer.close()
+        await self._finish(execution_id, failed)
+        final.set_result(failed)
 
     async def _record(self, execution_id: str, message: pb.ExecutionEvent) -> None:
         writer = _EventWriter(self._store, self._bus, execution_id)
@@ -409,12 +544,23 @@ class _EventWriter:
 
 
 async def _pump(
-    live: AsyncIterator[StoredEvent], inbox: asyncio.Queue[StoredEvent | Exception]
+    live: AsyncIterator[StoredEvent],
+    inbox: asyncio.Queue[StoredEvent | Exception],
+    dropped: asyncio.Event,
 ) -> None:
+    """Move live events to the watcher. A full inbox means the watcher's
+    client is not reading: the event is dropped (and ``dropped`` set), and
+    the watcher reads it from the store when it gets there."""
     try:
         async for event in live:
-            inbox.put_nowait(event)
+            try:
+                inbox.put_nowait(event)
+            except asyncio.QueueFull:
+                dropped.set()
     except Exception as error:
+        # The bus failed: make room so the watcher hears of it.
+        while inbox.full():
+            inbox.get_nowait()
         inbox.put_nowait(error)
 
 

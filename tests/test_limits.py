@@ -1,0 +1,460 @@
+"""Limits, through the real Envoy: executions beyond the running and queued
+bounds are refused (429, RetryInfo, Retry-After), prompts have a maximum
+size, each client address has a rate limit at Envoy (health exempt), and a
+client that stops reading a stream holds the service back instead of making
+anything buffer it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from agentlab.core.errors import ResourceExhausted
+from agentlab.core.runner import Runner
+from agentlab.core.types import ExecutionMode, Task
+from agentlab.executions.local_bus import LocalBus
+from agentlab.executions.model import ExecutionState
+from agentlab.executions.service import Executions
+from agentlab.executions.stores import open_store
+from agentlab.lab.base import LabEvent, LabNodeEnded, LabNodeStarted, LabOutput, LabToken, Route
+from agentlab.v1 import lab_service_pb2 as svc
+from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
+from tests.conftest import Stack
+from tests.test_errors import details_of
+
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+
+# About 1.5 s of the real model per execution on a developer machine.
+HOLD = {"prompt": "Write a long story about a cat.", "max_tokens": 200, "temperature": 0}
+
+
+def _time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _execution(client: httpx.Client, url: str, execution_id: str) -> dict[str, Any]:
+    answer = client.get(f"{url}/api/v1/executions/{execution_id}")
+    assert answer.status_code == 200, answer.text
+    execution: dict[str, Any] = answer.json()["execution"]
+    return execution
+
+
+def _wait_for(
+    client: httpx.Client, url: str, execution_id: str, state: str, timeout_s: float = 120.0
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        execution = _execution(client, url, execution_id)
+        if execution["state"] == state:
+            return execution
+        assert time.monotonic() < deadline, f"{execution_id} is still {execution['state']}"
+        time.sleep(0.02)
+
+
+def _assert_too_many(answer: httpx.Response) -> None:
+    assert answer.status_code == 429, answer.text
+    assert answer.headers["content-type"].startswith("application/json")
+    assert answer.headers["retry-after"] == "1"
+    error = answer.json()
+    assert error["code"] == RESOURCE_EXHAUSTED
+    assert "too many executions" in error["message"]
+    [info] = details_of(error, "ErrorInfo")
+    assert info["reason"] == "TOO_MANY_EXECUTIONS"
+    assert info["metadata"] == {"max_running": "1", "max_queued": "1", "retry_after_s": "1"}
+    [retry] = details_of(error, "RetryInfo")
+    assert retry["retry_delay"] == "1s"
+
+
+class _GatedLab:
+    """A lab whose runs produce ``tokens`` tokens, one per turn of the event
+    loop, once ``gate`` is open."""
+
+    backend = "gated"
+    model_name = "gated"
+    ready = True
+
+    def __init__(self, tokens: int = 3) -> None:
+        self.tokens = tokens
+        self.gate = asyncio.Event()
+        self.runs = 0
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def run(self, task: Task) -> AsyncGenerator[LabEvent, None]:
+        self.runs += 1
+        await self.gate.wait()
+        yield LabNodeStarted("inference", task.prompt)
+        for index in range(self.tokens):
+            await asyncio.sleep(0)
+            yield LabToken("inference", f"t{index} ")
+        yield LabNodeEnded("inference", "done", 1, self.tokens)
+        yield LabOutput("done")
+
+
+async def _executions(lab: _GatedLab, tmp_path: Path, **limits: int) -> Executions:
+    runner = Runner(lambda model: Route(lab), default_max_tokens=16)
+    executions = Executions(runner, open_store(None, tmp_path), LocalBus(), owner="t", **limits)
+    await executions.start()
+    return executions
+
+
+def _task(prompt: str = "go") -> Task:
+    return Task(prompt=prompt, model="m", mode=ExecutionMode.INFERENCE)
+
+
+@pytest.fixture
+async def gated(tmp_path: Path) -> AsyncIterator[tuple[_GatedLab, Executions]]:
+    lab = _GatedLab()
+    executions = await _executions(lab, tmp_path, max_running=1, max_queued=1)
+    yield lab, executions
+    lab.gate.set()
+    await executions.stop(5.0)
+
+
+async def test_concurrent_submits_never_overshoot_the_limits(
+    gated: tuple[_GatedLab, Executions],
+) -> None:
+    lab, executions = gated
+    answers = await asyncio.gather(
+        *(executions.submit(_task(f"p{i}"), background=True) for i in range(6)),
+        return_exceptions=True,
+    )
+    refused = [a for a in answers if isinstance(a, ResourceExhausted)]
+    accepted = [a for a in answers if not isinstance(a, BaseException)]
+    assert (len(accepted), len(refused)) == (2, 4), answers
+    assert refused[0].reason == "TOO_MANY_EXECUTIONS"
+    assert refused[0].metadata == {"max_running": "1", "max_queued": "1", "retry_after_s": "1"}
+    records, _ = await executions.page(page_size=10, after=None)
+    assert len(records) == 2  # the refused ones were never recorded
+    await asyncio.sleep(0.1)
+    assert lab.runs == 1  # one at the lab, one waiting for its turn
+    states = {(await executions.get(a.record.id)).state for a in accepted}
+    assert states == {ExecutionState.RUNNING, ExecutionState.QUEUED}
+
+    lab.gate.set()
+    for submitted in accepted:
+        final = await executions.outcome(submitted.record.id)
+        assert final.HasField("execution_completed")
+    # Their places are free again.
+    final = await executions.outcome((await executions.submit(_task())).record.id)
+    assert final.HasField("execution_completed")
+
+
+async def test_a_queued_execution_cancelled_never_reaches_the_lab(
+    gated: tuple[_GatedLab, Executions],
+) -> None:
+    lab, executions = gated
+    running = await executions.submit(_task("first"), background=True)
+    queued = await executions.submit(_task("second"), background=True)
+    await asyncio.sleep(0.05)
+    record = await asyncio.wait_for(executions.cancel(queued.record.id), 2.0)
+    assert record.state is ExecutionState.CANCELLED
+    assert record.started_at is None
+    events = [event async for event in executions.watch(queued.record.id)]
+    assert [event.WhichOneof("kind") for event in events] == [
+        "execution_started",
+        "execution_failed",
+    ]
+    assert lab.runs == 1
+    lab.gate.set()
+    assert (await executions.outcome(running.record.id)).HasField("execution_completed")
+
+
+async def test_a_stop_starts_nothing_that_waits_and_leaves_background_work_queued(
+    gated: tuple[_GatedLab, Executions], tmp_path: Path
+) -> None:
+    lab, executions = gated
+    running = await executions.submit(_task("first"), background=True)
+    queued = await executions.submit(_task("second"), background=True)
+    await asyncio.sleep(0.05)
+    lab.gate.set()
+    await executions.stop(5.0)
+    assert lab.runs == 1
+    # The next process (once this one's lease lapses) runs it.
+    store = open_store(None, tmp_path)
+    await store.open()
+    try:
+        finished = await store.get(running.record.id)
+        waiting = await store.get(queued.record.id)
+    finally:
+        await store.close()
+    assert finished is not None
+    assert finished.state is ExecutionState.SUCCEEDED
+    assert waiting is not None
+    assert waiting.state is ExecutionState.QUEUED
+
+
+async def test_a_watcher_that_falls_behind_still_gets_every_event_once(tmp_path: Path) -> None:
+    """Live events beyond the watcher's buffer are dropped while its client
+    does not read, and read back from the store when it does."""
+    lab = _GatedLab(tokens=3000)
+    lab.gate.set()
+    executions = await _executions(lab, tmp_path)
+    try:
+        submitted = await executions.submit(_task())
+        watcher = executions.watch(submitted.record.id)
+        sequences = [(await anext(watcher)).sequence]
+        await executions.outcome(submitted.record.id)  # all produced meanwhile
+        started = time.monotonic()
+        sequences += [event.sequence async for event in watcher]
+        assert sequences == list(range(1, 3000 + 5))
+        # Straight to the store for the dropped ones, without waiting for a poll.
+        assert time.monotonic() - started < 0.5
+    finally:
+        await executions.stop(5.0)
+
+
+@pytest.fixture
+def one_at_a_time(tmp_path: Path) -> Iterator[Stack]:
+    """The real model, one execution running and one waiting at most."""
+    stack = Stack.start(
+        tmp_path,
+        {"AGENTLAB_MAX_RUNNING_EXECUTIONS": "1", "AGENTLAB_MAX_QUEUED_EXECUTIONS": "1"},
+    )
+    yield stack
+    stack.stop()
+
+
+@pytest.mark.model
+def test_executions_beyond_the_limits_are_refused_and_the_queued_one_runs_next(
+    one_at_a_time: Stack,
+) -> None:
+    url = one_at_a_time.url
+    with httpx.Client(timeout=120) as client:
+        # Background executions hold the slots like any other.
+        first = client.post(f"{url}/api/v1/execute", json={**HOLD, "background": True})
+        assert first.status_code == 200, first.text
+        first_id = first.json()["execution_id"]
+        _wait_for(client, url, first_id, "EXECUTION_STATE_RUNNING")
+        second = client.post(f"{url}/api/v1/execute", json={**HOLD, "background": True})
+        assert second.status_code == 200, second.text
+        assert second.json()["state"] == "EXECUTION_STATE_QUEUED"
+        second_id = second.json()["execution_id"]
+
+        # One running, one waiting: a third is refused, whatever the call.
+        for route, body in (
+            ("execute", HOLD),
+            ("execute", {**HOLD, "background": True}),
+            ("orchestrate", HOLD),
+        ):
+            _assert_too_many(client.post(f"{url}/api/v1/{route}", json=body))
+        # The same status for a gRPC client, Retry-After in the trailers.
+        with grpc.insecure_channel(one_at_a_time.gateway_grpc) as channel:
+            stub = svc_grpc.LabServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.Execute(svc.ExecuteRequest(prompt="Hi", max_tokens=5), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ("retry-after", "1") in raised.value.trailing_metadata()
+        status = rpc_status.from_call(raised.value)
+        assert status is not None
+        retry = error_details_pb2.RetryInfo()
+        assert any(detail.Unpack(retry) for detail in status.details)
+        assert retry.retry_delay.seconds == 1
+        # Refused before anything was recorded.
+        listed = client.get(f"{url}/api/v1/executions").json()["executions"]
+        assert {e["execution_id"] for e in listed} == {first_id, second_id}
+
+        # A queued execution cancelled never reaches the lab: no start time,
+        # and its events are started, then failed with CANCELLED.
+        cancelled = client.post(f"{url}/api/v1/executions/{second_id}:cancel", json={})
+        assert cancelled.status_code == 200, cancelled.text
+        record = cancelled.json()["execution"]
+        assert record["state"] == "EXECUTION_STATE_CANCELLED"
+        assert record.get("start_time") is None
+        watched = client.get(f"{url}/api/v1/executions/{second_id}:watch")
+        events = [
+            json.loads(line[5:])["event"]
+            for line in watched.text.splitlines()
+            if line.startswith("data:")
+        ]
+        assert [sorted(set(e) - {"sequence", "time", "execution_id"}) for e in events] == [
+            ["execution_started"],
+            ["execution_failed"],
+        ]
+        assert events[1]["execution_failed"]["error"]["code"] == grpc.StatusCode.CANCELLED.value[0]
+
+        # Its place is free again; the newcomer waits for the first to end.
+        third = client.post(f"{url}/api/v1/execute", json={**HOLD, "background": True})
+        assert third.status_code == 200, third.text
+        third_id = third.json()["execution_id"]
+        done = _wait_for(client, url, first_id, "EXECUTION_STATE_SUCCEEDED")
+        after = _wait_for(client, url, third_id, "EXECUTION_STATE_SUCCEEDED")
+        assert _time(after["start_time"]) >= _time(done["end_time"])
+        assert after["result"]["metrics"]["completion_tokens"] > 0
+
+        # Nothing left running: a call goes straight through.
+        answer = client.post(f"{url}/api/v1/execute", json={"prompt": "Hi", "max_tokens": 5})
+        assert answer.status_code == 200, answer.text
+
+
+@pytest.fixture
+def short_prompts(tmp_path: Path) -> Iterator[Stack]:
+    stack = Stack.start(
+        tmp_path, {"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_MAX_PROMPT_CHARS": "50"}
+    )
+    yield stack
+    stack.stop()
+
+
+def test_a_prompt_over_the_limit_is_400_naming_the_prompt(short_prompts: Stack) -> None:
+    for route in ("execute", "orchestrate"):
+        answer = httpx.post(
+            f"{short_prompts.url}/api/v1/{route}", json={"prompt": "x" * 51}, timeout=10
+        )
+        assert answer.status_code == 400, answer.text
+        error = answer.json()
+        assert error["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert error["message"] == "prompt: must be at most 50 characters"
+        [bad_request] = details_of(error, "BadRequest")
+        assert [v["field"] for v in bad_request["field_violations"]] == ["prompt"]
+    answer = httpx.post(
+        f"{short_prompts.url}/api/v1/execute", json={"prompt": "x" * 50}, timeout=10
+    )
+    assert answer.status_code == 200, answer.text
+    listed = httpx.get(f"{short_prompts.url}/api/v1/executions", timeout=10).json()
+    assert len(listed["executions"]) == 1  # the refused ones were never recorded
+
+
+@pytest.fixture
+def tiny_rate_limit(tmp_path: Path) -> Iterator[Stack]:
+    """Envoy with a bucket of 5 requests per client address, 1 more a second."""
+    stack = Stack.start(tmp_path, {"AGENTLAB_DEFAULT_BACKEND": "echo"}, rate_limit=(5, 1.0))
+    yield stack
+    stack.stop()
+
+
+def test_each_client_address_has_its_own_rate_limit_and_health_has_none(
+    tiny_rate_limit: Stack,
+) -> None:
+    url = tiny_rate_limit.url
+    with httpx.Client(timeout=10) as client:
+        answers = [client.get(f"{url}/api/v1/models") for _ in range(10)]
+        statuses = [answer.status_code for answer in answers]
+        assert statuses[:5] == [200] * 5, statuses
+        # At most one token can have come back in the meantime.
+        assert statuses[5:].count(429) >= 4, statuses
+        limited = next(answer for answer in answers if answer.status_code == 429)
+        assert limited.headers["content-type"].startswith("application/json")
+        assert limited.headers["retry-after"] == "1"
+        assert limited.json() == {"code": RESOURCE_EXHAUSTED, "message": "local_rate_limited"}
+        assert client.post(f"{url}/api/v1/execute", json={"prompt": "hi"}).status_code == 429
+
+        # Health answers however empty the bucket is.
+        for _ in range(10):
+            assert client.get(f"{url}/api/v1/health").status_code == 200
+    with grpc.insecure_channel(tiny_rate_limit.gateway_grpc) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(10):
+            answer = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        # A gRPC client is limited by the same bucket: RESOURCE_EXHAUSTED.
+        with pytest.raises(grpc.RpcError) as raised:
+            svc_grpc.LabServiceStub(channel).ListModels(svc.ListModelsRequest(), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    # Another address has a bucket of its own (Linux routes all of 127/8 to lo).
+    other = httpx.HTTPTransport(local_address="127.0.0.2")
+    with httpx.Client(transport=other, timeout=10) as client:
+        statuses = [client.get(f"{url}/api/v1/models").status_code for _ in range(5)]
+        assert statuses == [200] * 5
+
+
+def test_the_default_rate_limit_lets_a_burst_through(echo_stack: Stack) -> None:
+    with httpx.Client(timeout=10) as client:
+        statuses = {client.get(f"{echo_stack.url}/api/v1/models").status_code for _ in range(150)}
+    assert statuses == {200}
+
+
+def _memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (the peak) of a process, in MiB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            values[name] = int(value.split()[0]) / 1024
+    return values
+
+
+def _received_from_service(stack: Stack) -> int:
+    """Bytes Envoy has read from the service so far."""
+    stats = httpx.get(
+        f"http://127.0.0.1:{stack.envoy.ports.admin}/stats",
+        params={"filter": "^cluster.agentlab_service.upstream_cx_rx_bytes_total$"},
+        timeout=10,
+    ).text
+    return int(stats.split(":")[1])
+
+
+def test_a_client_that_stops_reading_holds_the_service_back(echo_stack: Stack) -> None:
+    """A long echo stream (~90,000 events, ~17 MB of SSE): the client reads a
+    few events, then nothing for 5 s. Once the sockets' buffers, Envoy's 32 KiB
+    ones and its 64 KiB stream window are full, the service sends nothing more,
+    its memory does not grow meanwhile, and the stream then completes with
+    every event, in order, once each."""
+    assert echo_stack.service.proc is not None
+    pid = echo_stack.service.proc.pid
+    body = {"prompt": "w " * 15_000, "max_tokens": 1_000_000}
+    url = f"{echo_stack.url}/api/v1/orchestrate"
+
+    # A small receive buffer: the kernel holds less for the client that stops.
+    small = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)]
+    with httpx.Client(transport=httpx.HTTPTransport(socket_options=small), timeout=60) as client:
+        # A reader that keeps up, for the execution's own cost in memory.
+        with client.stream("POST", url, json=body) as response:
+            assert response.status_code == 200
+            total = sum(1 for line in response.iter_lines() if line.startswith("data:"))
+        peak = _memory_mib(pid)["VmHWM"]
+        sent_before = _received_from_service(echo_stack)
+
+        sequences: list[int] = []
+        with client.stream("POST", url, json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            for line in lines:
+                if line.startswith("data:"):
+                    sequences.append(json.loads(line[5:])["event"]["sequence"])
+                    if len(sequences) == 3:
+                        break
+            samples = []
+            for _ in range(5):
+                time.sleep(1.0)
+                samples.append((_memory_mib(pid)["VmRSS"], _received_from_service(echo_stack)))
+            final: dict[str, Any] = {}
+            for line in lines:
+                if line.startswith("data:"):
+                    final = json.loads(line[5:])["event"]
+                    sequences.append(final["sequence"])
+        sent = _received_from_service(echo_stack) - sent_before
+
+    rss = [mib for mib, _ in samples]
+    stalled = [received - sent_before for _, received in samples]
+    # Nothing more left the service in the last 2 s of the pause, and what
+    # had is a fraction of the stream.
+    assert stalled[-3] == stalled[-1], stalled
+    assert stalled[-1] < sent / 2, (stalled, sent)
+    # Memory stayed where a reader that keeps up puts it.
+    assert max(rss) <= peak + 8, (rss, peak)
+    assert rss[-1] - rss[0] < 8, rss
+    assert "execution_completed" in final
+    print(
+        f"RSS {rss} MiB (a reader keeping up: peak {peak:.0f}); from the service: "
+        f"{stalled} of {sent} bytes while paused"
+    )
+    assert sequences == list(range(1, total + 1))
