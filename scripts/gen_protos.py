@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import gen_openapi
 import grpc_tools
 from grpc_tools import protoc
 
@@ -47,6 +48,7 @@ def main() -> None:
         "google/rpc/error_details.proto",
     )
     print(f"generated stubs under {STUBS_ROOT / 'agentlab'} and {DESCRIPTOR}")
+    gen_openapi.write_openapi(DESCRIPTOR)
 
 
 if __name__ == "__main__":
