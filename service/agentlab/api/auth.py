@@ -26,6 +26,7 @@ import grpc
 import yaml
 
 from agentlab.api.errors import abort
+from agentlab.api.interceptors import Unary, UnaryStream, wrap_handler
 from agentlab.config import ConfigError
 from agentlab.core.errors import Unauthenticated
 
@@ -90,19 +91,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(_OPEN_PREFIXES):
             return handler
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # the contract has no client streaming
+        return wrap_handler(handler, self._unary, self._streaming)
 
     def _caller(self, context: Any) -> str:
         metadata = dict(context.invocation_metadata() or ())
@@ -121,7 +110,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             raise Unauthenticated("the API key is not valid", "API_KEY_INVALID")
         return caller
 
-    def _unary(self, behaviour: Callable[[Any, Any], Awaitable[Any]]) -> Any:
+    def _unary(self, behaviour: Unary) -> Unary:
         async def checked(request: Any, context: Any) -> Any:
             try:
                 caller = self._caller(context)
@@ -136,7 +125,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return checked
 
-    def _streaming(self, behaviour: Callable[[Any, Any], AsyncIterator[Any]]) -> Any:
+    def _streaming(self, behaviour: UnaryStream) -> UnaryStream:
         async def checked(request: Any, context: Any) -> AsyncIterator[Any]:
             try:
                 caller = self._caller(context)
