@@ -11,7 +11,6 @@ one just moved), and appends lock the execution's row before inserting.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -28,6 +27,7 @@ from agentlab.executions.model import (
     NewExecution,
     StoredEvent,
 )
+from agentlab.executions.rows import encode_options, record_from_row
 
 __all__ = ["PostgresStore"]
 
@@ -98,7 +98,7 @@ class PostgresStore:
                     new.model,
                     new.mode,
                     new.prompt,
-                    _encode_options(new.options),
+                    encode_options(new.options),
                     new.background,
                     ExecutionState.QUEUED.value,
                     created_at,
@@ -318,25 +318,7 @@ def _rowcount(status: str) -> int:
 
 
 def _record(row: asyncpg.Record) -> ExecutionRecord:
-    return ExecutionRecord(
-        id=row["id"],
-        request_id=row["request_id"],
-        caller=row["caller"],
-        model=row["model"],
-        mode=row["mode"],
-        prompt=row["prompt"],
-        options=_decode_options(row["options"]),
-        background=row["background"],
-        state=ExecutionState(row["state"]),
-        created_at=_from_db(row["created_at"]),
-        started_at=_from_db_or_none(row["started_at"]),
-        ended_at=_from_db_or_none(row["ended_at"]),
-        owner=row["owner"],
-        heartbeat_at=_from_db(row["heartbeat_at"]),
-        last_sequence=row["last_sequence"],
-        result=row["result"],
-        error=row["error"],
-    )
+    return record_from_row(row, _from_db)
 
 
 def _utc(at: datetime) -> datetime:
@@ -349,17 +331,3 @@ def _utc(at: datetime) -> datetime:
 
 def _from_db(at: datetime) -> datetime:
     return at.astimezone(UTC)
-
-
-def _from_db_or_none(at: datetime | None) -> datetime | None:
-    return None if at is None else _from_db(at)
-
-
-def _encode_options(options: dict[str, float | int]) -> str:
-    return json.dumps(options, sort_keys=True, separators=(",", ":"))
-
-
-def _decode_options(text: str) -> dict[str, float | int]:
-    # json keeps int and float apart (1 and 1.0), as the dataclass does.
-    decoded: Any = json.loads(text)
-    return dict(decoded)

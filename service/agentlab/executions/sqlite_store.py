@@ -12,7 +12,6 @@ instead of failing to upgrade a read lock mid-transaction.
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -32,6 +31,7 @@ from agentlab.executions.model import (
     NewExecution,
     StoredEvent,
 )
+from agentlab.executions.rows import encode_options, record_from_row
 
 __all__ = ["SqliteStore"]
 
@@ -114,7 +114,7 @@ class SqliteStore:
                     new.model,
                     new.mode,
                     new.prompt,
-                    _encode_options(new.options),
+                    encode_options(new.options),
                     int(new.background),
                     ExecutionState.QUEUED.value,
                     created_at,
@@ -374,25 +374,7 @@ async def _fetchall(db: aiosqlite.Connection, sql: str, *args: object) -> list[s
 
 
 def _record(row: sqlite3.Row) -> ExecutionRecord:
-    return ExecutionRecord(
-        id=row["id"],
-        request_id=row["request_id"],
-        caller=row["caller"],
-        model=row["model"],
-        mode=row["mode"],
-        prompt=row["prompt"],
-        options=_decode_options(row["options"]),
-        background=bool(row["background"]),
-        state=ExecutionState(row["state"]),
-        created_at=_from_us(row["created_at"]),
-        started_at=_from_us_or_none(row["started_at"]),
-        ended_at=_from_us_or_none(row["ended_at"]),
-        owner=row["owner"],
-        heartbeat_at=_from_us(row["heartbeat_at"]),
-        last_sequence=row["last_sequence"],
-        result=row["result"],
-        error=row["error"],
-    )
+    return record_from_row(row, _from_us)
 
 
 def _to_us(at: datetime) -> int:
@@ -404,17 +386,3 @@ def _to_us(at: datetime) -> int:
 
 def _from_us(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
-
-
-def _from_us_or_none(us: int | None) -> datetime | None:
-    return None if us is None else _from_us(us)
-
-
-def _encode_options(options: dict[str, float | int]) -> str:
-    return json.dumps(options, sort_keys=True, separators=(",", ":"))
-
-
-def _decode_options(text: str) -> dict[str, float | int]:
-    # json keeps int and float apart (1 and 1.0), as the dataclass does.
-    decoded: Any = json.loads(text)
-    return dict(decoded)

@@ -1,0 +1,55 @@
+"""What both stores do with a row alike: options as JSON text, and a row
+turned into a record. Only how a time is kept differs (microseconds in
+SQLite, timestamptz in PostgreSQL): ``time`` converts it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol
+
+from agentlab.executions.model import ExecutionRecord, ExecutionState
+
+__all__ = ["Row", "decode_options", "encode_options", "record_from_row"]
+
+
+def encode_options(options: dict[str, float | int]) -> str:
+    return json.dumps(options, sort_keys=True, separators=(",", ":"))
+
+
+def decode_options(text: str) -> dict[str, float | int]:
+    # json keeps int and float apart (1 and 1.0), as the dataclass does.
+    decoded: Any = json.loads(text)
+    return dict(decoded)
+
+
+class Row(Protocol):
+    """A database row by column name: sqlite3.Row and asyncpg.Record both."""
+
+    def __getitem__(self, column: str) -> Any: ...
+
+
+def record_from_row(row: Row, time: Callable[[Any], datetime]) -> ExecutionRecord:
+    def maybe(value: Any) -> datetime | None:
+        return None if value is None else time(value)
+
+    return ExecutionRecord(
+        id=row["id"],
+        request_id=row["request_id"],
+        caller=row["caller"],
+        model=row["model"],
+        mode=row["mode"],
+        prompt=row["prompt"],
+        options=decode_options(row["options"]),
+        background=bool(row["background"]),
+        state=ExecutionState(row["state"]),
+        created_at=time(row["created_at"]),
+        started_at=maybe(row["started_at"]),
+        ended_at=maybe(row["ended_at"]),
+        owner=row["owner"],
+        heartbeat_at=time(row["heartbeat_at"]),
+        last_sequence=row["last_sequence"],
+        result=row["result"],
+        error=row["error"],
+    )
