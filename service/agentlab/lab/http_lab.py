@@ -21,7 +21,7 @@ from agentlab.core.errors import InvalidArgument, LabFailed
 from agentlab.core.types import Task
 from agentlab.lab import wire
 from agentlab.lab.base import LabEvent, LabOutput
-from agentlab.lab.upstream import Upstream, iter_ndjson
+from agentlab.lab.upstream import HttpBackend, Upstream, iter_ndjson
 
 __all__ = ["HttpLab", "HttpLabBackend"]
 
@@ -44,31 +44,14 @@ class _LabServiceUpstream(Upstream):
         return _Rejected(self.backend, detail, upstream_status, self.address)
 
 
-class HttpLabBackend:
+class HttpLabBackend(HttpBackend):
     kind = "http_lab"
 
     def __init__(
         self, name: str, url: str, *, connect_attempts: int = 3, stream: bool = True
     ) -> None:
-        self._name = name
+        super().__init__(_LabServiceUpstream(name, url, connect_attempts=connect_attempts))
         self._stream = stream
-        self._upstream = _LabServiceUpstream(name, url, connect_attempts=connect_attempts)
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def address(self) -> str:
-        return self._upstream.address
-
-    async def start(self) -> None:
-        # Nothing to open: the gateway starts even while the lab service is
-        # down, and health (check) reports it.
-        return None
-
-    async def close(self) -> None:
-        await self._upstream.close()
 
     async def check(self) -> None:
         try:

@@ -14,16 +14,13 @@ from typing import Any
 from agentlab.core.types import GenerationOptions
 from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
 from agentlab.lab.embedded import EmbeddedLab
-from agentlab.lab.upstream import Upstream, iter_ndjson
+from agentlab.lab.upstream import HttpBackend, Upstream, iter_ndjson
 
 __all__ = ["OllamaBackend", "OllamaChatModel"]
 
 
-class OllamaBackend:
-    """An Ollama server at ``url`` (for example ``http://127.0.0.1:11434``).
-
-    The backend owns the connection pool its labs share: closing a lab leaves
-    it open, closing the backend closes it."""
+class OllamaBackend(HttpBackend):
+    """An Ollama server at ``url`` (for example ``http://127.0.0.1:11434``)."""
 
     kind = "ollama"
 
@@ -36,29 +33,15 @@ class OllamaBackend:
         connect_timeout_s: float = 5.0,
         backoff_s: float = 0.1,
     ) -> None:
-        self._upstream = Upstream(
-            name,
-            url,
-            connect_timeout_s=connect_timeout_s,
-            connect_attempts=connect_attempts,
-            backoff_s=backoff_s,
+        super().__init__(
+            Upstream(
+                name,
+                url,
+                connect_timeout_s=connect_timeout_s,
+                connect_attempts=connect_attempts,
+                backoff_s=backoff_s,
+            )
         )
-
-    @property
-    def name(self) -> str:
-        return self._upstream.backend
-
-    @property
-    def address(self) -> str:
-        return self._upstream.address
-
-    async def start(self) -> None:
-        # Connections open on demand: an Ollama that is down when the gateway
-        # starts must not stop the gateway; check() reports it instead.
-        return None
-
-    async def close(self) -> None:
-        await self._upstream.close()
 
     async def check(self) -> None:
         await self.models()

@@ -19,7 +19,7 @@ from typing import Any
 from agentlab.core.types import GenerationOptions
 from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
 from agentlab.lab.embedded import EmbeddedLab
-from agentlab.lab.upstream import Upstream, iter_sse_data
+from agentlab.lab.upstream import HttpBackend, Upstream, iter_sse_data
 
 __all__ = ["OpenAIBackend", "OpenAIChatModel"]
 
@@ -28,15 +28,13 @@ logger = logging.getLogger(__name__)
 _DONE = "[DONE]"
 
 
-class OpenAIBackend:
+class OpenAIBackend(HttpBackend):
     """An OpenAI-compatible API whose base is ``url``, *including* its
     version path, as OpenAI's own clients take it: ``https://api.openai.com/v1``
     or ``http://127.0.0.1:8080/v1``. Nothing is appended, so servers that
     mount the API elsewhere (``…/openai/v1``) work too.
 
-    ``api_key``, when given, is sent as ``Authorization: Bearer``. The backend
-    owns the connection pool its labs share: closing a lab leaves it open,
-    closing the backend closes it."""
+    ``api_key``, when given, is sent as ``Authorization: Bearer``."""
 
     kind = "openai"
 
@@ -50,30 +48,16 @@ class OpenAIBackend:
         connect_timeout_s: float = 5.0,
         backoff_s: float = 0.1,
     ) -> None:
-        self._upstream = Upstream(
-            name,
-            url,
-            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
-            connect_timeout_s=connect_timeout_s,
-            connect_attempts=connect_attempts,
-            backoff_s=backoff_s,
+        super().__init__(
+            Upstream(
+                name,
+                url,
+                headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
+                connect_timeout_s=connect_timeout_s,
+                connect_attempts=connect_attempts,
+                backoff_s=backoff_s,
+            )
         )
-
-    @property
-    def name(self) -> str:
-        return self._upstream.backend
-
-    @property
-    def address(self) -> str:
-        return self._upstream.address
-
-    async def start(self) -> None:
-        # Connections open on demand: a server that is down when the gateway
-        # starts must not stop the gateway; check() reports it instead.
-        return None
-
-    async def close(self) -> None:
-        await self._upstream.close()
 
     async def check(self) -> None:
         await self.models()

@@ -19,7 +19,7 @@ import httpx
 
 from agentlab.core.errors import LabFailed, LabUnavailable
 
-__all__ = ["Upstream", "iter_ndjson", "iter_sse_data"]
+__all__ = ["HttpBackend", "Upstream", "iter_ndjson", "iter_sse_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,30 @@ class Upstream:
             except httpx.HTTPError as error:
                 raise self.unavailable(f"the request failed: {error!r}") from None
         raise AssertionError("unreachable")
+
+
+class HttpBackend:
+    """What every HTTP backend shares: one Upstream, its pool owned by the
+    backend (closing a lab leaves it open, closing the backend closes it)."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self._upstream = upstream
+
+    @property
+    def name(self) -> str:
+        return self._upstream.backend
+
+    @property
+    def address(self) -> str:
+        return self._upstream.address
+
+    async def start(self) -> None:
+        # Connections open on demand: a backend that is down when the gateway
+        # starts must not stop the gateway; check() reports it instead.
+        return None
+
+    async def close(self) -> None:
+        await self._upstream.close()
 
 
 async def iter_ndjson(upstream: Upstream, response: httpx.Response) -> AsyncGenerator[Any, None]:
