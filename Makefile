@@ -42,4 +42,4 @@ bench: setup
 	$(BIN)/python bench/bench.py
 
 clean:
-	rm -rf $(VENV) build service/agentlab/v1
+	rm -rf $(VENV) build service/agentlab/v1 service/buf

@@ -4,10 +4,18 @@ buf, as `make lint` does."""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
+
+import grpc_tools
+from google.protobuf import descriptor_pb2
+from grpc_tools import protoc
 
 from agentlab.devstack import ROOT
 from tests.conftest import run, tool
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import vendor_protovalidate
 
 
 def test_buf_lint_is_clean() -> None:
@@ -43,3 +51,38 @@ def test_buf_breaking_catches_a_removed_field(tmp_path: Path) -> None:
     result = run([tool("buf"), "breaking", "--against", str(ROOT)], cwd=copy)
     assert result.returncode != 0
     assert "requested_model" in result.stdout + result.stderr
+
+
+def test_vendored_protovalidate_matches_the_installed_wheel(tmp_path: Path) -> None:
+    """third_party/protovalidate is printed from the protovalidate wheel's
+    descriptor (scripts/vendor_protovalidate.py): compiled again, it must give
+    that descriptor byte for byte, so the rules protoc and buf see are the
+    rules the validator runs. Upgrading the wheel without re-running the
+    script fails here."""
+    descriptor_set = tmp_path / "validate.binpb"
+    vendored = ROOT / "third_party" / "protovalidate"
+    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    status = protoc.main(
+        [
+            "protoc",
+            f"-I{vendored}",
+            f"-I{well_known}",
+            f"--descriptor_set_out={descriptor_set}",
+            "buf/validate/validate.proto",
+        ]
+    )
+    assert status == 0
+    [compiled] = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes()).file
+    wheel = vendor_protovalidate.wheel_descriptor()
+    assert compiled.SerializeToString() == wheel.SerializeToString()
+
+
+def test_the_printer_reproduces_the_vendored_file(tmp_path: Path) -> None:
+    """Nobody edited the vendored file by hand: printing it again gives it."""
+    wheel = vendor_protovalidate.with_options_resolved(vendor_protovalidate.wheel_descriptor())
+    printed = tmp_path / vendor_protovalidate.FILE
+    printed.parent.mkdir(parents=True)
+    printed.write_text(vendor_protovalidate.render(wheel))
+    result = run([tool("buf"), "format", vendor_protovalidate.FILE], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == vendor_protovalidate.TARGET.read_text()
