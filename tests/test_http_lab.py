@@ -166,6 +166,20 @@ async def test_a_task_the_lab_rejects_is_invalid_argument(
     assert raised.value.description == "must contain at least one non-whitespace character"
 
 
+async def test_the_lab_names_every_field_it_rejects(echo_service: LabServiceProcess) -> None:
+    """The lab service holds tasks to the contract's rules, as the gateway
+    does, and its wire error carries each violation."""
+    backend = HttpLabBackend("lab", echo_service.url, stream=True)
+    lab = await started(backend.lab("m"))
+    try:
+        with pytest.raises(InvalidArgument) as raised:
+            async with aclosing(lab.run(task(" ", temperature=9.0, max_tokens=0))) as events:
+                await anext(events)
+    finally:
+        await backend.close()
+    assert [v.field for v in raised.value.violations] == ["prompt", "temperature", "max_tokens"]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [

@@ -1,5 +1,6 @@
-"""The execute and orchestrate use cases on the echo model: validation,
-event order, flow and metrics, the same for every backend."""
+"""The execute and orchestrate use cases on the echo model: event order,
+flow and metrics, the same for every backend. (Request rules are checked
+before the runner: tests/test_validation.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from agentlab.core.errors import Cancelled, DeadlineExceeded, InvalidArgument, LabUnavailable
+from agentlab.core.errors import Cancelled, DeadlineExceeded, LabUnavailable
 from agentlab.core.events import (
     ExecutionCompleted,
     ExecutionFailed,
@@ -36,22 +37,6 @@ async def runner() -> Runner:
 
 def task(prompt: str, mode: ExecutionMode = ExecutionMode.INFERENCE, **options: object) -> Task:
     return Task(prompt, "mistral7b", mode, GenerationOptions(**options))  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(
-    ("bad", "field"),
-    [
-        (task(""), "prompt"),
-        (task(" \n"), "prompt"),
-        (task("hi", max_tokens=0), "max_tokens"),
-        (task("hi", temperature=-0.1), "temperature"),
-        (task("hi", temperature=2.5), "temperature"),
-    ],
-)
-async def test_bad_tasks_fail_before_any_event(runner: Runner, bad: Task, field: str) -> None:
-    with pytest.raises(InvalidArgument) as raised:
-        await anext(runner.stream(bad))
-    assert raised.value.field == field
 
 
 async def test_inference_events_and_result(runner: Runner) -> None:

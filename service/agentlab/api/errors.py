@@ -86,10 +86,11 @@ def to_rpc_status(error: AgentLabError) -> status_pb2.Status:
         )
     ]
     if isinstance(error, InvalidArgument):
-        violation = error_details_pb2.BadRequest.FieldViolation(
-            field=error.field, description=error.description
-        )
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+        violations = [
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in error.violations
+        ]
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
     if isinstance(error, NotFound):
         details.append(
             _pack(

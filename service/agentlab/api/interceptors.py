@@ -1,12 +1,14 @@
 """Server interceptors, and the one way they wrap a method's behaviour.
 
-grpc.aio answers UNKNOWN, naming a Python exception class, when a request
-does not parse: ``DecodeRequests`` parses requests itself and answers
+``CheckRequests`` is where every request is parsed and held to its rules
+before a method sees it. grpc.aio itself would answer UNKNOWN, naming a
+Python exception class, when a request does not parse; this answers
 INVALID_ARGUMENT instead.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -14,9 +16,13 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from agentlab.api.errors import abort
-from agentlab.core.errors import InvalidArgument
+from agentlab.api.validation import RequestRules
+from agentlab.core.errors import AgentLabError, InternalError, InvalidArgument
+from agentlab.core.runner import new_error_id
 
-__all__ = ["DecodeRequests", "Unary", "UnaryStream", "wrap_handler"]
+__all__ = ["CheckRequests", "Unary", "UnaryStream", "wrap_handler"]
+
+logger = logging.getLogger(__name__)
 
 Unary = Callable[[Any, Any], Awaitable[Any]]
 UnaryStream = Callable[[Any, Any], AsyncIterator[Any]]
@@ -46,7 +52,10 @@ def wrap_handler(
     return handler
 
 
-class DecodeRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class CheckRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, rules: RequestRules) -> None:
+        self._rules = rules
+
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
     ) -> Any:
@@ -57,13 +66,26 @@ class DecodeRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def decoded(raw: bytes, context: Any) -> Any:
             try:
-                return parse(raw)
+                request = parse(raw)
             except (DecodeError, ValueError) as error:
                 await abort(
                     context,
                     InvalidArgument("request", f"is not a valid message of this method: {error}"),
                 )
                 raise
+            try:
+                self._rules.check(request)
+            except AgentLabError as error:
+                await abort(context, error)
+                raise
+            except Exception:
+                # A rule of the contract that does not compile or evaluate:
+                # our bug, not the caller's.
+                error_id = new_error_id()
+                logger.exception("checking a request failed: error id %s", error_id)
+                await abort(context, InternalError(error_id))
+                raise
+            return request
 
         def unary(behaviour: Unary) -> Unary:
             async def checked(raw: bytes, context: Any) -> Any:

@@ -10,18 +10,15 @@ from datetime import datetime
 from agentlab.core.errors import InvalidArgument
 from agentlab.executions.model import Cursor
 
-__all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "decode", "encode", "page_size"]
+__all__ = ["DEFAULT_PAGE_SIZE", "decode", "encode", "page_size"]
 
 DEFAULT_PAGE_SIZE = 20
-MAX_PAGE_SIZE = 100
 
 
 def page_size(requested: int) -> int:
-    if requested == 0:
-        return DEFAULT_PAGE_SIZE
-    if not 1 <= requested <= MAX_PAGE_SIZE:
-        raise InvalidArgument("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
-    return requested
+    """The contract bounds ``page_size`` to 0..100 (buf.validate); 0 means
+    the default."""
+    return requested or DEFAULT_PAGE_SIZE
 
 
 def encode(cursor: Cursor | None) -> str:

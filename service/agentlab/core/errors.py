@@ -3,10 +3,14 @@ layer is the one place that turns them into gRPC statuses."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 __all__ = [
     "AgentLabError",
     "Cancelled",
     "DeadlineExceeded",
+    "FieldViolation",
     "InternalError",
     "InvalidArgument",
     "LabFailed",
@@ -29,15 +33,31 @@ class AgentLabError(Exception):
         self.metadata = metadata
 
 
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
 class InvalidArgument(AgentLabError):
-    """A request field is wrong; the caller must change it."""
+    """Request fields are wrong; the caller must change them. Every violated
+    field is named, so one round trip shows the caller all it has to fix."""
 
     reason = "INVALID_ARGUMENT"
 
-    def __init__(self, field: str, description: str) -> None:
-        super().__init__(f"{field}: {description}", field=field)
+    def __init__(self, field: str, description: str, *more: FieldViolation) -> None:
+        self.violations = (FieldViolation(field, description), *more)
+        super().__init__(
+            "; ".join(f"{v.field}: {v.description}" for v in self.violations),
+            field=",".join(dict.fromkeys(v.field for v in self.violations)),
+        )
         self.field = field
         self.description = description
+
+    @classmethod
+    def of(cls, violations: Sequence[FieldViolation]) -> InvalidArgument:
+        first, *more = violations
+        return cls(first.field, first.description, *more)
 
 
 class NotFound(AgentLabError):

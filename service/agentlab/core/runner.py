@@ -22,7 +22,6 @@ from agentlab.core.errors import (
     Cancelled,
     DeadlineExceeded,
     InternalError,
-    InvalidArgument,
 )
 from agentlab.core.events import (
     Event,
@@ -63,26 +62,16 @@ LabRouter = Callable[[str], Route]
 
 
 class Runner:
-    def __init__(
-        self, route: LabRouter, *, default_max_tokens: int, max_prompt_chars: int = 32_000
-    ) -> None:
+    def __init__(self, route: LabRouter, *, default_max_tokens: int) -> None:
         self._route = route
         self._default_max_tokens = default_max_tokens
-        self._max_prompt_chars = max_prompt_chars
 
     def prepare(self, task: Task) -> tuple[Task, Lab]:
-        """Validate a task, find its lab and apply the model's defaults;
-        raises before any event exists, so a bad request fails as a plain
-        error, not as a failed stream."""
-        if not task.prompt.strip():
-            raise InvalidArgument("prompt", "must contain at least one non-whitespace character")
-        if len(task.prompt) > self._max_prompt_chars:
-            raise InvalidArgument("prompt", f"must be at most {self._max_prompt_chars} characters")
+        """Find a task's lab and apply the model's defaults; raises before any
+        event exists, so an unknown model fails as a plain error, not as a
+        failed stream. The task's fields were held to the contract's rules
+        where the request came in (agentlab.api.validation)."""
         options = task.options
-        if options.max_tokens is not None and options.max_tokens < 1:
-            raise InvalidArgument("max_tokens", "must be at least 1 when set")
-        if options.temperature is not None and not 0.0 <= options.temperature <= 2.0:
-            raise InvalidArgument("temperature", "must be between 0 and 2 when set")
         route = self._route(task.model)
         defaults = route.defaults
         options = GenerationOptions(

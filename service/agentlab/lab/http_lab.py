@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from agentlab.core.errors import InvalidArgument, LabFailed
+from agentlab.core.errors import AgentLabError, InvalidArgument, LabFailed
 from agentlab.core.types import Task
 from agentlab.lab import wire
 from agentlab.lab.base import LabEvent, LabOutput
@@ -42,6 +42,17 @@ class _Rejected(LabFailed):
 class _LabServiceUpstream(Upstream):
     def failed(self, detail: str, upstream_status: int | None = None) -> LabFailed:
         return _Rejected(self.backend, detail, upstream_status, self.address)
+
+    def rejected(self, body: bytes, status: int, reason: str) -> AgentLabError:
+        # A 400 in the wire format names every field that was wrong.
+        if status == 400:
+            try:
+                error = json.loads(body)["error"]
+            except (ValueError, KeyError, TypeError):
+                error = None
+            if isinstance(error, dict):
+                return wire.decode_error(error, self.backend, self.address)
+        return super().rejected(body, status, reason)
 
 
 class HttpLabBackend(HttpBackend):

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from agentlab.core.errors import LabFailed, LabUnavailable
+from agentlab.core.errors import AgentLabError, LabFailed, LabUnavailable
 
 __all__ = ["HttpBackend", "Upstream", "iter_ndjson", "iter_sse_data"]
 
@@ -63,6 +63,11 @@ class Upstream:
     def failed(self, detail: str, upstream_status: int | None = None) -> LabFailed:
         return LabFailed(self.backend, detail, upstream_status, address=self.address)
 
+    def rejected(self, body: bytes, status: int, reason: str) -> AgentLabError:
+        """The error for a non-2xx answer; a backend that knows its server's
+        error bodies better reads more from them."""
+        return self.failed(_error_text(body) or reason, status)
+
     @asynccontextmanager
     async def stream(
         self, method: str, path: str, *, json_body: Any = None, timeout_s: float | None = None
@@ -82,7 +87,7 @@ class Upstream:
         try:
             if not response.is_success:
                 body = (await response.aread())[:_ERROR_BODY_LIMIT]
-                raise self.failed(_error_text(body) or response.reason_phrase, response.status_code)
+                raise self.rejected(body, response.status_code, response.reason_phrase)
             yield response
         except httpx.TimeoutException:
             raise self.unavailable("timed out waiting for the response") from None

@@ -15,7 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agentlab.core.errors import AgentLabError, InvalidArgument, LabFailed, LabUnavailable
+from agentlab.core.errors import (
+    AgentLabError,
+    FieldViolation,
+    InvalidArgument,
+    LabFailed,
+    LabUnavailable,
+)
 from agentlab.core.types import ExecutionMode, GenerationOptions, Task
 from agentlab.lab.base import LabEvent, LabNodeEnded, LabNodeStarted, LabOutput, LabToken
 
@@ -250,6 +256,9 @@ def encode_error(error: AgentLabError) -> dict[str, Any]:
     encoded: dict[str, Any] = {"code": error.reason, "message": error.message}
     if isinstance(error, InvalidArgument):
         encoded["field"] = error.field
+        encoded["violations"] = [
+            {"field": v.field, "description": v.description} for v in error.violations
+        ]
     return encoded
 
 
@@ -258,6 +267,18 @@ def decode_error(error: Mapping[str, Any], backend: str, address: str = "") -> A
     code = error.get("code")
     message = str(error.get("message", "")) or "no message"
     if code == InvalidArgument.reason:
+        violations = error.get("violations")
+        if (
+            isinstance(violations, list)
+            and violations
+            and all(isinstance(v, dict) for v in violations)
+        ):
+            return InvalidArgument.of(
+                [
+                    FieldViolation(str(v.get("field", "")), str(v.get("description", "")))
+                    for v in violations
+                ]
+            )
         field = str(error.get("field", ""))
         # The message is InvalidArgument's own "field: description".
         return InvalidArgument(field, message.removeprefix(f"{field}: "))

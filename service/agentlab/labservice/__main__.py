@@ -26,7 +26,11 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 async def serve(settings: Settings, host: str, port: int) -> None:
-    service = LabService(build_labs(settings), default_max_tokens=settings.default_max_tokens)
+    service = LabService(
+        build_labs(settings),
+        default_max_tokens=settings.default_max_tokens,
+        max_prompt_chars=settings.max_prompt_chars,
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -22,10 +22,11 @@ from typing import Any
 
 from aiohttp import web
 
+from agentlab.api.validation import RequestRules
 from agentlab.config import Settings
 from agentlab.core.errors import AgentLabError, InternalError, LabUnavailable
 from agentlab.core.runner import Runner, new_error_id
-from agentlab.core.types import ExecutionMode
+from agentlab.core.types import ExecutionMode, Task
 from agentlab.lab import wire
 from agentlab.lab.base import (
     Lab,
@@ -39,6 +40,7 @@ from agentlab.lab.base import (
 from agentlab.lab.echo import EchoModel
 from agentlab.lab.embedded import EmbeddedLab
 from agentlab.lab.local import ECHO, local_model
+from agentlab.v1 import lab_service_pb2
 
 __all__ = ["ANY_MODEL", "ECHO_MODEL", "LabService", "build_labs", "listen"]
 
@@ -60,11 +62,18 @@ def build_labs(settings: Settings) -> dict[str, Lab]:
 class LabService:
     """``labs`` by model name; ``ANY_MODEL`` serves every other name."""
 
-    def __init__(self, labs: Mapping[str, Lab], *, default_max_tokens: int) -> None:
+    def __init__(
+        self,
+        labs: Mapping[str, Lab],
+        *,
+        default_max_tokens: int,
+        max_prompt_chars: int = Settings.max_prompt_chars,
+    ) -> None:
         self._labs = dict(labs)
         self._default = self._labs[ANY_MODEL]
-        # Only prepare() is used: the gateway's validation and defaults, so a
-        # task fails the same way on either side.
+        # The gateway's rules and defaults, so a task fails the same way on
+        # either side. Only the runner's prepare() is used.
+        self._rules = RequestRules(max_prompt_chars=max_prompt_chars)
         self._runner = Runner(self._route, default_max_tokens=default_max_tokens)
         self._running: set[asyncio.Task[object]] = set()
         self._draining = False
@@ -151,6 +160,7 @@ class LabService:
     async def _run(self, run: _Run, mode: ExecutionMode) -> web.StreamResponse:
         try:
             task, stream = wire.decode_request(await run.request.read(), mode)
+            self._rules.check(_as_request(task))
             task, lab = self._runner.prepare(task)
         except wire.MalformedRequest as error:
             return web.json_response(
@@ -266,6 +276,18 @@ async def _complete(run: _Run, events: AsyncGenerator[LabEvent, None]) -> web.St
     except Exception:
         return _error_response(_internal_error())
     return web.json_response(wire.encode_result(output, steps))
+
+
+def _as_request(task: Task) -> lab_service_pb2.ExecuteRequest:
+    """The task as the gateway's request, to hold it to the same rules."""
+    options = task.options
+    return lab_service_pb2.ExecuteRequest(
+        prompt=task.prompt,
+        model=task.model,
+        temperature=options.temperature,
+        max_tokens=options.max_tokens,
+        seed=options.seed,
+    )
 
 
 def _error_response(error: AgentLabError) -> web.Response:
