@@ -13,6 +13,11 @@ description beside it, and lets the events of a text/event-stream response
 say their `data` is JSON of a given schema (contentMediaType, contentSchema),
 so a stream's events are checked like any other response.
 
+Request schemas carry the contract's `buf.validate` rules where JSON Schema
+can say them (lengths, patterns, ranges); a CEL rule's message goes into the
+field's description. Operations declare the Bearer API key the gateway asks
+for when keys are configured; health is open.
+
 Build output like the descriptor set: made by `make setup` (gen_protos.py
 calls it), never edited, never committed.
 """
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from google.api import annotations_pb2, http_pb2  # type: ignore[import-untyped]
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTOR = ROOT / "build" / "agentlab.pb"
@@ -115,6 +120,88 @@ _SSE_DESCRIPTION = (
 )
 
 
+# The RPCs the gateway serves without an API key (agentlab.api.auth; a test
+# holds the two to the same list).
+OPEN_METHODS = frozenset({"agentlab.v1.LabService.GetHealth"})
+
+_SECURITY_SCHEMES = {
+    "apiKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": (
+            "An API key, as `Authorization: Bearer <key>`. Required when the gateway is "
+            "configured with keys (AGENTLAB_API_KEYS_FILE); without keys it is open, on "
+            "localhost only. A missing or wrong key is a 401."
+        ),
+    }
+}
+
+_RANGE_KEYWORDS = {
+    "gte": "minimum",
+    "gt": "exclusiveMinimum",
+    "lte": "maximum",
+    "lt": "exclusiveMaximum",
+}
+# Rule types whose values are JSON numbers (64-bit integers are strings).
+_NUMERIC_RULES = {"int32", "uint32", "sint32", "fixed32", "sfixed32", "float", "double"}
+
+
+class _FieldRules:
+    """The `buf.validate.field` rules of fields, read from the descriptor set
+    itself, so nothing generated needs importing."""
+
+    def __init__(self, descriptors: descriptor_pb2.FileDescriptorSet) -> None:
+        names = [file.name for file in descriptors.file]
+        self._extension: Any = None
+        if "buf/validate/validate.proto" not in names:
+            return
+        pool = descriptor_pool.DescriptorPool()
+        for file in descriptors.file:
+            pool.Add(file)
+        classes = message_factory.GetMessageClassesForFiles(names, pool)
+        self._options = classes["google.protobuf.FieldOptions"]
+        self._extension = pool.FindExtensionByName("buf.validate.field")
+
+    def of(self, fld: FieldProto) -> Any:
+        if self._extension is None:
+            return None
+        options = self._options.FromString(fld.options.SerializeToString())
+        if not options.HasExtension(self._extension):
+            return None
+        return options.Extensions[self._extension]
+
+
+def _constrained(schema: Schema, rules: Any) -> Schema:
+    """``schema`` with what JSON Schema can say of ``rules`` (a
+    buf.validate.FieldRules, of a class made at run time)."""
+    constraints: Schema = {}
+    kind = rules.WhichOneof("type")
+    typed: Any = getattr(rules, kind) if kind else None
+    if kind == "string":
+        for rule, keyword in (("min_len", "minLength"), ("max_len", "maxLength")):
+            if typed.HasField(rule):
+                constraints[keyword] = getattr(typed, rule)
+        if typed.HasField("len"):
+            constraints["minLength"] = constraints["maxLength"] = typed.len
+        if typed.HasField("pattern"):
+            constraints["pattern"] = typed.pattern
+    elif kind in _NUMERIC_RULES:
+        for rule, keyword in _RANGE_KEYWORDS.items():
+            if typed.HasField(rule):
+                constraints[keyword] = getattr(typed, rule)
+    notes = [f"Rule `{rule.id}`: {rule.message}." for rule in rules.cel if rule.message]
+    if notes:
+        description = schema.get("description", "")
+        schema["description"] = "\n\n".join(filter(None, [description, *notes]))
+    if not constraints:
+        return schema
+    ignore: Any = rules.DESCRIPTOR.fields_by_name["ignore"].enum_type
+    if rules.ignore == ignore.values_by_name["IGNORE_IF_ZERO_VALUE"].number:
+        zero = "" if schema.get("type") == "string" else 0
+        return {**schema, "anyOf": [{"const": zero}, constraints]}
+    return {**schema, **constraints}
+
+
 def _comment(text: str) -> str:
     lines = [line.removeprefix(" ").rstrip() for line in text.strip("\n").split("\n")]
     return "\n".join(lines).strip()
@@ -151,8 +238,10 @@ class Generator:
     comments: dict[tuple[str, tuple[int, ...]], str] = field(default_factory=dict)
     schemas: dict[str, Schema] = field(default_factory=dict)
     output_types: set[str] = field(default_factory=set)
+    rules: _FieldRules = field(init=False)
 
     def __post_init__(self) -> None:
+        self.rules = _FieldRules(self.descriptors)
         for file in self.descriptors.file:
             for location in file.source_code_info.location:
                 text = location.leading_comments or location.trailing_comments
@@ -232,6 +321,9 @@ class Generator:
         schema = self._value_schema(fld, output=output)
         if fld.label == FieldProto.LABEL_REPEATED:
             return {"type": "array", "items": schema}
+        # A request's rules; a response is the service's own.
+        if not output and (rules := self.rules.of(fld)) is not None:
+            return _constrained(schema, rules)
         return schema
 
     def _message_schema(
@@ -257,7 +349,8 @@ class Generator:
                 filter(None, [self._doc(message.file, (*message.path, _MESSAGE_FIELD, i)), *notes])
             )
             if doc:
-                schema["description"] = doc
+                # After the field's comment: what a rule of it says in words.
+                schema["description"] = "\n\n".join(filter(None, [doc, schema.get("description")]))
             properties[fld.name] = schema
             # Printed even when zero or empty: every field without presence.
             has_presence = (
@@ -395,6 +488,8 @@ class Generator:
         }
         if parameters:
             operation["parameters"] = parameters
+        if f"{package}.{service.name}.{method.name}" in OPEN_METHODS:
+            operation["security"] = []
 
         if body:
             if body == "*":
@@ -525,9 +620,14 @@ class Generator:
                 ),
             },
             "servers": [{"url": "/"}],
+            # The key is optional: only a gateway configured with keys asks.
+            "security": [{"apiKey": []}, {}],
             "tags": tags,
             "paths": paths,
-            "components": {"schemas": dict(sorted(self.schemas.items()))},
+            "components": {
+                "schemas": dict(sorted(self.schemas.items())),
+                "securitySchemes": _SECURITY_SCHEMES,
+            },
         }
 
 

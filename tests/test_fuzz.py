@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -33,6 +34,7 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
+from agentlab.api.auth import OPEN_PREFIXES
 from agentlab.devstack import ROOT, Stack
 from agentlab.v1 import execution_pb2, lab_service_pb2, lab_service_pb2_grpc
 
@@ -175,9 +177,9 @@ def test_rest_api(
         operation.as_strategy(schemathesis.GenerationMode.POSITIVE),
         operation.as_strategy(schemathesis.GenerationMode.NEGATIVE),
     ]
-    # The service's own rules (a non-blank prompt, temperature 0 to 2, ...)
-    # are not in the protos, so few generated requests pass them: add
-    # requests that do, so that successful answers are checked too.
+    # Rules JSON Schema cannot say (a non-blank prompt, a printable
+    # request_id) fail many generated requests: add requests that pass, so
+    # that successful answers are checked too.
     if label in VALID_INPUTS:
         where, inputs = VALID_INPUTS[label]
         strategies.append(
@@ -458,3 +460,57 @@ def test_document_matches_the_descriptor(monkeypatch: pytest.MonkeyPatch) -> Non
     spec.loader.exec_module(module)
     built = json.loads((ROOT / "build" / "openapi.json").read_text())
     assert built == module.generate(Path(ROOT / "build" / "agentlab.pb"))
+
+
+def _built_document() -> Any:
+    return json.loads((ROOT / "build" / "openapi.json").read_text())
+
+
+def test_request_schemas_carry_the_contract_rules() -> None:
+    """The buf.validate rules of the protos, as JSON Schema, so a client (and
+    schemathesis) can see them before sending."""
+    document = _built_document()
+    execute = document["components"]["schemas"]["agentlab.v1.ExecuteRequest"]["properties"]
+    assert execute["prompt"]["minLength"] == 1
+    assert execute["prompt"]["maxLength"] == 1_000_000
+    assert "Rule `prompt.not_blank`: must contain at least one" in execute["prompt"]["description"]
+    assert (execute["temperature"]["minimum"], execute["temperature"]["maximum"]) == (0, 2)
+    assert (execute["max_tokens"]["minimum"], execute["max_tokens"]["maximum"]) == (1, 32768)
+    # Empty is the default model; anything else has the model name's form.
+    assert execute["model"]["anyOf"][0] == {"const": ""}
+    assert execute["model"]["anyOf"][1]["maxLength"] == 128
+    # Responses are the service's own: no rules there.
+    execution = document["components"]["schemas"]["agentlab.v1.Execution"]["properties"]
+    assert "minLength" not in execution["prompt"]
+
+    [page_size] = [
+        p
+        for p in document["paths"]["/api/v1/executions"]["get"]["parameters"]
+        if p["name"] == "page_size"
+    ]
+    assert (page_size["schema"]["minimum"], page_size["schema"]["maximum"]) == (0, 100)
+    [execution_id] = document["paths"]["/api/v1/executions/{execution_id}"]["get"]["parameters"]
+    assert execution_id["schema"]["pattern"] == "^[0-9a-f]{32}$"
+
+
+def test_operations_declare_the_api_key_health_is_open() -> None:
+    """Every operation takes the Bearer key (optional: only a gateway with
+    keys asks for it) except those the auth interceptor leaves open."""
+    document = _built_document()
+    assert document["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": document["components"]["securitySchemes"]["apiKey"]["description"],
+    }
+    assert document["security"] == [{"apiKey": []}, {}]
+    open_operations = set()
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            match = re.search(r"gRPC: `(/[^`]+)`", operation["description"])
+            assert match is not None
+            if match.group(1).startswith(OPEN_PREFIXES):
+                open_operations.add(match.group(1))
+                assert operation["security"] == []
+            else:
+                assert "security" not in operation
+    assert open_operations == {"/agentlab.v1.LabService/GetHealth"}

@@ -30,14 +30,14 @@ from agentlab.api.interceptors import Unary, UnaryStream, wrap_handler
 from agentlab.config import ConfigError
 from agentlab.core.errors import Unauthenticated
 
-__all__ = ["ANONYMOUS", "AuthInterceptor", "current_caller", "digest", "load_keys"]
+__all__ = ["ANONYMOUS", "OPEN_PREFIXES", "AuthInterceptor", "current_caller", "digest", "load_keys"]
 
 ANONYMOUS = ""
 _caller: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default=ANONYMOUS)
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 # Open to anyone: load balancers probe health, and reflection only describes
 # the contract (grpcurl list/describe).
-_OPEN_PREFIXES = (
+OPEN_PREFIXES = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.",
     "/agentlab.v1.LabService/GetHealth",
@@ -89,7 +89,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: Any,
     ) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(_OPEN_PREFIXES):
+        if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
             return handler
         return wrap_handler(handler, self._unary, self._streaming)
 
