@@ -91,7 +91,7 @@ def test_every_violated_field_is_named_once() -> None:
 
 def test_the_configured_prompt_maximum_is_tighter_than_the_contract() -> None:
     [violation] = RULES.violations(svc.ExecuteRequest(prompt="x" * 51))
-    assert violation == FieldViolation("prompt", "must be at most 50 characters")
+    assert violation == FieldViolation("prompt", "must be at most 50 characters", "STRING_MAX_LEN")
     roomy = RequestRules(max_prompt_chars=2_000_000)
     assert fields(svc.ExecuteRequest(prompt="x" * 1_000_000), roomy) == []
     assert fields(svc.ExecuteRequest(prompt="x" * 1_000_001), roomy) == ["prompt"]
@@ -136,11 +136,18 @@ def test_rest_gets_400_listing_every_field(echo_stack: Stack) -> None:
         assert info["domain"] == "agentlab.v1"
         assert info["metadata"]["field"] == ",".join(BAD_FIELDS)
         [bad_request] = details_of(error, "BadRequest")
-        descriptions = {v["field"]: v["description"] for v in bad_request["field_violations"]}
-        assert descriptions["temperature"] == (
-            "must be greater than or equal to 0 and less than or equal to 2"
+        described = {
+            v["field"]: (v["reason"], v["description"]) for v in bad_request["field_violations"]
+        }
+        assert described["temperature"] == (
+            "DOUBLE_GTE_LTE",
+            "must be greater than or equal to 0 and less than or equal to 2",
         )
-        assert descriptions["prompt"] == "must contain at least one non-whitespace character"
+        assert described["prompt"] == (
+            "PROMPT_NOT_BLANK",
+            "must contain at least one non-whitespace character",
+        )
+        assert described["mode"][0] == "ENUM_DEFINED_ONLY"
 
 
 def test_rest_query_and_path_parameters_are_checked(echo_stack: Stack) -> None:

@@ -87,7 +87,9 @@ def to_rpc_status(error: AgentLabError) -> status_pb2.Status:
     ]
     if isinstance(error, InvalidArgument):
         violations = [
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            error_details_pb2.BadRequest.FieldViolation(
+                field=v.field, description=v.description, reason=v.reason
+            )
             for v in error.violations
         ]
         details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))

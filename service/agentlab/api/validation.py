@@ -9,6 +9,8 @@ about all of them at once.
 
 from __future__ import annotations
 
+import re
+
 import protovalidate
 from google.protobuf.message import Message
 
@@ -27,7 +29,9 @@ class RequestRules:
         """Every broken rule, the contract's first. Raises protovalidate's
         CompilationError or EvaluationError if a rule itself is broken."""
         found = [
-            FieldViolation(_path(violation), violation.proto.message)
+            FieldViolation(
+                _path(violation), violation.proto.message, _reason(violation.proto.rule_id)
+            )
             for violation in self._validator.collect_violations(request)
         ]
         prompt = getattr(request, "prompt", None)
@@ -37,7 +41,11 @@ class RequestRules:
             and all(violation.field != "prompt" for violation in found)
         ):
             found.append(
-                FieldViolation("prompt", f"must be at most {self._max_prompt_chars} characters")
+                FieldViolation(
+                    "prompt",
+                    f"must be at most {self._max_prompt_chars} characters",
+                    _reason("string.max_len"),
+                )
             )
         return found
 
@@ -45,6 +53,12 @@ class RequestRules:
         """Raises InvalidArgument naming every violated field."""
         if found := self.violations(request):
             raise InvalidArgument.of(found)
+
+
+def _reason(rule_id: str) -> str:
+    """A rule's id (`string.max_len`, `prompt.not_blank`) as BadRequest's
+    UPPER_SNAKE reason."""
+    return re.sub(r"[^A-Z0-9]+", "_", rule_id.upper()).strip("_")
 
 
 def _path(violation: protovalidate.Violation) -> str:

@@ -37,6 +37,8 @@ class AgentLabError(Exception):
 class FieldViolation:
     field: str
     description: str
+    # UPPER_SNAKE, for programs: which rule, as in google.rpc.BadRequest.
+    reason: str = ""
 
 
 class InvalidArgument(AgentLabError):
@@ -45,8 +47,10 @@ class InvalidArgument(AgentLabError):
 
     reason = "INVALID_ARGUMENT"
 
-    def __init__(self, field: str, description: str, *more: FieldViolation) -> None:
-        self.violations = (FieldViolation(field, description), *more)
+    def __init__(
+        self, field: str, description: str, *more: FieldViolation, reason: str = ""
+    ) -> None:
+        self.violations = (FieldViolation(field, description, reason), *more)
         super().__init__(
             "; ".join(f"{v.field}: {v.description}" for v in self.violations),
             field=",".join(dict.fromkeys(v.field for v in self.violations)),
@@ -57,7 +61,7 @@ class InvalidArgument(AgentLabError):
     @classmethod
     def of(cls, violations: Sequence[FieldViolation]) -> InvalidArgument:
         first, *more = violations
-        return cls(first.field, first.description, *more)
+        return cls(first.field, first.description, *more, reason=first.reason)
 
 
 class NotFound(AgentLabError):
