@@ -177,7 +177,11 @@ async def test_the_lab_names_every_field_it_rejects(echo_service: LabServiceProc
                 await anext(events)
     finally:
         await backend.close()
-    assert [v.field for v in raised.value.violations] == ["prompt", "temperature", "max_tokens"]
+    assert [(v.field, v.reason) for v in raised.value.violations] == [
+        ("prompt", "PROMPT_NOT_BLANK"),
+        ("temperature", "DOUBLE_GTE_LTE"),
+        ("max_tokens", "INT32_GTE_LTE"),
+    ]
 
 
 @pytest.mark.parametrize(

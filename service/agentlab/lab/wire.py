@@ -257,7 +257,8 @@ def encode_error(error: AgentLabError) -> dict[str, Any]:
     if isinstance(error, InvalidArgument):
         encoded["field"] = error.field
         encoded["violations"] = [
-            {"field": v.field, "description": v.description} for v in error.violations
+            {"field": v.field, "description": v.description, "reason": v.reason}
+            for v in error.violations
         ]
     return encoded
 
@@ -275,7 +276,11 @@ def decode_error(error: Mapping[str, Any], backend: str, address: str = "") -> A
         ):
             return InvalidArgument.of(
                 [
-                    FieldViolation(str(v.get("field", "")), str(v.get("description", "")))
+                    FieldViolation(
+                        str(v.get("field", "")),
+                        str(v.get("description", "")),
+                        str(v.get("reason", "")),
+                    )
                     for v in violations
                 ]
             )
