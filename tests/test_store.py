@@ -8,14 +8,15 @@ import contextlib
 import gc
 import random
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import closing
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
 import asyncpg
 import pytest
 
@@ -52,11 +53,9 @@ class Backend:
 
     async def applied_versions(self) -> list[int]:
         if self._sqlite_path is not None:
-            async with (
-                aiosqlite.connect(self._sqlite_path) as db,
-                db.execute("SELECT version FROM schema_migrations ORDER BY version") as cursor,
-            ):
-                return [row[0] for row in await cursor.fetchall()]
+            with closing(sqlite3.connect(self._sqlite_path)) as db:
+                rows = db.execute("SELECT version FROM schema_migrations ORDER BY version")
+                return [row[0] for row in rows]
         assert self._postgres is not None
         url, schema = self._postgres
         conn = await asyncpg.connect(url, server_settings={"search_path": quote_ident(schema)})
@@ -583,11 +582,8 @@ async def test_sqlite_makes_its_directory_and_uses_wal(tmp_path: Path) -> None:
     await store.open()
     try:
         assert path.is_file()
-        async with (
-            aiosqlite.connect(path) as db,
-            db.execute("PRAGMA journal_mode") as cursor,
-        ):
-            row = await cursor.fetchone()
+        with closing(sqlite3.connect(path)) as db:
+            row = db.execute("PRAGMA journal_mode").fetchone()
         assert row is not None
         assert row[0] == "wal"
     finally:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import aiosqlite
+    import sqlite3
+
     import asyncpg
 
 __all__ = ["POSTGRES", "SQLITE", "Migration", "migrate_postgres", "migrate_sqlite"]
@@ -153,7 +154,7 @@ _POSTGRES_LEDGER = """
 _POSTGRES_LOCK_KEY = 0x6167_656E_746C_6162  # "agentlab"
 
 
-async def migrate_sqlite(db: aiosqlite.Connection) -> list[int]:
+def migrate_sqlite(db: sqlite3.Connection) -> list[int]:
     """Apply what is missing of SQLITE; the versions applied now.
 
     ``db`` must be in autocommit mode (isolation_level=None): the
@@ -162,25 +163,27 @@ async def migrate_sqlite(db: aiosqlite.Connection) -> list[int]:
     for migration in SQLITE:
         # IMMEDIATE takes the write lock before the version is read, so a
         # second process waits here and then sees the version recorded.
-        await db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         try:
-            await db.execute(_SQLITE_LEDGER)
-            async with db.execute(
-                "SELECT 1 FROM schema_migrations WHERE version = ?", (migration.version,)
-            ) as cursor:
-                done = await cursor.fetchone() is not None
+            db.execute(_SQLITE_LEDGER)
+            done = (
+                db.execute(
+                    "SELECT 1 FROM schema_migrations WHERE version = ?", (migration.version,)
+                ).fetchone()
+                is not None
+            )
             if not done:
                 for statement in migration.statements:
-                    await db.execute(statement)
-                await db.execute(
+                    db.execute(statement)
+                db.execute(
                     "INSERT INTO schema_migrations (version) VALUES (?)", (migration.version,)
                 )
                 applied.append(migration.version)
         except BaseException:
             if db.in_transaction:
-                await db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
             raise
-        await db.execute("COMMIT")
+        db.execute("COMMIT")
     return applied
 
 

@@ -1,25 +1,25 @@
 """ExecutionStore in a SQLite file: the default, for one process (or a few on
 one machine).
 
-One connection, in autocommit mode, with every transaction explicit and run
-under an asyncio lock: aiosqlite serializes statements but not transactions,
-so without the lock one coroutine's statement could land inside another's
-BEGIN ... COMMIT. Writes begin IMMEDIATE (taking SQLite's write lock up
-front) so that other processes on the same file wait on the busy timeout
-instead of failing to upgrade a read lock mid-transaction.
+One connection, owned by one thread that runs every transaction whole: a
+transaction is one synchronous function, BEGIN to COMMIT, handed to the
+thread in one hop. The thread is what serializes transactions, and the event
+loop pays one thread round trip per transaction rather than one per
+statement. Writes begin IMMEDIATE (taking SQLite's write lock up front) so
+that other processes on the same file wait on the busy timeout instead of
+failing to upgrade a read lock mid-transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
-
-import aiosqlite
 
 from agentlab.executions.errors import DuplicateEvent, UnknownExecution
 from agentlab.executions.migrations import migrate_sqlite
@@ -57,10 +57,10 @@ _ACTIVE_SQL = "(" + ", ".join("?" for _ in _ACTIVE) + ")"
 class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._thread: ThreadPoolExecutor | None = None
         # Writes outlive cancelled callers (see _write): held here until done.
-        self._writes: set[asyncio.Task[Any]] = set()
+        self._writes: set[asyncio.Future[Any]] = set()
 
     async def open(self) -> None:
         if self._db is not None:
@@ -71,69 +71,64 @@ class SqliteStore:
                 f"{'.'.join(map(str, _MIN_SQLITE))} or newer"
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         try:
-            # WAL: readers (other processes) do not block the writer, nor it them.
-            await _enable_wal(db)
-            # NORMAL is durable across application crashes in WAL mode; only
-            # a power loss may drop the last commits.
-            await db.execute("PRAGMA synchronous = NORMAL")
-            # Off by default in SQLite, per connection.
-            await db.execute("PRAGMA foreign_keys = ON")
-            db.row_factory = aiosqlite.Row
-            await migrate_sqlite(db)
+            self._db = await asyncio.get_running_loop().run_in_executor(thread, _connect, self.path)
         except BaseException:
-            await db.close()
+            thread.shutdown(wait=False)
             raise
-        self._db = db
+        self._thread = thread
 
     async def close(self) -> None:
         # Writes already started end first, even those whose callers were
         # cancelled and are not waiting for them.
         if self._writes:
             await asyncio.wait(self._writes)
-        async with self._lock:
-            db, self._db = self._db, None
-            if db is not None:
-                await db.close()
+        db, self._db = self._db, None
+        thread, self._thread = self._thread, None
+        if db is not None and thread is not None:
+            await asyncio.get_running_loop().run_in_executor(thread, db.close)
+            thread.shutdown()
 
     async def create(self, new: NewExecution) -> tuple[ExecutionRecord, bool]:
         created_at = _to_us(new.created_at)
 
-        async def insert(db: aiosqlite.Connection) -> tuple[sqlite3.Row | None, bool]:
-            async with db.execute(
-                f"""
-                INSERT INTO executions ({_COLUMNS})
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, 0, NULL, NULL)
-                ON CONFLICT (caller, request_id) WHERE request_id <> '' DO NOTHING
-                """,
-                (
-                    new.id,
-                    new.request_id,
-                    new.caller,
-                    new.model,
-                    new.mode,
-                    new.prompt,
-                    encode_options(new.options),
-                    int(new.background),
-                    ExecutionState.QUEUED.value,
-                    created_at,
-                    new.owner,
-                    created_at,
-                ),
-            ) as cursor:
-                created = cursor.rowcount == 1
+        def insert(db: sqlite3.Connection) -> tuple[sqlite3.Row | None, bool]:
+            created = (
+                db.execute(
+                    f"""
+                    INSERT INTO executions ({_COLUMNS})
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, 0, NULL, NULL)
+                    ON CONFLICT (caller, request_id) WHERE request_id <> '' DO NOTHING
+                    """,
+                    (
+                        new.id,
+                        new.request_id,
+                        new.caller,
+                        new.model,
+                        new.mode,
+                        new.prompt,
+                        encode_options(new.options),
+                        int(new.background),
+                        ExecutionState.QUEUED.value,
+                        created_at,
+                        new.owner,
+                        created_at,
+                    ),
+                ).rowcount
+                == 1
+            )
             if created:
-                row = await _fetchone(db, f"SELECT {_COLUMNS} FROM executions WHERE id = ?", new.id)
+                row = db.execute(
+                    f"SELECT {_COLUMNS} FROM executions WHERE id = ?", (new.id,)
+                ).fetchone()
             else:
                 # The write lock is held, so the conflicting row is committed
                 # and stays put until this transaction ends.
-                row = await _fetchone(
-                    db,
+                row = db.execute(
                     f"SELECT {_COLUMNS} FROM executions WHERE caller = ? AND request_id = ?",
-                    new.caller,
-                    new.request_id,
-                )
+                    (new.caller, new.request_id),
+                ).fetchone()
             return row, created
 
         row, created = await self._write(insert)
@@ -141,10 +136,11 @@ class SqliteStore:
         return _record(row), created
 
     async def get(self, execution_id: str) -> ExecutionRecord | None:
-        async with self._read() as db:
-            row = await _fetchone(
-                db, f"SELECT {_COLUMNS} FROM executions WHERE id = ?", execution_id
-            )
+        row = await self._read(
+            lambda db: db.execute(
+                f"SELECT {_COLUMNS} FROM executions WHERE id = ?", (execution_id,)
+            ).fetchone()
+        )
         return None if row is None else _record(row)
 
     async def page(
@@ -173,14 +169,12 @@ class SqliteStore:
                 args.append(value)
         # One more than asked: whether it comes back tells if a next page exists.
         args.append(page_size + 1)
-        async with self._read() as db:
-            rows = await _fetchall(
-                db,
-                f"SELECT {_COLUMNS} FROM executions"
-                f" {'WHERE ' + ' AND '.join(where) if where else ''}"
-                " ORDER BY created_at DESC, id DESC LIMIT ?",
-                *args,
-            )
+        sql = (
+            f"SELECT {_COLUMNS} FROM executions"
+            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+            " ORDER BY created_at DESC, id DESC LIMIT ?"
+        )
+        rows = await self._read(lambda db: db.execute(sql, args).fetchall())
         records = [_record(row) for row in rows[:page_size]]
         if len(rows) <= page_size:
             return records, None
@@ -205,15 +199,15 @@ class SqliteStore:
         if not events:
             return
 
-        async def insert(db: aiosqlite.Connection) -> None:
-            async with db.execute(
+        def insert(db: sqlite3.Connection) -> None:
+            changed = db.execute(
                 "UPDATE executions SET last_sequence = MAX(last_sequence, ?) WHERE id = ?",
                 (max(event.sequence for event in events), execution_id),
-            ) as cursor:
-                if cursor.rowcount == 0:
-                    raise UnknownExecution(execution_id)
+            ).rowcount
+            if changed == 0:
+                raise UnknownExecution(execution_id)
             try:
-                await db.executemany(
+                db.executemany(
                     "INSERT INTO execution_events (execution_id, sequence, payload)"
                     " VALUES (?, ?, ?)",
                     [(execution_id, event.sequence, event.payload) for event in events],
@@ -243,14 +237,13 @@ class SqliteStore:
         )
 
     async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
-        async with self._read() as db:
-            rows = await _fetchall(
-                db,
+        rows = await self._read(
+            lambda db: db.execute(
                 "SELECT sequence, payload FROM execution_events"
                 " WHERE execution_id = ? AND sequence > ? ORDER BY sequence",
-                execution_id,
-                after_sequence,
-            )
+                (execution_id, after_sequence),
+            ).fetchall()
+        )
         return [StoredEvent(sequence=row["sequence"], payload=row["payload"]) for row in rows]
 
     async def heartbeat(self, owner: str, at: datetime) -> None:
@@ -262,15 +255,14 @@ class SqliteStore:
         )
 
     async def stale(self, before: datetime) -> list[ExecutionRecord]:
-        async with self._read() as db:
-            rows = await _fetchall(
-                db,
+        rows = await self._read(
+            lambda db: db.execute(
                 f"SELECT {_COLUMNS} FROM executions"
                 f" WHERE state IN {_ACTIVE_SQL} AND heartbeat_at < ?"
                 " ORDER BY heartbeat_at, id",
-                *_ACTIVE,
-                _to_us(before),
-            )
+                (*_ACTIVE, _to_us(before)),
+            ).fetchall()
+        )
         return [_record(row) for row in rows]
 
     async def claim(
@@ -287,72 +279,84 @@ class SqliteStore:
         )
         return taken == 1
 
-    def _connection(self) -> aiosqlite.Connection:
-        if self._db is None:
+    def _submit(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        db, thread = self._db, self._thread
+        if db is None or thread is None:
             raise RuntimeError("the SQLite store is not open")
-        return self._db
+        return asyncio.get_running_loop().run_in_executor(thread, work, db)
 
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            yield self._connection()
+    async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        """``query`` on the store's thread; outside a transaction, each
+        statement reads a consistent snapshot of the file."""
+        return await self._submit(query)
 
     async def _update(self, sql: str, *args: object) -> int:
         """One statement in a transaction; the number of rows it changed."""
+        return await self._write(lambda db: db.execute(sql, args).rowcount)
 
-        async def run(db: aiosqlite.Connection) -> int:
-            async with db.execute(sql, args) as cursor:
-                return cursor.rowcount
-
-        return await self._write(run)
-
-    async def _write(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """``work`` in a transaction of its own, committed unless it raises.
 
         Shielded from cancellation: a cancelled caller stops waiting, but the
-        transaction still runs to its end. Cut short between BEGIN and
-        COMMIT, it would stay open on the one connection, failing every
-        later BEGIN here and holding the write lock against other processes.
+        write still happens (a cancelled execution's last events and state
+        must be kept); close() waits for it.
         """
-        task = asyncio.ensure_future(self._transaction(work))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-        return await asyncio.shield(task)
-
-    async def _transaction(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
-        async with self._lock:
-            db = self._connection()
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                result = await work(db)
-            except BaseException:
-                # SQLite ends the transaction itself on some errors (a full
-                # disk, say); a ROLLBACK then would hide the error.
-                if db.in_transaction:
-                    await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
-            return result
+        done = self._submit(lambda db: _transaction(db, work))
+        self._writes.add(done)
+        done.add_done_callback(self._writes.discard)
+        return await asyncio.shield(done)
 
 
-async def _enable_wal(db: aiosqlite.Connection) -> None:
+def _connect(path: Path) -> sqlite3.Connection:
+    """The store's connection, opened on the thread that will use it."""
+    db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        # WAL: readers (other processes) do not block the writer, nor it them.
+        _enable_wal(db)
+        # NORMAL is durable across application crashes in WAL mode; only
+        # a power loss may drop the last commits.
+        db.execute("PRAGMA synchronous = NORMAL")
+        # Off by default in SQLite, per connection.
+        db.execute("PRAGMA foreign_keys = ON")
+        db.row_factory = sqlite3.Row
+        migrate_sqlite(db)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(db)
+    except BaseException:
+        # SQLite ends the transaction itself on some errors (a full disk,
+        # say); a ROLLBACK then would hide the error.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return result
+
+
+def _enable_wal(db: sqlite3.Connection) -> None:
     """Switch the file to WAL (it stays so: later opens find it done).
 
     The switch needs the file to itself, and SQLite reports another
     connection's lock on it at once as SQLITE_BUSY, without waiting out the
     busy timeout: so it is retried here, for when processes start together
     on a new file."""
-    deadline = asyncio.get_running_loop().time() + _BUSY_TIMEOUT_S
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
     while True:
         try:
-            async with db.execute("PRAGMA journal_mode = WAL") as cursor:
-                row = await cursor.fetchone()
+            row = db.execute("PRAGMA journal_mode = WAL").fetchone()
         except sqlite3.OperationalError as error:
             if error.sqlite_errorname != "SQLITE_BUSY":
                 raise
-            if asyncio.get_running_loop().time() > deadline:
+            if time.monotonic() > deadline:
                 raise
-            await asyncio.sleep(0.02)
+            time.sleep(0.02)
             continue
         # A file system without the shared memory WAL needs answers with the
         # mode it kept instead of failing.
@@ -360,17 +364,6 @@ async def _enable_wal(db: aiosqlite.Connection) -> None:
         if mode != "wal":
             raise RuntimeError(f"SQLite could not switch to WAL mode (the mode is {mode})")
         return
-
-
-async def _fetchone(db: aiosqlite.Connection, sql: str, *args: object) -> sqlite3.Row | None:
-    async with db.execute(sql, args) as cursor:
-        row: sqlite3.Row | None = await cursor.fetchone()
-        return row
-
-
-async def _fetchall(db: aiosqlite.Connection, sql: str, *args: object) -> list[sqlite3.Row]:
-    async with db.execute(sql, args) as cursor:
-        return list(await cursor.fetchall())
 
 
 def _record(row: sqlite3.Row) -> ExecutionRecord:
