@@ -13,12 +13,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
 from agentlab.devstack import Stack
 from agentlab.executions.model import NewExecution
 from agentlab.executions.sqlite_store import SqliteStore
+from agentlab.v1 import execution_pb2 as pb
+from agentlab.v1 import lab_service_pb2 as svc
+from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.sse import read_events
 
 SLOW = {"model": "mistral7b", "max_tokens": 300, "temperature": 0.8}
@@ -138,6 +142,26 @@ def test_the_same_request_id_gives_one_execution(echo_stack: Stack) -> None:
     assert second["output"] == "once"
     listed = httpx.get(f"{echo_stack.url}/api/v1/executions", timeout=10).json()["executions"]
     assert [e["request_id"] for e in listed].count("client-42") == 1
+
+
+def test_the_final_event_and_the_final_state_are_seen_together(echo_stack: Stack) -> None:
+    """The last events and the execution's end are one transaction: a
+    watcher that has the final event finds the record finished, never
+    RUNNING."""
+    with grpc.insecure_channel(echo_stack.service_grpc) as channel:
+        stub = svc_grpc.LabServiceStub(channel)
+        for _ in range(30):
+            request = svc.ExecuteRequest(
+                prompt="one two three " * 20, model="echo", background=True
+            )
+            execution_id = stub.Execute(request, timeout=10).execution_id
+            watch = svc.WatchExecutionRequest(execution_id=execution_id)
+            for received in stub.WatchExecution(watch, timeout=10):
+                if received.event.HasField("execution_completed"):
+                    break
+            got = stub.GetExecution(svc.GetExecutionRequest(execution_id=execution_id))
+            assert got.execution.state == pb.EXECUTION_STATE_SUCCEEDED
+            assert got.execution.last_sequence == received.event.sequence
 
 
 @pytest.mark.model

@@ -29,6 +29,7 @@ from agentlab.executions.model import (
     ExecutionState,
     ExecutionStore,
     NewExecution,
+    Outcome,
     StoredEvent,
 )
 from agentlab.executions.postgres_store import PostgresStore
@@ -439,6 +440,43 @@ async def test_mark_running_then_finish(store: ExecutionStore) -> None:
         b"status",
     )
     assert failed.started_at == T0 + timedelta(seconds=1)
+
+
+async def test_events_go_with_the_start_and_the_end(store: ExecutionStore) -> None:
+    """append_events can mark the execution RUNNING with its first events and
+    finish it with its last, each in the same transaction."""
+    record, _ = await store.create(new_execution())
+    started = T0 + timedelta(seconds=1)
+    await store.append_events(
+        record.id, [StoredEvent(1, b"started"), StoredEvent(2, b"token")], started_at=started
+    )
+    running = await store.get(record.id)
+    assert running is not None
+    assert (running.state, running.started_at, running.last_sequence) == (
+        ExecutionState.RUNNING,
+        started,
+        2,
+    )
+
+    ended = T0 + timedelta(seconds=2)
+    outcome = Outcome(ExecutionState.SUCCEEDED, ended, b"result", None)
+    # All or none: a duplicate fails the events and leaves the state alone.
+    with pytest.raises(DuplicateEvent):
+        await store.append_events(record.id, [StoredEvent(2, b"again")], outcome=outcome)
+    unchanged = await store.get(record.id)
+    assert unchanged == running
+
+    await store.append_events(record.id, [StoredEvent(3, b"completed")], outcome=outcome)
+    done = await store.get(record.id)
+    assert done is not None
+    assert (done.state, done.started_at, done.ended_at, done.result, done.last_sequence) == (
+        ExecutionState.SUCCEEDED,
+        started,
+        ended,
+        b"result",
+        3,
+    )
+    assert [e.sequence for e in await store.events_after(record.id, 0)] == [1, 2, 3]
 
 
 async def test_mark_running_does_not_revive_a_finished_record(store: ExecutionStore) -> None:

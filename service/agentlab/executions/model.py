@@ -22,6 +22,7 @@ __all__ = [
     "ExecutionState",
     "ExecutionStore",
     "NewExecution",
+    "Outcome",
     "StoredEvent",
 ]
 
@@ -84,6 +85,16 @@ class StoredEvent:
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """How an execution ended: what ``finish`` records."""
+
+    state: ExecutionState
+    at: datetime
+    result: bytes | None
+    error: bytes | None
+
+
+@dataclass(frozen=True)
 class Cursor:
     """Where a page ended: the last record's creation time and id (newest
     first, ties broken by id)."""
@@ -125,8 +136,18 @@ class ExecutionStore(Protocol):
         is an error) and last_sequence follows them."""
         ...
 
-    async def append_events(self, execution_id: str, events: Sequence[StoredEvent]) -> None:
-        """Store several events in one transaction, all or none."""
+    async def append_events(
+        self,
+        execution_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        started_at: datetime | None = None,
+        outcome: Outcome | None = None,
+    ) -> None:
+        """Store several events in one transaction, all or none. In the same
+        transaction, ``started_at`` does what mark_running does and
+        ``outcome`` what finish does: an execution's first events and its
+        RUNNING state, or its last events and its end, are seen together."""
         ...
 
     async def finish(

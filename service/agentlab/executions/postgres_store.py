@@ -25,6 +25,7 @@ from agentlab.executions.model import (
     ExecutionRecord,
     ExecutionState,
     NewExecution,
+    Outcome,
     StoredEvent,
 )
 from agentlab.executions.rows import encode_options, record_from_row
@@ -167,44 +168,30 @@ class PostgresStore:
         return records, Cursor(created_at=last.created_at, id=last.id)
 
     async def mark_running(self, execution_id: str, at: datetime) -> None:
-        # Only an active record: a cancel that finished it first must stick.
-        await self._update(
-            "UPDATE executions SET state = $1, started_at = $2"
-            " WHERE id = $3 AND state = ANY($4::text[])",
-            ExecutionState.RUNNING.value,
-            _utc(at),
-            execution_id,
-            _ACTIVE,
-        )
+        await self._run(lambda conn: _mark_running(conn, execution_id, at))
 
     async def append_event(self, execution_id: str, event: StoredEvent) -> None:
         await self.append_events(execution_id, [event])
 
-    async def append_events(self, execution_id: str, events: Sequence[StoredEvent]) -> None:
-        if not events:
+    async def append_events(
+        self,
+        execution_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        started_at: datetime | None = None,
+        outcome: Outcome | None = None,
+    ) -> None:
+        if not events and started_at is None and outcome is None:
             return
 
         async def insert(conn: Any) -> None:
-            # The update first: it locks the execution's row, so appends to
-            # one execution take turns, and it tells if the execution exists.
             async with conn.transaction():
-                status = await conn.execute(
-                    "UPDATE executions SET last_sequence = GREATEST(last_sequence, $2)"
-                    " WHERE id = $1",
-                    execution_id,
-                    max(event.sequence for event in events),
-                )
-                if _rowcount(status) == 0:
-                    raise UnknownExecution(execution_id)
-                try:
-                    await conn.executemany(
-                        "INSERT INTO execution_events (execution_id, sequence, payload)"
-                        " VALUES ($1, $2, $3)",
-                        [(execution_id, event.sequence, event.payload) for event in events],
-                    )
-                except asyncpg.UniqueViolationError as error:
-                    # Raised inside the transaction: last_sequence rolls back too.
-                    raise DuplicateEvent(execution_id, events[0].sequence) from error
+                if started_at is not None:
+                    await _mark_running(conn, execution_id, started_at)
+                if events:
+                    await _insert_events(conn, execution_id, events)
+                if outcome is not None:
+                    await _finish(conn, execution_id, outcome)
 
         await self._run(insert)
 
@@ -216,15 +203,8 @@ class PostgresStore:
         result: bytes | None,
         error: bytes | None,
     ) -> None:
-        await self._update(
-            "UPDATE executions SET state = $1, ended_at = $2, result = $3, error = $4"
-            " WHERE id = $5",
-            state.value,
-            _utc(at),
-            result,
-            error,
-            execution_id,
-        )
+        outcome = Outcome(state, at, result, error)
+        await self._run(lambda conn: _finish(conn, execution_id, outcome))
 
     async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
         rows = await self._fetch(
@@ -310,6 +290,50 @@ class PostgresStore:
         if self._pool is None:
             raise RuntimeError("the PostgreSQL store is not open")
         return self._pool.acquire()
+
+
+async def _mark_running(conn: Any, execution_id: str, at: datetime) -> None:
+    # Only an active record: a cancel that finished it first must stick.
+    await conn.execute(
+        "UPDATE executions SET state = $1, started_at = $2"
+        " WHERE id = $3 AND state = ANY($4::text[])",
+        ExecutionState.RUNNING.value,
+        _utc(at),
+        execution_id,
+        _ACTIVE,
+    )
+
+
+async def _insert_events(conn: Any, execution_id: str, events: Sequence[StoredEvent]) -> None:
+    """In the caller's transaction. The update first: it locks the
+    execution's row, so appends to one execution take turns, and it tells
+    if the execution exists."""
+    status = await conn.execute(
+        "UPDATE executions SET last_sequence = GREATEST(last_sequence, $2) WHERE id = $1",
+        execution_id,
+        max(event.sequence for event in events),
+    )
+    if _rowcount(status) == 0:
+        raise UnknownExecution(execution_id)
+    try:
+        await conn.executemany(
+            "INSERT INTO execution_events (execution_id, sequence, payload) VALUES ($1, $2, $3)",
+            [(execution_id, event.sequence, event.payload) for event in events],
+        )
+    except asyncpg.UniqueViolationError as error:
+        # Raised inside the transaction: last_sequence rolls back too.
+        raise DuplicateEvent(execution_id, events[0].sequence) from error
+
+
+async def _finish(conn: Any, execution_id: str, outcome: Outcome) -> None:
+    await conn.execute(
+        "UPDATE executions SET state = $1, ended_at = $2, result = $3, error = $4 WHERE id = $5",
+        outcome.state.value,
+        _utc(outcome.at),
+        outcome.result,
+        outcome.error,
+        execution_id,
+    )
 
 
 def _rowcount(status: str) -> int:

@@ -36,6 +36,7 @@ from agentlab.executions.model import (
     ExecutionState,
     ExecutionStore,
     NewExecution,
+    Outcome,
     StoredEvent,
 )
 from agentlab.v1 import execution_pb2 as pb
@@ -353,13 +354,12 @@ class Executions:
                 started = False
                 async for event in self._runner.stream(task, execution_id=execution_id, stop=stop):
                     message = convert.event(event)
-                    if not started:
-                        started = True
-                        await self._store.mark_running(execution_id, datetime.now(UTC))
-                    writer.add(message)
+                    # RUNNING is recorded with the first event, the end with
+                    # the last: one transaction each, not two.
+                    writer.add(message, started_at=None if started else datetime.now(UTC))
+                    started = True
                     if is_final(message):
-                        await writer.close()
-                        await self._finish(execution_id, message)
+                        await writer.close(_outcome(execution_id, message))
                         final.set_result(message)
         except Exception:
             # The store itself failed: nothing more can be recorded.
@@ -407,33 +407,14 @@ class Executions:
         failed = convert.event(Event(2, now, execution_id, ExecutionFailed(error, ())))
         writer.add(started)
         writer.add(failed)
-        await writer.close()
-        await self._finish(execution_id, failed)
+        await writer.close(_outcome(execution_id, failed))
         final.set_result(failed)
 
-    async def _record(self, execution_id: str, message: pb.ExecutionEvent) -> None:
+    async def _record_end(self, execution_id: str, final: pb.ExecutionEvent) -> None:
+        """Store and publish a final event written here, with the end it means."""
         writer = _EventWriter(self._store, self._bus, execution_id)
-        writer.add(message)
-        await writer.close()
-
-    async def _finish(self, execution_id: str, final: pb.ExecutionEvent) -> None:
-        now = datetime.now(UTC)
-        if final.HasField("execution_completed"):
-            result = final.execution_completed.result
-            await self._store.finish(
-                execution_id, ExecutionState.SUCCEEDED, now, result.SerializeToString(), None
-            )
-            return
-        failed = final.execution_failed
-        state = (
-            ExecutionState.CANCELLED
-            if failed.error.code == code_pb2.CANCELLED
-            else ExecutionState.FAILED
-        )
-        flow = pb.ExecuteResponse(execution_id=execution_id, flow=failed.flow)
-        await self._store.finish(
-            execution_id, state, now, flow.SerializeToString(), failed.error.SerializeToString()
-        )
+        writer.add(final)
+        await writer.close(_outcome(execution_id, final))
 
     async def _fail_orphan(self, record: ExecutionRecord) -> None:
         steps = [
@@ -452,8 +433,7 @@ class Executions:
         final.time.GetCurrentTime()
         final.execution_failed.error.CopyFrom(error)
         final.execution_failed.flow.extend(steps)
-        await self._record(record.id, final)
-        await self._finish(record.id, final)
+        await self._record_end(record.id, final)
 
     async def _listen_for_cancels(self, listening: asyncio.Event) -> None:
         while True:
@@ -495,18 +475,25 @@ class _EventWriter:
         self._execution_id = execution_id
         self._interval_s = interval_s
         self._pending: list[StoredEvent] = []
+        self._started_at: datetime | None = None
+        self._outcome: Outcome | None = None
         self._wake = asyncio.Event()
         self._closed = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name=f"events-{execution_id}")
 
-    def add(self, message: pb.ExecutionEvent) -> None:
+    def add(self, message: pb.ExecutionEvent, *, started_at: datetime | None = None) -> None:
+        """Queue an event; ``started_at`` marks the execution RUNNING with it."""
         if self._task.done():
             self._task.result()  # raises what stopped the writer
         self._pending.append(StoredEvent(message.sequence, message.SerializeToString()))
+        if started_at is not None:
+            self._started_at = started_at
         self._wake.set()
 
-    async def close(self) -> None:
-        """Write what is pending and stop; raises if a write failed."""
+    async def close(self, outcome: Outcome | None = None) -> None:
+        """Write what is pending, with ``outcome`` ending the execution in
+        the same transaction, and stop; raises if a write failed."""
+        self._outcome = outcome
         self._closed.set()
         self._wake.set()
         await self._task
@@ -523,16 +510,23 @@ class _EventWriter:
             await self._wake.wait()
             self._wake.clear()
             await self._flush()
-            if self._closed.is_set() and not self._pending:
+            if self._closed.is_set() and not self._pending and self._outcome is None:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), self._interval_s)
 
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
-        if not batch:
+        started_at, self._started_at = self._started_at, None
+        # The outcome goes with the last batch, written once closed.
+        outcome = self._outcome if self._closed.is_set() else None
+        if outcome is not None:
+            self._outcome = None
+        if not batch and outcome is None:
             return
-        await self._store.append_events(self._execution_id, batch)
+        await self._store.append_events(
+            self._execution_id, batch, started_at=started_at, outcome=outcome
+        )
         for stored in batch:
             try:
                 await self._bus.publish(self._execution_id, stored)
@@ -562,6 +556,22 @@ async def _pump(
         while inbox.full():
             inbox.get_nowait()
         inbox.put_nowait(error)
+
+
+def _outcome(execution_id: str, final: pb.ExecutionEvent) -> Outcome:
+    """What the store records of an execution's final event."""
+    now = datetime.now(UTC)
+    if final.HasField("execution_completed"):
+        result = final.execution_completed.result
+        return Outcome(ExecutionState.SUCCEEDED, now, result.SerializeToString(), None)
+    failed = final.execution_failed
+    state = (
+        ExecutionState.CANCELLED
+        if failed.error.code == code_pb2.CANCELLED
+        else ExecutionState.FAILED
+    )
+    flow = pb.ExecuteResponse(execution_id=execution_id, flow=failed.flow)
+    return Outcome(state, now, flow.SerializeToString(), failed.error.SerializeToString())
 
 
 def _parse(stored: StoredEvent) -> pb.ExecutionEvent:

@@ -29,6 +29,7 @@ from agentlab.executions.model import (
     ExecutionRecord,
     ExecutionState,
     NewExecution,
+    Outcome,
     StoredEvent,
 )
 from agentlab.executions.rows import encode_options, record_from_row
@@ -182,40 +183,29 @@ class SqliteStore:
         return records, Cursor(created_at=last.created_at, id=last.id)
 
     async def mark_running(self, execution_id: str, at: datetime) -> None:
-        # Only an active record: a cancel that finished it first must stick.
-        await self._update(
-            "UPDATE executions SET state = ?, started_at = ?"
-            f" WHERE id = ? AND state IN {_ACTIVE_SQL}",
-            ExecutionState.RUNNING.value,
-            _to_us(at),
-            execution_id,
-            *_ACTIVE,
-        )
+        await self._write(lambda db: _mark_running(db, execution_id, at))
 
     async def append_event(self, execution_id: str, event: StoredEvent) -> None:
         await self.append_events(execution_id, [event])
 
-    async def append_events(self, execution_id: str, events: Sequence[StoredEvent]) -> None:
-        if not events:
+    async def append_events(
+        self,
+        execution_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        started_at: datetime | None = None,
+        outcome: Outcome | None = None,
+    ) -> None:
+        if not events and started_at is None and outcome is None:
             return
 
         def insert(db: sqlite3.Connection) -> None:
-            changed = db.execute(
-                "UPDATE executions SET last_sequence = MAX(last_sequence, ?) WHERE id = ?",
-                (max(event.sequence for event in events), execution_id),
-            ).rowcount
-            if changed == 0:
-                raise UnknownExecution(execution_id)
-            try:
-                db.executemany(
-                    "INSERT INTO execution_events (execution_id, sequence, payload)"
-                    " VALUES (?, ?, ?)",
-                    [(execution_id, event.sequence, event.payload) for event in events],
-                )
-            except sqlite3.IntegrityError as error:
-                if error.sqlite_errorname == "SQLITE_CONSTRAINT_PRIMARYKEY":
-                    raise DuplicateEvent(execution_id, events[0].sequence) from error
-                raise
+            if started_at is not None:
+                _mark_running(db, execution_id, started_at)
+            if events:
+                _insert_events(db, execution_id, events)
+            if outcome is not None:
+                _finish(db, execution_id, outcome)
 
         await self._write(insert)
 
@@ -227,14 +217,8 @@ class SqliteStore:
         result: bytes | None,
         error: bytes | None,
     ) -> None:
-        await self._update(
-            "UPDATE executions SET state = ?, ended_at = ?, result = ?, error = ? WHERE id = ?",
-            state.value,
-            _to_us(at),
-            result,
-            error,
-            execution_id,
-        )
+        outcome = Outcome(state, at, result, error)
+        await self._write(lambda db: _finish(db, execution_id, outcome))
 
     async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
         rows = await self._read(
@@ -305,6 +289,41 @@ class SqliteStore:
         self._writes.add(done)
         done.add_done_callback(self._writes.discard)
         return await asyncio.shield(done)
+
+
+def _mark_running(db: sqlite3.Connection, execution_id: str, at: datetime) -> None:
+    # Only an active record: a cancel that finished it first must stick.
+    db.execute(
+        f"UPDATE executions SET state = ?, started_at = ? WHERE id = ? AND state IN {_ACTIVE_SQL}",
+        (ExecutionState.RUNNING.value, _to_us(at), execution_id, *_ACTIVE),
+    )
+
+
+def _insert_events(
+    db: sqlite3.Connection, execution_id: str, events: Sequence[StoredEvent]
+) -> None:
+    changed = db.execute(
+        "UPDATE executions SET last_sequence = MAX(last_sequence, ?) WHERE id = ?",
+        (max(event.sequence for event in events), execution_id),
+    ).rowcount
+    if changed == 0:
+        raise UnknownExecution(execution_id)
+    try:
+        db.executemany(
+            "INSERT INTO execution_events (execution_id, sequence, payload) VALUES (?, ?, ?)",
+            [(execution_id, event.sequence, event.payload) for event in events],
+        )
+    except sqlite3.IntegrityError as error:
+        if error.sqlite_errorname == "SQLITE_CONSTRAINT_PRIMARYKEY":
+            raise DuplicateEvent(execution_id, events[0].sequence) from error
+        raise
+
+
+def _finish(db: sqlite3.Connection, execution_id: str, outcome: Outcome) -> None:
+    db.execute(
+        "UPDATE executions SET state = ?, ended_at = ?, result = ?, error = ? WHERE id = ?",
+        (outcome.state.value, _to_us(outcome.at), outcome.result, outcome.error, execution_id),
+    )
 
 
 def _connect(path: Path) -> sqlite3.Connection:
