@@ -18,7 +18,6 @@ from google.protobuf.message import DecodeError
 from agentlab.api.errors import abort
 from agentlab.api.validation import RequestRules
 from agentlab.core.errors import AgentLabError, InternalError, InvalidArgument
-from agentlab.core.runner import new_error_id
 
 __all__ = ["CheckRequests", "Unary", "UnaryStream", "wrap_handler"]
 
@@ -81,9 +80,7 @@ class CheckRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except Exception:
                 # A rule of the contract that does not compile or evaluate:
                 # our bug, not the caller's.
-                error_id = new_error_id()
-                logger.exception("checking a request failed: error id %s", error_id)
-                await abort(context, InternalError(error_id))
+                await abort(context, InternalError.logged(logger, "checking a request"))
                 raise
             return request
 

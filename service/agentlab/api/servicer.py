@@ -17,7 +17,6 @@ from agentlab.api import convert, paging
 from agentlab.api.auth import current_caller
 from agentlab.api.errors import abort, abort_with_status
 from agentlab.core.errors import AgentLabError, InternalError, NotFound, NotServing
-from agentlab.core.runner import new_error_id
 from agentlab.core.types import ExecutionMode, ModelInfo, Task
 from agentlab.executions.service import Executions, Submitted, is_final
 from agentlab.health import Health
@@ -61,7 +60,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
         except AgentLabError as error:
             await abort(context, error)
         except Exception:
-            await abort(context, _internal("Execute"))
+            await abort(context, InternalError.logged(logger, "Execute"))
         finally:
             if submitted is not None and not request.background and final is None:
                 await self._cancel_quietly(submitted.record.id)
@@ -93,7 +92,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
         except AgentLabError as error:  # raised before the first event
             await abort(context, error)
         except Exception:
-            await abort(context, _internal("Orchestrate"))
+            await abort(context, InternalError.logged(logger, "Orchestrate"))
         finally:
             keep = request.on_disconnect == svc.DISCONNECT_POLICY_CONTINUE
             if submitted is not None and final is None and not keep:
@@ -188,10 +187,3 @@ def _with_deadline(task: Task, context: Context) -> Task:
     if remaining is None:
         return task
     return replace(task, timeout_s=max(remaining - min(0.25, remaining * 0.1), 0.001))
-
-
-def _internal(method: str) -> InternalError:
-    """Log an unexpected exception with an id; the caller sees only the id."""
-    error_id = new_error_id()
-    logger.exception("%s failed unexpectedly: error id %s", method, error_id)
-    return InternalError(error_id)

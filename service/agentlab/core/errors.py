@@ -3,6 +3,8 @@ layer is the one place that turns them into gRPC statuses."""
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +21,7 @@ __all__ = [
     "NotFound",
     "NotServing",
     "Unauthenticated",
+    "new_error_id",
 ]
 
 
@@ -193,3 +196,15 @@ class InternalError(AgentLabError):
     def __init__(self, error_id: str) -> None:
         super().__init__(f"internal error (error id {error_id})", error_id=error_id)
         self.error_id = error_id
+
+    @classmethod
+    def logged(cls, logger: logging.Logger, what: str) -> InternalError:
+        """For the exception being handled: logged with its stack under a new
+        error id, which is all the caller will see."""
+        error = cls(new_error_id())
+        logger.exception("%s failed: error id %s", what, error.error_id)
+        return error
+
+
+def new_error_id() -> str:
+    return uuid.uuid4().hex[:12]

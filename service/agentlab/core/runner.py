@@ -22,6 +22,7 @@ from agentlab.core.errors import (
     Cancelled,
     DeadlineExceeded,
     InternalError,
+    new_error_id,
 )
 from agentlab.core.events import (
     Event,
@@ -51,7 +52,7 @@ from agentlab.lab.base import (
     Route,
 )
 
-__all__ = ["LabRouter", "Runner", "Stop", "new_error_id", "new_execution_id"]
+__all__ = ["LabRouter", "Runner", "Stop", "new_execution_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +115,8 @@ class Runner:
             yield run.event(ExecutionFailed(error, run.flow_so_far(cut)))
             return
         except Exception:
-            error_id = new_error_id()
-            logger.exception("execution %s failed: error id %s", run.execution_id, error_id)
-            yield run.event(
-                ExecutionFailed(InternalError(error_id), run.flow_so_far(StepStatus.FAILED))
-            )
+            internal = InternalError.logged(logger, f"execution {run.execution_id}")
+            yield run.event(ExecutionFailed(internal, run.flow_so_far(StepStatus.FAILED)))
             return
         result = run.result()
         logger.info("execution %s finished in %.0f ms", run.execution_id, result.metrics.latency_ms)
@@ -180,10 +178,6 @@ async def _next_before(
 
 def new_execution_id() -> str:
     return uuid.uuid4().hex
-
-
-def new_error_id() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 def _now() -> datetime:

@@ -24,9 +24,15 @@ from datetime import UTC, datetime, timedelta
 from google.rpc import code_pb2, status_pb2
 
 from agentlab.api import convert
-from agentlab.core.errors import Cancelled, InternalError, NotFound, ResourceExhausted
+from agentlab.core.errors import (
+    Cancelled,
+    InternalError,
+    NotFound,
+    ResourceExhausted,
+    new_error_id,
+)
 from agentlab.core.events import Event, ExecutionFailed, ExecutionStarted
-from agentlab.core.runner import Runner, Stop, new_error_id, new_execution_id
+from agentlab.core.runner import Runner, Stop, new_execution_id
 from agentlab.core.types import ExecutionMode, GenerationOptions, Task
 from agentlab.executions.model import (
     ACTIVE_STATES,

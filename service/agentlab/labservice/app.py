@@ -25,7 +25,7 @@ from aiohttp import web
 from agentlab.api.validation import RequestRules
 from agentlab.config import Settings
 from agentlab.core.errors import AgentLabError, InternalError, LabUnavailable
-from agentlab.core.runner import Runner, new_error_id
+from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, Task
 from agentlab.lab import wire
 from agentlab.lab.base import (
@@ -220,7 +220,7 @@ async def _stream(run: _Run, events: AsyncGenerator[LabEvent, None]) -> web.Stre
     except AgentLabError as error:
         failure = error
     except Exception:
-        failure = _internal_error()
+        failure = InternalError.logged(logger, "lab run")
     else:
         if not response.prepared:
             await response.prepare(run.request)
@@ -274,7 +274,7 @@ async def _complete(run: _Run, events: AsyncGenerator[LabEvent, None]) -> web.St
     except AgentLabError as error:
         return _error_response(error)
     except Exception:
-        return _error_response(_internal_error())
+        return _error_response(InternalError.logged(logger, "lab run"))
     return web.json_response(wire.encode_result(output, steps))
 
 
@@ -292,13 +292,6 @@ def _as_request(task: Task) -> lab_service_pb2.ExecuteRequest:
 
 def _error_response(error: AgentLabError) -> web.Response:
     return web.json_response({"error": wire.encode_error(error)}, status=wire.http_status(error))
-
-
-def _internal_error() -> InternalError:
-    """The details go to this log only; the caller gets the error id."""
-    error_id = new_error_id()
-    logger.exception("lab run failed: error id %s", error_id)
-    return InternalError(error_id)
 
 
 async def listen(service: LabService, host: str, port: int) -> tuple[web.AppRunner, int]:
