@@ -18,6 +18,13 @@ can say them (lengths, patterns, ranges); a CEL rule's message goes into the
 field's description. Operations declare the Bearer API key the gateway asks
 for when keys are configured; health is open.
 
+Why this and not grpc-gateway's protoc-gen-openapiv2 (Debian's
+golang-grpc-gateway): that one writes OpenAPI 2.0, which cannot say what
+the events of a text/event-stream response hold, so the streams would go
+unchecked; it describes grpc-gateway's JSON, not what Envoy's transcoder
+prints with this gateway's print options; and it is not on PyPI, so a
+fresh clone could not make it with `make setup`.
+
 Build output like the descriptor set: made by `make setup` (gen_protos.py
 calls it), never edited, never committed.
 """
