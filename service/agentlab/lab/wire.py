@@ -98,7 +98,8 @@ def encode_request(task: Task, *, stream: bool) -> dict[str, Any]:
 
 def decode_request(body: bytes, mode: ExecutionMode) -> tuple[Task, bool]:
     """The task and whether to stream it. Only types are checked here: the
-    values are validated by the same rules as the gateway's (``Runner.prepare``)."""
+    lab service holds the values to the contract's rules, as the gateway
+    does (``agentlab.api.validation``)."""
     try:
         request = json.loads(body)
     except ValueError as error:
