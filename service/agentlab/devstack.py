@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import random
 import shutil
 import signal
 import socket
@@ -59,10 +60,34 @@ DEFAULT_PORTS = Ports()
 
 
 def free_port() -> int:
+    """A free port for a listener, below the kernel's ephemeral range. A port
+    from bind(0) comes from that range, and until the listener binds it the
+    kernel may hand it to any outgoing connection (seen: Envoy failing with
+    "Address already in use" while tests ran)."""
+    low = _ephemeral_ports_start()
+    if low > _LISTEN_PORTS_START + 1000:
+        for _ in range(200):
+            port = random.randrange(_LISTEN_PORTS_START, low)
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
+
+
+_LISTEN_PORTS_START = 20_000
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default; others start higher (macOS: 49152)
 
 
 def render_envoy_config(
