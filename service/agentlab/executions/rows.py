@@ -1,6 +1,7 @@
-"""What both stores do with a row alike: options as JSON text, and a row
-turned into a record. Only how a time is kept differs (microseconds in
-SQLite, timestamptz in PostgreSQL): ``time`` converts it."""
+"""What both stores do with rows alike: options as JSON text, a row turned
+into a record, a page cut from one record too many. Only how a time is kept
+differs (microseconds in SQLite, timestamptz in PostgreSQL): ``time``
+converts it."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
-from agentlab.executions.model import ExecutionRecord, ExecutionState
+from agentlab.executions.model import Cursor, ExecutionRecord, ExecutionState
 
-__all__ = ["Row", "decode_options", "encode_options", "record_from_row"]
+__all__ = ["Row", "decode_options", "encode_options", "page_of", "record_from_row"]
 
 
 def encode_options(options: dict[str, float | int]) -> str:
@@ -53,3 +54,15 @@ def record_from_row(row: Row, time: Callable[[Any], datetime]) -> ExecutionRecor
         result=row["result"],
         error=row["error"],
     )
+
+
+def page_of(
+    records: list[ExecutionRecord], page_size: int
+) -> tuple[list[ExecutionRecord], Cursor | None]:
+    """A page from up to ``page_size + 1`` records, newest first: the extra
+    one only tells that a next page exists."""
+    if len(records) <= page_size:
+        return records, None
+    page = records[:page_size]
+    last = page[-1]
+    return page, Cursor(created_at=last.created_at, id=last.id)

@@ -32,7 +32,7 @@ from agentlab.executions.model import (
     Outcome,
     StoredEvent,
 )
-from agentlab.executions.rows import encode_options, record_from_row
+from agentlab.executions.rows import encode_options, page_of, record_from_row
 
 __all__ = ["SqliteStore"]
 
@@ -176,11 +176,7 @@ class SqliteStore:
             " ORDER BY created_at DESC, id DESC LIMIT ?"
         )
         rows = await self._read(lambda db: db.execute(sql, args).fetchall())
-        records = [_record(row) for row in rows[:page_size]]
-        if len(rows) <= page_size:
-            return records, None
-        last = records[-1]
-        return records, Cursor(created_at=last.created_at, id=last.id)
+        return page_of([_record(row) for row in rows], page_size)
 
     async def mark_running(self, execution_id: str, at: datetime) -> None:
         await self._write(lambda db: _mark_running(db, execution_id, at))
