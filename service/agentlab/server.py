@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agentlab.api.auth import AuthInterceptor, load_keys
-from agentlab.api.interceptors import CheckRequests
+from agentlab.api.interceptors import CheckRequests, MapErrors
 from agentlab.api.servicer import LabServicer
 from agentlab.api.validation import RequestRules
 from agentlab.config import ConfigError, Settings
@@ -59,12 +59,13 @@ class Gateway:
     @classmethod
     def create(cls, settings: Settings, registry: LabRegistry) -> Gateway:
         # A second server on a taken port must fail, not split the traffic.
-        # The key is checked first (the outer interceptor): a caller without
-        # one learns nothing, not even whether its bytes parse.
+        # Errors become statuses in the outermost interceptor, for all the
+        # others. The key is checked next: a caller without one learns
+        # nothing, not even whether its bytes parse.
         rules = RequestRules(max_prompt_chars=settings.max_prompt_chars)
-        interceptors: list[grpc.aio.ServerInterceptor] = [CheckRequests(rules)]
+        interceptors: list[grpc.aio.ServerInterceptor] = [MapErrors(), CheckRequests(rules)]
         if settings.api_keys_file:
-            interceptors.insert(0, AuthInterceptor(load_keys(settings.api_keys_file)))
+            interceptors.insert(1, AuthInterceptor(load_keys(settings.api_keys_file)))
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         health = Health([LAB_SERVICE, *(backend_service(b.name) for b in registry.backends)])
         runner = Runner(registry.route, default_max_tokens=settings.default_max_tokens)

@@ -25,7 +25,6 @@ from typing import Any
 import grpc
 import yaml
 
-from agentlab.api.errors import abort
 from agentlab.api.interceptors import Unary, UnaryStream, wrap_handler
 from agentlab.config import ConfigError
 from agentlab.core.errors import Unauthenticated
@@ -112,11 +111,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _unary(self, behaviour: Unary) -> Unary:
         async def checked(request: Any, context: Any) -> Any:
-            try:
-                caller = self._caller(context)
-            except Unauthenticated as error:
-                await abort(context, error)
-                raise
+            caller = self._caller(context)  # Unauthenticated: MapErrors answers
             token = _caller.set(caller)
             try:
                 return await behaviour(request, context)
@@ -127,11 +122,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _streaming(self, behaviour: UnaryStream) -> UnaryStream:
         async def checked(request: Any, context: Any) -> AsyncIterator[Any]:
-            try:
-                caller = self._caller(context)
-            except Unauthenticated as error:
-                await abort(context, error)
-                raise
+            caller = self._caller(context)  # Unauthenticated: MapErrors answers
             token = _caller.set(caller)
             try:
                 async for response in behaviour(request, context):

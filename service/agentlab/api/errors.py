@@ -12,6 +12,7 @@ as the HTTP `Retry-After` header.
 from __future__ import annotations
 
 import math
+from typing import NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -116,8 +117,10 @@ def _retry_after_s(error: AgentLabError) -> float | None:
     return None
 
 
-async def abort(context: grpc.aio.ServicerContext[object, object], error: AgentLabError) -> None:
-    """End the call with the error's status; never returns."""
+async def abort(
+    context: grpc.aio.ServicerContext[object, object], error: AgentLabError
+) -> NoReturn:
+    """End the call with the error's status (raises grpc.aio.AbortError)."""
     retry_after_s = _retry_after_s(error)
     extra = () if retry_after_s is None else (("retry-after", str(math.ceil(retry_after_s))),)
     await abort_with_status(context, to_rpc_status(error), extra)
@@ -127,8 +130,9 @@ async def abort_with_status(
     context: grpc.aio.ServicerContext[object, object],
     status: status_pb2.Status,
     metadata: tuple[tuple[str, str], ...] = (),
-) -> None:
-    """End the call with a status already built (a stored execution's error)."""
+) -> NoReturn:
+    """End the call with a status already built (a stored execution's error);
+    raises grpc.aio.AbortError."""
     code = _BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
     await context.abort(
         code,
@@ -138,6 +142,8 @@ async def abort_with_status(
             *metadata,
         ),
     )
+    # grpcio is untyped: its abort raises, but mypy cannot know.
+    raise AssertionError("context.abort returned")
 
 
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}

@@ -1,5 +1,9 @@
 """Server interceptors, and the one way they wrap a method's behaviour.
 
+``MapErrors`` is the one error path of every RPC: whatever a method (or an
+interceptor inside it) raises becomes a status there. grpc.aio itself would
+answer UNKNOWN with the exception's text, which Envoy hands to REST clients.
+
 ``CheckRequests`` is where every request is parsed and held to its rules
 before a method sees it. grpc.aio itself would answer UNKNOWN, naming a
 Python exception class, when a request does not parse; this answers
@@ -15,11 +19,12 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from agentlab.api.errors import abort
+from agentlab.api.errors import abort, to_rpc_status
 from agentlab.api.validation import RequestRules
 from agentlab.core.errors import AgentLabError, InternalError, InvalidArgument
+from agentlab.v1 import execution_pb2 as pb
 
-__all__ = ["CheckRequests", "Unary", "UnaryStream", "wrap_handler"]
+__all__ = ["CheckRequests", "MapErrors", "Unary", "UnaryStream", "wrap_handler"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,24 +69,15 @@ class CheckRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         parse = handler.request_deserializer
 
         async def decoded(raw: bytes, context: Any) -> Any:
+            # Errors are raised to MapErrors; a rule of the contract that does
+            # not compile or evaluate is our bug, INTERNAL there.
             try:
                 request = parse(raw)
             except (DecodeError, ValueError) as error:
-                await abort(
-                    context,
-                    InvalidArgument("request", f"is not a valid message of this method: {error}"),
-                )
-                raise
-            try:
-                self._rules.check(request)
-            except AgentLabError as error:
-                await abort(context, error)
-                raise
-            except Exception:
-                # A rule of the contract that does not compile or evaluate:
-                # our bug, not the caller's.
-                await abort(context, InternalError.logged(logger, "checking a request"))
-                raise
+                raise InvalidArgument(
+                    "request", f"is not a valid message of this method: {error}"
+                ) from None
+            self._rules.check(request)
             return request
 
         def unary(behaviour: Unary) -> Unary:
@@ -103,3 +99,96 @@ class CheckRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 def _raw(data: bytes) -> bytes:
     return data
+
+
+class MapErrors(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Every RPC's errors become statuses here, and only here; it is the
+    outermost interceptor, so the others raise too.
+
+    An ``AgentLabError`` ends the call with its own status (api/errors.py).
+    Any other exception is INTERNAL with a new error id, in ErrorInfo
+    metadata ``error_id`` and in the message; the exception and its stack go
+    to the log under that id, never to the caller. A ``context.abort`` from
+    inside passes through unchanged.
+
+    A stream that sent an event already cannot change its HTTP status for a
+    REST client behind Envoy, so it first sends a final ``execution_failed``
+    event carrying the same status (numbered after the last event sent, with
+    the steps this stream reported finished), as the runner does for a
+    failing lab; then the call ends with that status for gRPC clients. After
+    a final event (completed or failed), only the status follows.
+    """
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = str(handler_call_details.method)
+
+        def unary(behaviour: Unary) -> Unary:
+            async def mapped(request: Any, context: Any) -> Any:
+                try:
+                    return await behaviour(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:
+                    await abort(context, _as_agentlab_error(error, method))
+
+            return mapped
+
+        def streaming(behaviour: UnaryStream) -> UnaryStream:
+            async def mapped(request: Any, context: Any) -> AsyncIterator[Any]:
+                stream = _Sent()
+                try:
+                    async for response in behaviour(request, context):
+                        stream.saw(response)
+                        yield response
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:
+                    failure = _as_agentlab_error(error, method)
+                    if (last := stream.failed(failure)) is not None:
+                        yield last
+                    await abort(context, failure)
+
+            return mapped
+
+        return wrap_handler(handler, unary, streaming)
+
+
+def _as_agentlab_error(error: Exception, method: str) -> AgentLabError:
+    if isinstance(error, AgentLabError):
+        return error
+    return InternalError.logged(logger, method)
+
+
+class _Sent:
+    """What a stream of ``*Response{event}`` messages has sent so far: enough
+    to end it with an ``execution_failed`` event of its own."""
+
+    def __init__(self) -> None:
+        self._last: Any = None
+        self._steps: list[pb.FlowStep] = []
+
+    def saw(self, response: Any) -> None:
+        self._last = response
+        event = getattr(response, "event", None)
+        if isinstance(event, pb.ExecutionEvent) and event.HasField("node_finished"):
+            self._steps.append(event.node_finished.step)
+
+    def failed(self, error: AgentLabError) -> Any:
+        """The response that ends the stream with ``error``, or None when
+        nothing was sent yet (the status alone says it) or the last event
+        was final already."""
+        event = getattr(self._last, "event", None)
+        if not isinstance(event, pb.ExecutionEvent):
+            return None
+        if event.WhichOneof("kind") in ("execution_completed", "execution_failed"):
+            return None
+        final = pb.ExecutionEvent(sequence=event.sequence + 1, execution_id=event.execution_id)
+        final.time.GetCurrentTime()
+        final.execution_failed.error.CopyFrom(to_rpc_status(error))
+        final.execution_failed.flow.extend(self._steps)
+        return type(self._last)(event=final)

@@ -1,6 +1,7 @@
 """agentlab.v1.LabService: decode the request, call the use case, encode.
 
-Errors leave through ``errors.abort`` only. In a stream, an error that happens
+Errors leave through ``errors.abort`` or are raised to interceptors.MapErrors,
+which makes any other exception INTERNAL. In a stream, an error that happens
 after the first event travels as a final ExecutionFailed event first, because
 a REST client behind Envoy cannot see a status that follows a response body.
 """
@@ -16,7 +17,7 @@ from typing import Any
 from agentlab.api import convert, paging
 from agentlab.api.auth import current_caller
 from agentlab.api.errors import abort, abort_with_status
-from agentlab.core.errors import AgentLabError, InternalError, NotFound, NotServing
+from agentlab.core.errors import AgentLabError, NotFound, NotServing
 from agentlab.core.types import ExecutionMode, ModelInfo, Task
 from agentlab.executions.service import Executions, Submitted, is_final
 from agentlab.health import Health
@@ -59,12 +60,9 @@ class LabServicer(svc_grpc.LabServiceServicer):
             final = await self._executions.outcome(submitted.record.id)
         except AgentLabError as error:
             await abort(context, error)
-        except Exception:
-            await abort(context, InternalError.logged(logger, "Execute"))
         finally:
             if submitted is not None and not request.background and final is None:
                 await self._cancel_quietly(submitted.record.id)
-        assert final is not None
         if final.HasField("execution_failed"):
             await abort_with_status(context, final.execution_failed.error)
         result = pb.ExecuteResponse()
@@ -91,8 +89,6 @@ class LabServicer(svc_grpc.LabServiceServicer):
                     yield svc.OrchestrateResponse(event=event)
         except AgentLabError as error:  # raised before the first event
             await abort(context, error)
-        except Exception:
-            await abort(context, InternalError.logged(logger, "Orchestrate"))
         finally:
             keep = request.on_disconnect == svc.DISCONNECT_POLICY_CONTINUE
             if submitted is not None and final is None and not keep:
@@ -107,7 +103,6 @@ class LabServicer(svc_grpc.LabServiceServicer):
             record = await self._executions.get(request.execution_id, current_caller())
         except AgentLabError as error:
             await abort(context, error)
-            raise
         return svc.GetExecutionResponse(execution=convert.execution(record))
 
     async def ListExecutions(
@@ -126,7 +121,6 @@ class LabServicer(svc_grpc.LabServiceServicer):
             )
         except AgentLabError as error:
             await abort(context, error)
-            raise
         return svc.ListExecutionsResponse(
             executions=[convert.execution(record) for record in records],
             next_page_token=paging.encode(cursor),
@@ -139,7 +133,6 @@ class LabServicer(svc_grpc.LabServiceServicer):
             record = await self._executions.cancel(request.execution_id, current_caller())
         except AgentLabError as error:
             await abort(context, error)
-            raise
         return svc.CancelExecutionResponse(execution=convert.execution(record))
 
     async def WatchExecution(
