@@ -24,7 +24,7 @@ $(GENERATED): $(INSTALLED) $(PROTO_SOURCES) scripts/gen_protos.py
 	$(BIN)/python scripts/gen_protos.py
 
 run: setup
-	$(BIN)/python scripts/run_local.py
+	$(BIN)/python scripts/run_local.py $(ARGS)
 
 lint: setup
 	$(BIN)/buf lint

@@ -1,5 +1,11 @@
 """`make run`: the service and its Envoy sidecar, on the default ports unless
-told otherwise (the ports of gateway/envoy.yaml).
+told otherwise (the ports of gateway/envoy.yaml; `make run ARGS="--gateway-port
+N ..."`).
+
+The service gets the user's environment, AGENTLAB_* settings included, as
+`python -m agentlab` would. Before anything starts they are checked (the
+files they name read as the service reads them) and printed, secrets left
+out; a setting that cannot be honoured stops here with exit code 2.
 
 Ctrl-C (or SIGTERM) drains the service and stops Envoy; nothing is left
 running.
@@ -8,14 +14,23 @@ running.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 
+from agentlab import preflight
+from agentlab.config import ConfigError, Settings
 from agentlab.devstack import DEFAULT_PORTS, EnvoyProcess, Ports, ServiceProcess
 
+# Hosts a service can listen on and still be reached by Envoy, which sends
+# to 127.0.0.1 (gateway/envoy.yaml).
+_REACHABLE_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0", "::")
+
 CURL = (
-    "curl -X POST http://localhost:{port}/api/v1/execute -H 'Content-Type: application/json' \\\n"
+    "curl -X POST http://localhost:{port}/api/v1/execute -H 'Content-Type: application/json' "
+    "{auth}\\\n"
     '     -d \'{{"prompt": "Dime 3 números primos", "model": "mistral7b"}}\''
 )
 
@@ -29,13 +44,45 @@ def parse_ports(argv: list[str] | None) -> Ports:
     return Ports(gateway=args.gateway_port, service=args.service_port, admin=args.admin_port)
 
 
+def service_env(environ: Mapping[str, str], port: int) -> dict[str, str]:
+    """The user's environment with the service's address where Envoy sends;
+    an AGENTLAB_GRPC_ADDRESS elsewhere cannot be honoured."""
+    address = f"127.0.0.1:{port}"
+    given = environ.get("AGENTLAB_GRPC_ADDRESS", "").strip()
+    if given:
+        host, _, given_port = given.rpartition(":")
+        if given_port != str(port) or host.strip("[]") not in _REACHABLE_HOSTS:
+            raise ConfigError(
+                f"AGENTLAB_GRPC_ADDRESS={given}: under make run the service listens where "
+                f"Envoy sends, {address}; unset it, or move both with "
+                "make run ARGS='--service-port N'"
+            )
+        address = given
+    return {**environ, "AGENTLAB_GRPC_ADDRESS": address}
+
+
 def main(argv: list[str] | None = None) -> int:
     ports = parse_ports(argv)
+    try:
+        env = service_env(os.environ, ports.service)
+        settings = Settings.from_env(env)
+        applied = preflight.check(settings, env)
+    except ConfigError as error:
+        print(f"make run: configuration error: {error}", file=sys.stderr)
+        return 2
+    print("configuration (README.md, Configuration):", flush=True)
+    for line in applied.lines():
+        print(f"  {line}", flush=True)
+
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
 
-    service = ServiceProcess(port=ports.service)
+    # With keys, the example call needs one too.
+    auth = '-H "Authorization: Bearer $KEY" ' if settings.api_keys_file else ""
+    service = ServiceProcess(
+        port=ports.service, environ=env, env={"AGENTLAB_GRPC_ADDRESS": env["AGENTLAB_GRPC_ADDRESS"]}
+    )
     envoy = EnvoyProcess(ports=ports)
     try:
         print(f"starting the service on {service.address} ...", flush=True)
@@ -48,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  gRPC (Envoy)   127.0.0.1:{ports.gateway}\n"
             f"  gRPC (direct)  {service.address}\n"
             f"  Envoy admin    http://127.0.0.1:{ports.admin}\n\n"
-            f"try:\n  {CURL.format(port=ports.gateway)}\n\n"
+            f"try:\n  {CURL.format(port=ports.gateway, auth=auth)}\n\n"
             "Ctrl-C stops both.",
             flush=True,
         )

@@ -3,11 +3,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
-from agentlab.config import ConfigError, Settings
-from agentlab.devstack import DESCRIPTOR, Ports, render_envoy_config
+from agentlab import preflight
+from agentlab.config import ConfigError, Settings, redact_url
+from agentlab.devstack import DESCRIPTOR, ROOT, Ports, free_port, render_envoy_config
 
 
 def test_defaults_serve_the_frontend_port_layout() -> None:
@@ -65,3 +71,97 @@ def test_envoy_config_is_rendered_for_other_ports() -> None:
         return set()
 
     assert port_values(config) == {18000, 15051, 19901}
+
+
+def test_a_misspelt_variable_is_refused_naming_the_right_one() -> None:
+    # Ignored, it would leave the API open without a word.
+    with pytest.raises(ConfigError, match=r"AGENTLAB_API_KEY_FILE .*AGENTLAB_API_KEYS_FILE"):
+        Settings.from_env({"AGENTLAB_API_KEY_FILE": "keys.yaml"})
+
+
+def test_an_unknown_log_level_is_refused() -> None:
+    with pytest.raises(ConfigError, match="AGENTLAB_LOG_LEVEL"):
+        Settings.from_env({"AGENTLAB_LOG_LEVEL": "verbose"})
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://app:s3cr%40t@db:5432/lab", "postgresql://app:***@db:5432/lab"),
+        ("redis://:s3cr%40t@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        (
+            "postgresql://db/lab?user=app&password=s3cr%40t",
+            "postgresql://db/lab?user=app&password=***",
+        ),
+        ("postgresql://app@db/lab", "postgresql://app@db/lab"),
+        ("sqlite:////var/lib/agentlab/x.db", "sqlite:////var/lib/agentlab/x.db"),
+    ],
+)
+def test_urls_are_shown_without_their_passwords(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_the_applied_configuration_shows_no_secret(tmp_path: Path) -> None:
+    env = {
+        "AGENTLAB_DATABASE_URL": "postgresql://app:s3cret@db:5432/lab",
+        "AGENTLAB_REDIS_URL": "redis://:s3cret@127.0.0.1:6379/0",
+        "AGENTLAB_MAX_RUNNING_EXECUTIONS": "3",
+    }
+    lines = preflight.check(Settings.from_env(env), env).lines()
+    text = "\n".join(lines)
+    assert "s3cret" not in text
+    assert "AGENTLAB_DATABASE_URL" in text
+    assert "postgresql://app:***@db:5432/lab" in text
+    [running] = [line for line in lines if line.startswith("AGENTLAB_MAX_RUNNING_EXECUTIONS ")]
+    assert running.split() == ["AGENTLAB_MAX_RUNNING_EXECUTIONS", "3"]
+    [queued] = [line for line in lines if line.startswith("AGENTLAB_MAX_QUEUED_EXECUTIONS ")]
+    assert queued.split() == ["AGENTLAB_MAX_QUEUED_EXECUTIONS", "64", "[default]"]
+    assert {line.split()[0] for line in lines} == set(Settings.variables())
+
+
+def test_docker_compose_passes_every_setting_through() -> None:
+    """docker-compose.yml hands the user's AGENTLAB_* variables to the service
+    (an unset one arrives empty, read as the default), all but the address
+    and data directory, which the compose file and the image fix."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    environment = compose["services"]["service"]["environment"]
+    fixed = {"AGENTLAB_GRPC_ADDRESS": "127.0.0.1:50051"}
+    passed = {name: f"${{{name}:-}}" for name in Settings.variables()}
+    del passed["AGENTLAB_GRPC_ADDRESS"], passed["AGENTLAB_DATA_DIR"]
+    assert environment == {**fixed, **passed}
+    assert "ENV AGENTLAB_DATA_DIR=/var/lib/agentlab" in (ROOT / "Dockerfile").read_text()
+    assert Settings.from_env(dict.fromkeys(passed, "")) == Settings()
+    assert "./config:/app/config:ro" in compose["services"]["service"]["volumes"]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"AGENTLAB_API_KEYS_FILE": "{tmp}/keys.yaml"}, "the API keys file is empty"),
+        ({"AGENTLAB_API_KEYS_FILE": "{tmp}/missing.yaml"}, "cannot read the API keys file"),
+        ({"AGENTLAB_MODELS_FILE": "{tmp}/keys.yaml"}, "models"),
+        ({"AGENTLAB_API_KEY_FILE": "{tmp}/keys.yaml"}, "did you mean AGENTLAB_API_KEYS_FILE"),
+    ],
+)
+def test_python_m_agentlab_refuses_what_it_cannot_honour(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    (tmp_path / "keys.yaml").write_text("")
+    port = free_port()
+    done = subprocess.run(
+        [sys.executable, "-m", "agentlab"],
+        env={
+            **os.environ,
+            "AGENTLAB_GRPC_ADDRESS": f"127.0.0.1:{port}",
+            "AGENTLAB_DEFAULT_BACKEND": "echo",
+            "AGENTLAB_DATA_DIR": str(tmp_path / "data"),
+            **{name: value.format(tmp=tmp_path) for name, value in env.items()},
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "agentlab: configuration error: " in done.stderr
+    assert message in done.stderr, done.stderr
+    assert not (tmp_path / "data").exists()  # stopped before it opened anything

@@ -1,16 +1,27 @@
 """Settings, read once from AGENTLAB_* environment variables at start-up and
-passed down; nothing else reads the environment."""
+passed down; nothing else reads the environment.
+
+Each field is the variable AGENTLAB_<FIELD NAME>. An AGENTLAB_* variable that
+names no field is refused rather than ignored: a misspelt
+AGENTLAB_API_KEYS_FILE would otherwise leave the API open without a word.
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["ConfigError", "Settings"]
+__all__ = ["PREFIX", "ConfigError", "Settings", "redact_url"]
 
+PREFIX = "AGENTLAB_"
 _BACKENDS = ("embedded", "echo")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Query parameters of a database or Redis URL that carry a secret.
+_SECRET_PARAMETERS = {"password", "passwd", "pass", "sslpassword"}
 
 
 class ConfigError(ValueError):
@@ -63,9 +74,25 @@ class Settings:
     log_level: str = "INFO"
 
     @classmethod
+    def variables(cls) -> list[str]:
+        """Every setting's environment variable, in the order of the fields."""
+        return [f"{PREFIX}{f.name.upper()}" for f in fields(cls)]
+
+    @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Raises ConfigError naming the variable of the first value that
+        cannot be honoured."""
         env = os.environ if env is None else env
         defaults = cls()
+        known = cls.variables()
+        for name in sorted(env):
+            if name.startswith(PREFIX) and name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise ConfigError(
+                    f"{name} is not a setting ({hint}the settings are listed in README.md, "
+                    "Configuration)"
+                )
 
         def text(name: str, default: str) -> str:
             return env.get(f"AGENTLAB_{name}", default).strip() or default
@@ -98,6 +125,11 @@ class Settings:
             return value
 
         models_file = text("MODELS_FILE", "")
+        log_level = text("LOG_LEVEL", defaults.log_level).upper()
+        if log_level not in _LOG_LEVELS:
+            raise ConfigError(
+                f"AGENTLAB_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, not {log_level!r}"
+            )
         return cls(
             grpc_address=text("GRPC_ADDRESS", defaults.grpc_address),
             default_backend=backend,
@@ -121,5 +153,35 @@ class Settings:
             models_file=Path(models_file) if models_file else None,
             health_interval_s=seconds("HEALTH_INTERVAL_S", defaults.health_interval_s),
             shutdown_grace_s=seconds("SHUTDOWN_GRACE_S", defaults.shutdown_grace_s),
-            log_level=text("LOG_LEVEL", defaults.log_level).upper(),
+            log_level=log_level,
         )
+
+    def described(self, env: Mapping[str, str]) -> list[tuple[str, str, bool]]:
+        """(variable, value as shown, whether ``env`` set it) per setting.
+        Never a secret: URLs lose their passwords (the keys file holds only
+        digests, and only its path is shown here)."""
+        rows = []
+        for field, variable in zip(fields(self), self.variables(), strict=True):
+            value = getattr(self, field.name)
+            shown = "none" if value is None else str(value)
+            if variable in ("AGENTLAB_DATABASE_URL", "AGENTLAB_REDIS_URL") and value:
+                shown = redact_url(value)
+            rows.append((variable, shown, bool(env.get(variable, "").strip())))
+        return rows
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, in the user part or the query."""
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    secret_query = any(key.lower() in _SECRET_PARAMETERS for key, _ in pairs)
+    if parts.password is None and not secret_query:
+        return url  # as given: rebuilding would drop an empty host (sqlite:///path)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = urlencode(
+        [(key, "***" if key.lower() in _SECRET_PARAMETERS else value) for key, value in pairs],
+        safe="*",
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -185,13 +185,20 @@ class ServiceProcess:
     env: Mapping[str, str] = field(default_factory=dict)
     output: IO[bytes] | None = None
     proc: subprocess.Popen[bytes] | None = None
+    # The environment it starts from, ``env`` on top. None: this process's
+    # without its AGENTLAB_* variables, so that tests and benchmarks depend on
+    # their ``env`` alone. `make run` passes the user's, settings and all.
+    environ: Mapping[str, str] | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> ServiceProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
+        if self.environ is None:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
+        else:
+            env = dict(self.environ)
         env.update({"AGENTLAB_GRPC_ADDRESS": self.address, "PYTHONUNBUFFERED": "1"})
         env.update(self.env)
         self.proc = subprocess.Popen(

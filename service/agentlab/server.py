@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from agentlab import preflight
 from agentlab.api.auth import AuthInterceptor, load_keys
 from agentlab.api.interceptors import CheckRequests, MapErrors
 from agentlab.api.servicer import LabServicer
@@ -179,12 +180,14 @@ async def serve(settings: Settings) -> None:
 def main() -> None:
     try:
         settings = Settings.from_env()
+        applied = preflight.check(settings, os.environ)
     except ConfigError as error:
         sys.exit(f"agentlab: configuration error: {error}")
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logger.info("configuration from the environment: %s", applied.from_env())
     try:
         asyncio.run(serve(settings))
     except (ConfigError, AgentLabError) as error:

@@ -58,6 +58,11 @@ def load_keys(path: Path) -> dict[str, str]:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: cannot read the API keys file: {error}") from None
+    if document is None:
+        raise ConfigError(
+            f"{path}: the API keys file is empty; list the keys' digests in it (README.md, "
+            "API keys), or unset AGENTLAB_API_KEYS_FILE to leave the API open"
+        )
     entries = document.get("keys") if isinstance(document, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{path}: keys: a non-empty list of {{caller, sha256}} is required")
