@@ -165,8 +165,9 @@ class Executions:
         With a ``request_id`` the caller already used, the result is that
         execution (``created`` False), looked up before the model is routed:
         a retry finds it even after the routing file dropped the model, and
-        is never refused for the limits. The key is bound to the request it
-        came with: a different request raises IdempotencyKeyReused."""
+        a recorded key is never refused for the limits. The key is bound to
+        the request it came with: a different request raises
+        IdempotencyKeyReused."""
         work = fingerprint(
             mode=task.mode.value,
             model=task.model,
