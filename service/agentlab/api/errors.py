@@ -22,6 +22,7 @@ from agentlab.core.errors import (
     AgentLabError,
     Cancelled,
     DeadlineExceeded,
+    IdempotencyKeyReused,
     InternalError,
     InvalidArgument,
     LabFailed,
@@ -39,6 +40,10 @@ DOMAIN = "agentlab.v1"
 _CODES: list[tuple[type[AgentLabError], grpc.StatusCode]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    # The key names an execution that exists already, for another request:
+    # 409 through Envoy. (The IETF draft suggests 422, which no gRPC code
+    # becomes.)
+    (IdempotencyKeyReused, grpc.StatusCode.ALREADY_EXISTS),
     (NotServing, grpc.StatusCode.UNAVAILABLE),
     (LabUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -43,10 +43,12 @@ class LabServicer(svc_grpc.LabServiceServicer):
     async def Execute(self, request: svc.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         final: pb.ExecutionEvent | None = None
         submitted: Submitted | None = None
+        # With a request_id the client means to retry: like a background one,
+        # the execution outlives the call, its deadline and its end.
+        tied_to_call = not request.background and not request.request_id
         try:
             task = convert.task(request, ExecutionMode.INFERENCE)
-            if not request.background:
-                # A background execution outlives the call and its deadline.
+            if tied_to_call:
                 task = _with_deadline(task, context)
             submitted = await self._executions.submit(
                 task,
@@ -61,7 +63,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
         except AgentLabError as error:
             await abort(context, error)
         finally:
-            if submitted is not None and not request.background and final is None:
+            if submitted is not None and tied_to_call and final is None:
                 await self._cancel_quietly(submitted.record.id)
         if final.HasField("execution_failed"):
             await abort_with_status(context, final.execution_failed.error)
@@ -73,7 +75,10 @@ class LabServicer(svc_grpc.LabServiceServicer):
     async def Orchestrate(
         self, request: svc.OrchestrateRequest, context: Context
     ) -> AsyncGenerator[svc.OrchestrateResponse, None]:
-        task = _with_deadline(convert.task(request, ExecutionMode.ORCHESTRATION), context)
+        task = convert.task(request, ExecutionMode.ORCHESTRATION)
+        tied_to_call = _leaving_cancels(request)
+        if tied_to_call:
+            task = _with_deadline(task, context)
         final: pb.ExecutionEvent | None = None
         submitted: Submitted | None = None
         try:
@@ -90,8 +95,9 @@ class LabServicer(svc_grpc.LabServiceServicer):
         except AgentLabError as error:  # raised before the first event
             await abort(context, error)
         finally:
-            keep = request.on_disconnect == svc.DISCONNECT_POLICY_CONTINUE
-            if submitted is not None and final is None and not keep:
+            # Only the call that created the execution: one attached through
+            # its request_id never cancels it for the others.
+            if submitted is not None and submitted.created and tied_to_call and final is None:
                 await self._cancel_quietly(submitted.record.id)
         if final is not None and final.HasField("execution_failed"):
             await abort_with_status(context, final.execution_failed.error)
@@ -150,7 +156,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
             await abort(context, error)
 
     async def _cancel_quietly(self, execution_id: str) -> None:
-        """The caller went away: stop its execution (a stream's default)."""
+        """The caller went away from an execution tied to its call: stop it."""
         try:
             await self._executions.cancel(execution_id, current_caller())
         except Exception:
@@ -170,6 +176,15 @@ class LabServicer(svc_grpc.LabServiceServicer):
         if not serving:
             await abort(context, NotServing(request.service))
         return svc.GetHealthResponse(service=request.service, status=svc.SERVING_STATUS_SERVING)
+
+
+def _leaving_cancels(request: svc.OrchestrateRequest) -> bool:
+    """Whether the stream ending before its final event cancels the
+    execution: as ``on_disconnect`` says, and when it says nothing, unless
+    the call has a request_id (a call the client means to retry)."""
+    if request.on_disconnect == svc.DISCONNECT_POLICY_UNSPECIFIED:
+        return not request.request_id
+    return bool(request.on_disconnect == svc.DISCONNECT_POLICY_CANCEL)
 
 
 def _with_deadline(task: Task, context: Context) -> Task:

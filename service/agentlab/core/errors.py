@@ -13,6 +13,7 @@ __all__ = [
     "Cancelled",
     "DeadlineExceeded",
     "FieldViolation",
+    "IdempotencyKeyReused",
     "InternalError",
     "InvalidArgument",
     "LabFailed",
@@ -89,6 +90,26 @@ class ModelNotFound(NotFound):
             model=model,
             known_models=",".join(known),
         )
+
+
+class IdempotencyKeyReused(AgentLabError):
+    """A request_id came back with a different request than the one it was
+    first sent with. The key is bound to that first request (the IETF
+    Idempotency-Key draft, AIP-155): answering the new one with the old
+    execution would hand the caller someone else's answer."""
+
+    reason = "IDEMPOTENCY_KEY_REUSED"
+
+    def __init__(self, request_id: str, execution_id: str) -> None:
+        super().__init__(
+            f"request_id {request_id!r} was first used for a different request (execution "
+            f"{execution_id}); a retry must repeat the prompt, model, mode and options "
+            "exactly, and a new request needs a new request_id",
+            request_id=request_id,
+            execution_id=execution_id,
+        )
+        self.request_id = request_id
+        self.execution_id = execution_id
 
 
 class NotServing(AgentLabError):

@@ -84,6 +84,13 @@ SQLITE: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        2,
+        "the request fingerprint a request_id is bound to",
+        # Empty in rows made before: their fingerprint is computed from the
+        # request fields they keep (agentlab.executions.fingerprint).
+        ("ALTER TABLE executions ADD COLUMN fingerprint TEXT NOT NULL DEFAULT ''",),
+    ),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -133,6 +140,13 @@ POSTGRES: tuple[Migration, ...] = (
             )
             """,
         ),
+    ),
+    Migration(
+        2,
+        "the request fingerprint a request_id is bound to",
+        # A constant default: PostgreSQL 11+ adds the column without
+        # rewriting the table.
+        ("ALTER TABLE executions ADD COLUMN fingerprint text NOT NULL DEFAULT ''",),
     ),
 )
 

@@ -52,6 +52,9 @@ class NewExecution:
     created_at: datetime
     # The process that runs it, and when that process last said so.
     owner: str
+    # The request's fingerprint (executions.fingerprint): what request_id
+    # is bound to.
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,9 @@ class ExecutionRecord:
     # when it failed or was cancelled.
     result: bytes | None
     error: bytes | None
+    # "" for records made before the store kept it: executions.fingerprint
+    # then computes it from the fields above.
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,10 @@ class ExecutionStore(Protocol):
         ...
 
     async def get(self, execution_id: str) -> ExecutionRecord | None: ...
+
+    async def find(self, caller: str, request_id: str) -> ExecutionRecord | None:
+        """The caller's record with this non-empty request_id, if any."""
+        ...
 
     async def page(
         self,

@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 _COLUMNS = (
     "id, request_id, caller, model, mode, prompt, options, background, state, created_at,"
-    " started_at, ended_at, owner, heartbeat_at, last_sequence, result, error"
+    " started_at, ended_at, owner, heartbeat_at, last_sequence, result, error, fingerprint"
 )
 _ACTIVE = [state.value for state in ACTIVE_STATES]
 
@@ -89,7 +89,7 @@ class PostgresStore:
                     f"""
                     INSERT INTO executions ({_COLUMNS})
                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, NULL, $11, $10, 0,
-                            NULL, NULL)
+                            NULL, NULL, $12)
                     ON CONFLICT (caller, request_id) WHERE request_id <> '' DO NOTHING
                     RETURNING {_COLUMNS}
                     """,
@@ -104,6 +104,7 @@ class PostgresStore:
                     ExecutionState.QUEUED.value,
                     created_at,
                     new.owner,
+                    new.fingerprint,
                 )
                 if row is not None:
                     return _record(row), True
@@ -123,6 +124,16 @@ class PostgresStore:
 
     async def get(self, execution_id: str) -> ExecutionRecord | None:
         row = await self._fetchrow(f"SELECT {_COLUMNS} FROM executions WHERE id = $1", execution_id)
+        return None if row is None else _record(row)
+
+    async def find(self, caller: str, request_id: str) -> ExecutionRecord | None:
+        if not request_id:
+            return None
+        row = await self._fetchrow(
+            f"SELECT {_COLUMNS} FROM executions WHERE caller = $1 AND request_id = $2",
+            caller,
+            request_id,
+        )
         return None if row is None else _record(row)
 
     async def page(

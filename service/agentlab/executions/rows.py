@@ -53,6 +53,7 @@ def record_from_row(row: Row, time: Callable[[Any], datetime]) -> ExecutionRecor
         last_sequence=row["last_sequence"],
         result=row["result"],
         error=row["error"],
+        fingerprint=row["fingerprint"],
     )
 
 

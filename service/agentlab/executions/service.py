@@ -26,6 +26,7 @@ from google.rpc import code_pb2, status_pb2
 from agentlab.api import convert
 from agentlab.core.errors import (
     Cancelled,
+    IdempotencyKeyReused,
     InternalError,
     NotFound,
     ResourceExhausted,
@@ -34,6 +35,7 @@ from agentlab.core.errors import (
 from agentlab.core.events import Event, ExecutionFailed, ExecutionStarted
 from agentlab.core.runner import Runner, Stop, new_execution_id
 from agentlab.core.types import ExecutionMode, GenerationOptions, Task
+from agentlab.executions.fingerprint import fingerprint, fingerprint_of
 from agentlab.executions.model import (
     ACTIVE_STATES,
     Cursor,
@@ -158,7 +160,22 @@ class Executions:
         self, task: Task, *, caller: str = "", request_id: str = "", background: bool = False
     ) -> Submitted:
         """Record the execution and start its work; a bad request, or one
-        beyond the limits of executions, raises before anything is recorded."""
+        beyond the limits of executions, raises before anything is recorded.
+
+        With a ``request_id`` the caller already used, the result is that
+        execution (``created`` False), looked up before the model is routed:
+        a retry finds it even after the routing file dropped the model, and
+        a recorded key is never refused for the limits. The key is bound to
+        the request it came with: a different request raises
+        IdempotencyKeyReused."""
+        work = fingerprint(
+            mode=task.mode.value,
+            model=task.model,
+            prompt=task.prompt,
+            options=_options(task.options),
+        )
+        if request_id and (known := await self._store.find(caller, request_id)) is not None:
+            return _attach(known, work)
         self._runner.prepare(task)
         if self._admitted >= self._max_running + self._max_queued:
             raise ResourceExhausted(self._max_running, self._max_queued, self._retry_after_s)
@@ -178,11 +195,14 @@ class Executions:
                     background=background,
                     created_at=now,
                     owner=self._owner,
+                    fingerprint=work,
                 )
             )
-            if created:
-                self._launch(record.id, task, background=background, admitted=True)
-                launched = True
+            if not created:
+                # A call with the same key got there first, after the lookup.
+                return _attach(record, work)
+            self._launch(record.id, task, background=background, admitted=True)
+            launched = True
         finally:
             if not launched:
                 self._admitted -= 1
@@ -578,6 +598,13 @@ def _outcome(execution_id: str, final: pb.ExecutionEvent) -> Outcome:
     )
     flow = pb.ExecuteResponse(execution_id=execution_id, flow=failed.flow)
     return Outcome(state, now, flow.SerializeToString(), failed.error.SerializeToString())
+
+
+def _attach(known: ExecutionRecord, work: str) -> Submitted:
+    """The caller's earlier execution for a key, if it was for the same work."""
+    if fingerprint_of(known) != work:
+        raise IdempotencyKeyReused(known.request_id, known.id)
+    return Submitted(known, created=False)
 
 
 def _parse(stored: StoredEvent) -> pb.ExecutionEvent:

@@ -49,7 +49,7 @@ _MICROSECOND = timedelta(microseconds=1)
 
 _COLUMNS = (
     "id, request_id, caller, model, mode, prompt, options, background, state, created_at,"
-    " started_at, ended_at, owner, heartbeat_at, last_sequence, result, error"
+    " started_at, ended_at, owner, heartbeat_at, last_sequence, result, error, fingerprint"
 )
 _ACTIVE = tuple(state.value for state in ACTIVE_STATES)
 _ACTIVE_SQL = "(" + ", ".join("?" for _ in _ACTIVE) + ")"
@@ -99,7 +99,7 @@ class SqliteStore:
                 db.execute(
                     f"""
                     INSERT INTO executions ({_COLUMNS})
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, 0, NULL, NULL)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, 0, NULL, NULL, ?)
                     ON CONFLICT (caller, request_id) WHERE request_id <> '' DO NOTHING
                     """,
                     (
@@ -115,6 +115,7 @@ class SqliteStore:
                         created_at,
                         new.owner,
                         created_at,
+                        new.fingerprint,
                     ),
                 ).rowcount
                 == 1
@@ -140,6 +141,17 @@ class SqliteStore:
         row = await self._read(
             lambda db: db.execute(
                 f"SELECT {_COLUMNS} FROM executions WHERE id = ?", (execution_id,)
+            ).fetchone()
+        )
+        return None if row is None else _record(row)
+
+    async def find(self, caller: str, request_id: str) -> ExecutionRecord | None:
+        if not request_id:
+            return None
+        row = await self._read(
+            lambda db: db.execute(
+                f"SELECT {_COLUMNS} FROM executions WHERE caller = ? AND request_id = ?",
+                (caller, request_id),
             ).fetchone()
         )
         return None if row is None else _record(row)
