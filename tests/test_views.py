@@ -220,9 +220,12 @@ def test_rest_full_view_pages_are_cut_by_size_and_lose_nothing(
         assert [s["output"] for s in execution["result"]["flow"]] == [s.output for s in full.flow]
 
 
-def test_unknown_view_is_a_400(stack: Stack) -> None:
-    answer = httpx.get(f"{stack.url}/api/v1/executions", params={"view": "HUGE"}, timeout=10)
+@pytest.mark.parametrize("view", ["HUGE", "full", "3"])
+def test_unknown_view_is_a_400(stack: Stack, view: str) -> None:
+    """Only whole value names (any case) and numbers: `full` alone is not one."""
+    answer = httpx.get(f"{stack.url}/api/v1/executions", params={"view": view}, timeout=10)
     assert answer.status_code == 400, answer.text
+    assert answer.json()["message"].startswith("view: ")
 
 
 def test_grpc_full_view_pages_are_cut_by_size_and_lose_nothing(
@@ -267,6 +270,25 @@ def test_get_is_full_by_default_and_complete(
     rest = httpx.get(f"{stack.url}/api/v1/executions/{largest.execution_id}", timeout=30)
     assert rest.status_code == 200
     assert rest.json()["execution"]["result"]["output"] == largest.output
+
+
+def test_get_full_of_a_32000_character_emoji_orchestration_is_complete(
+    lab: svc_grpc.LabServiceStub,
+) -> None:
+    """The largest record the default configuration makes (about 2 MB: the
+    prompt's 128 KB sixteen times over) comes whole: non-ASCII text is not
+    cut early for fear of JSON escapes Envoy does not write."""
+    prompt = "😀" * ISSUE_PROMPT_CHARS
+    final = orchestrate(lab, prompt, "emoji", max_tokens=MAX_TOKENS)[-1]
+    result = final.execution_completed.result
+    assert result.ByteSize() > 1_900_000
+    got = lab.GetExecution(svc.GetExecutionRequest(execution_id=final.execution_id)).execution
+    assert got.prompt == prompt
+    assert got.result.output == result.output
+    assert not got.result.output_truncated
+    for step in got.result.flow:
+        assert not step.input_truncated
+        assert not step.output_truncated
 
 
 # -- the contract's maxima: 1,000,000-character prompts, 32,768 tokens --

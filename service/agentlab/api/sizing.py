@@ -2,11 +2,23 @@
 default 4 MiB gRPC receive limit, and its JSON under the 8 MiB the Envoy
 transcoder buffers (``max_response_body_size`` in gateway/envoy.yaml).
 
-Sizes are measured by ``cost``: the binary size plus what proto3 JSON
-escaping can add to it, so one number bounds both forms. Text is the only
-part of a message the contract does not bound (a prompt up to 1,000,000
-characters, up to 32,768 tokens per model call), so texts are what ``fit``
-shortens, longest first, marking each cut with its ``*_truncated`` field.
+One number bounds both forms: ``cost`` counts each byte of a message as the
+larger of its binary size and 3/7 of what it can become in JSON, so a cost
+of at most BUDGET_BYTES (3 MiB) means at most 3 MiB of binary and 7 MiB of
+JSON text, plus field names. Text is the only part of a message the
+contract does not bound (a prompt up to 1,000,000 characters, up to 32,768
+tokens per model call), so texts are what ``fit`` shortens, longest first,
+marking each cut with its ``*_truncated`` field.
+
+Worst cases: an orchestration's record holds its prompt P four times (the
+prompt, each node's input) and each of its three nodes' outputs twice (the
+step's output, and the next node's input or the result's output): 4P plus
+twice the outputs. A node generates up to 32,768 tokens; the echo
+backend's output is its whole input (P, 2P, 3P), so 16P: 0.5 MB for 32,000 ASCII characters
+(AGENTLAB_MAX_PROMPT_CHARS's default), 2 MB for 32,000 four-byte ones, both
+sent whole; with the contract's 1,000,000 characters, 16 MB or more, cut.
+Stream events carry at most one node's input and output (NodeFinished) or
+the record's result (ExecutionCompleted): the same bound, the same cut.
 """
 
 from __future__ import annotations
@@ -19,38 +31,40 @@ from agentlab.v1 import execution_pb2 as pb
 __all__ = ["BUDGET_BYTES", "MESSAGE_BUDGET_BYTES", "cost", "fit", "page"]
 
 BUDGET_BYTES = 3 * 1024 * 1024
-"""The most a response may cost: 1 MiB under gRPC's default 4 MiB, and its
-JSON (the cost plus field names and punctuation, a few KiB per execution)
-well under Envoy's 8 MiB."""
+"""The most a response may cost: 1 MiB under gRPC's default 4 MiB; its JSON
+at most 7 MiB plus field names and punctuation (about 1.5 KiB per
+execution), under Envoy's 8 MiB."""
 
 MESSAGE_BUDGET_BYTES = BUDGET_BYTES - 4096
 """One execution or event: room left for the envelope around it (a list
 response's framing and next_page_token)."""
 
-_CONTROL = bytes(range(0x20))
+# What the JSON printer (protobuf's, in Envoy) writes as \uXXXX, 6 bytes for 1:
+# control characters, DEL, and < and > (HTML-safe escaping).
+_ESCAPED = bytes([*range(0x20), 0x7F, ord("<"), ord(">")])
 _NON_ASCII = bytes(range(0x80, 0x100))
 
 _Message = TypeVar("_Message", pb.Execution, pb.ExecuteResponse, pb.ExecutionEvent)
 
 
 def cost(data: bytes) -> int:
-    """An upper bound, in bytes, of both the binary and the JSON size of
-    ``data`` (a serialized message or UTF-8 text). JSON escapes a control
-    character as \\u00XX (1 byte becomes 6), a quote or backslash with a
-    backslash (1 becomes 2), and may escape a non-ASCII character as \\uXXXX
-    or a surrogate pair (at most 3 bytes per byte of UTF-8). Tags and
-    lengths in the binary count as text too: the bound only errs upwards."""
-    control = len(data) - len(data.translate(None, _CONTROL))
+    """The cost of ``data`` (a serialized message or UTF-8 text), in bytes:
+    at least its size, and at least 3/7 of its JSON size. JSON writes an
+    escaped byte (``_ESCAPED``) as 6 bytes (weight 18/7), a quote or
+    backslash as 2 (weight 1), and may write a non-ASCII character as
+    \\uXXXX or a surrogate pair, at most 3 bytes per byte of UTF-8 (weight
+    9/7; Envoy writes most of them raw). Tags and lengths of the binary count
+    as text too: the bound only errs upwards."""
+    escaped = len(data) - len(data.translate(None, _ESCAPED))
     non_ascii = len(data) - len(data.translate(None, _NON_ASCII))
-    quoted = data.count(b'"') + data.count(b"\\")
-    return len(data) + 5 * control + 2 * non_ascii + quoted
+    return len(data) + -(-(11 * escaped + 2 * non_ascii) // 7)
 
 
 def _message_cost(message: Any) -> int:
-    # A message cannot cost more than 6 times its binary size: most are far
-    # under any budget and need no scan.
+    # A message cannot cost more than 18/7 of its binary size: most are far
+    # under the budget and need no scan.
     size: int = message.ByteSize()
-    return size if size * 6 <= MESSAGE_BUDGET_BYTES else cost(message.SerializeToString())
+    return size if size * 3 <= MESSAGE_BUDGET_BYTES else cost(message.SerializeToString())
 
 
 def _slots(message: Any) -> Iterator[tuple[Any, str, str]]:
