@@ -377,6 +377,35 @@ def test_orchestrate_stream_at_the_maxima_fits_a_default_grpc_client(
     assert max(len(e.token_delta.text) for e in events) == 16_384
 
 
+def test_execute_at_the_maxima_fits_a_default_grpc_client(
+    stack: Stack, lab: svc_grpc.LabServiceStub
+) -> None:
+    """Execute's response is the whole result: 3 MB of 2-byte characters
+    (the prompt, the step's input and output, the output) is cut to fit."""
+    prompt = "é" * (PROMPT_MAX // 2)
+    result = lab.Execute(
+        svc.ExecuteRequest(prompt=prompt, model="maxima-execute", max_tokens=MAX_TOKENS),
+        timeout=120,
+    )
+    assert result.ByteSize() < GRPC_LIMIT
+    assert result.output_truncated
+    assert prompt.startswith(result.output)
+    assert len(result.output) > 100_000, "cut to fit, not emptied"
+    (step,) = result.flow
+    assert step.input_truncated
+    assert prompt.startswith(step.input)
+    rest = httpx.post(
+        f"{stack.url}/api/v1/execute",
+        json={"prompt": prompt, "model": "maxima-execute", "max_tokens": MAX_TOKENS},
+        timeout=120,
+    )
+    assert rest.status_code == 200, rest.text[:300]
+    assert rest.json()["output_truncated"] is True
+    # the cut depends on the bytes of the metrics too: about the same length
+    assert prompt.startswith(rest.json()["output"])
+    assert abs(len(rest.json()["output"]) - len(result.output)) < 100
+
+
 def test_rest_sse_streams_at_the_maxima(stack: Stack, maxima: Made) -> None:
     prompt = "c" * PROMPT_MAX
     with httpx.stream(
