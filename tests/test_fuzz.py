@@ -489,7 +489,9 @@ def test_request_schemas_carry_the_contract_rules() -> None:
         if p["name"] == "page_size"
     ]
     assert (page_size["schema"]["minimum"], page_size["schema"]["maximum"]) == (0, 100)
-    [execution_id] = document["paths"]["/api/v1/executions/{execution_id}"]["get"]["parameters"]
+    get = document["paths"]["/api/v1/executions/{execution_id}"]["get"]["parameters"]
+    [execution_id] = [p for p in get if p["name"] == "execution_id"]
+    assert execution_id["in"] == "path"
     assert execution_id["schema"]["pattern"] == "^[0-9a-f]{32}$"
 
 

@@ -69,6 +69,8 @@ def test_a_valid_request_breaks_no_rule(request_type: type[Message]) -> None:
         (svc.ListExecutionsRequest(page_size=101), ["page_size"]),
         (svc.ListExecutionsRequest(page_token="t" * 513), ["page_token"]),
         (svc.ListExecutionsRequest(state=42), ["state"]),
+        (svc.ListExecutionsRequest(view=3), ["view"]),
+        (svc.GetExecutionRequest(execution_id=EXECUTION_ID, view=3), ["view"]),
         (svc.GetExecutionRequest(execution_id=""), ["execution_id"]),
         (svc.GetExecutionRequest(execution_id=EXECUTION_ID.upper()), ["execution_id"]),
         (svc.CancelExecutionRequest(execution_id="../etc"), ["execution_id"]),

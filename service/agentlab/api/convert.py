@@ -6,6 +6,7 @@ from datetime import datetime
 
 from google.protobuf import timestamp_pb2
 
+from agentlab.api import sizing
 from agentlab.api.errors import to_rpc_status
 from agentlab.core import events
 from agentlab.core.types import (
@@ -22,7 +23,20 @@ from agentlab.executions.model import ExecutionRecord, ExecutionState
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 
-__all__ = ["STATES", "event", "execution", "models", "result", "state", "task"]
+__all__ = [
+    "BASIC_TEXT_CHARS",
+    "STATES",
+    "event",
+    "execution",
+    "models",
+    "result",
+    "state",
+    "task",
+]
+
+BASIC_TEXT_CHARS = 1000
+"""How much of the prompt and the output the BASIC view keeps, in characters
+(Unicode code points, as the contract counts a prompt's length)."""
 
 _MODES = {
     pb.EXECUTION_MODE_INFERENCE: ExecutionMode.INFERENCE,
@@ -145,7 +159,10 @@ def state(value: ExecutionState) -> pb.ExecutionState:
     return _STATES_PB[value]
 
 
-def execution(record: ExecutionRecord) -> pb.Execution:
+def execution(
+    record: ExecutionRecord, view: pb.ExecutionView = pb.EXECUTION_VIEW_FULL
+) -> pb.Execution:
+    """The record as ``view`` shows it, fit to sizing.MESSAGE_BUDGET_BYTES."""
     message = pb.Execution(
         execution_id=record.id,
         state=_STATES_PB[record.state],
@@ -173,4 +190,22 @@ def execution(record: ExecutionRecord) -> pb.Execution:
         message.result.state = message.state
     if record.error is not None:
         message.error.ParseFromString(record.error)
-    return message
+    if view == pb.EXECUTION_VIEW_BASIC:
+        _basic(message)
+    return sizing.fit(message)
+
+
+def _basic(message: pb.Execution) -> None:
+    """AIP-157's BASIC view: what a list of executions shows."""
+    if len(message.prompt) > BASIC_TEXT_CHARS:
+        message.prompt = message.prompt[:BASIC_TEXT_CHARS]
+        message.prompt_truncated = True
+    result = message.result
+    if len(result.output) > BASIC_TEXT_CHARS:
+        result.output = result.output[:BASIC_TEXT_CHARS]
+        result.output_truncated = True
+    for step in result.flow:
+        step.input_truncated = bool(step.input)
+        step.output_truncated = bool(step.output)
+        step.ClearField("input")
+        step.ClearField("output")

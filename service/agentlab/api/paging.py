@@ -8,9 +8,9 @@ import json
 from datetime import datetime
 
 from agentlab.core.errors import InvalidArgument
-from agentlab.executions.model import Cursor
+from agentlab.executions.model import Cursor, ExecutionRecord
 
-__all__ = ["DEFAULT_PAGE_SIZE", "decode", "encode", "page_size"]
+__all__ = ["DEFAULT_PAGE_SIZE", "after", "decode", "encode", "page_size"]
 
 DEFAULT_PAGE_SIZE = 20
 
@@ -19,6 +19,11 @@ def page_size(requested: int) -> int:
     """The contract bounds ``page_size`` to 0..100 (buf.validate); 0 means
     the default."""
     return requested or DEFAULT_PAGE_SIZE
+
+
+def after(record: ExecutionRecord) -> Cursor:
+    """The cursor of a page that ends with ``record``."""
+    return Cursor(created_at=record.created_at, id=record.id)
 
 
 def encode(cursor: Cursor | None) -> str:

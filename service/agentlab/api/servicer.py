@@ -14,7 +14,7 @@ from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
-from agentlab.api import convert, paging
+from agentlab.api import convert, paging, sizing
 from agentlab.api.auth import current_caller
 from agentlab.api.errors import abort, abort_with_status
 from agentlab.core.errors import AgentLabError, NotFound, NotServing
@@ -70,7 +70,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
         result = pb.ExecuteResponse()
         result.CopyFrom(final.execution_completed.result)
         result.state = pb.EXECUTION_STATE_SUCCEEDED
-        return result
+        return sizing.fit(result)
 
     async def Orchestrate(
         self, request: svc.OrchestrateRequest, context: Context
@@ -91,7 +91,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
                 async for event in events:
                     if is_final(event):
                         final = event
-                    yield svc.OrchestrateResponse(event=event)
+                    yield svc.OrchestrateResponse(event=sizing.fit(event))
         except AgentLabError as error:  # raised before the first event
             await abort(context, error)
         finally:
@@ -109,7 +109,9 @@ class LabServicer(svc_grpc.LabServiceServicer):
             record = await self._executions.get(request.execution_id, current_caller())
         except AgentLabError as error:
             await abort(context, error)
-        return svc.GetExecutionResponse(execution=convert.execution(record))
+        return svc.GetExecutionResponse(
+            execution=convert.execution(record, request.view or pb.EXECUTION_VIEW_FULL)
+        )
 
     async def ListExecutions(
         self, request: svc.ListExecutionsRequest, context: Context
@@ -127,10 +129,11 @@ class LabServicer(svc_grpc.LabServiceServicer):
             )
         except AgentLabError as error:
             await abort(context, error)
-        return svc.ListExecutionsResponse(
-            executions=[convert.execution(record) for record in records],
-            next_page_token=paging.encode(cursor),
-        )
+        view = request.view or pb.EXECUTION_VIEW_BASIC
+        page = sizing.page(convert.execution(record, view) for record in records)
+        if len(page) < len(records):  # cut by size: the next page starts after it
+            cursor = paging.after(records[len(page) - 1])
+        return svc.ListExecutionsResponse(executions=page, next_page_token=paging.encode(cursor))
 
     async def CancelExecution(
         self, request: svc.CancelExecutionRequest, context: Context
@@ -151,7 +154,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
                 )
             ) as events:
                 async for event in events:
-                    yield svc.WatchExecutionResponse(event=event)
+                    yield svc.WatchExecutionResponse(event=sizing.fit(event))
         except AgentLabError as error:
             await abort(context, error)
 

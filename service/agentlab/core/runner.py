@@ -107,8 +107,9 @@ class Runner:
                 while (
                     lab_event := await _next_before(lab_events, deadline, task, stop)
                 ) is not None:
-                    if (event := run.observe(lab_event)) is not None:
-                        yield event
+                    for piece in _pieces(lab_event):
+                        if (event := run.observe(piece)) is not None:
+                            yield event
         except AgentLabError as error:
             logger.info("execution %s failed: %s", run.execution_id, error)
             cut = StepStatus.CANCELLED if isinstance(error, Cancelled) else StepStatus.FAILED
@@ -121,6 +122,22 @@ class Runner:
         result = run.result()
         logger.info("execution %s finished in %.0f ms", run.execution_id, result.metrics.latency_ms)
         yield run.event(ExecutionCompleted(result))
+
+
+MAX_DELTA_CHARS = 16_384
+"""The most text one TokenDelta carries: a model's chunk (an echoed word, a
+long token) can be any length, and an event must stay small (api.sizing)."""
+
+
+def _pieces(lab_event: LabEvent) -> list[LabEvent]:
+    """A long LabToken as several, each at most MAX_DELTA_CHARS."""
+    if not isinstance(lab_event, LabToken) or len(lab_event.text) <= MAX_DELTA_CHARS:
+        return [lab_event]
+    text = lab_event.text
+    return [
+        replace(lab_event, text=text[start : start + MAX_DELTA_CHARS])
+        for start in range(0, len(text), MAX_DELTA_CHARS)
+    ]
 
 
 def _first(*values: _T | None) -> _T | None:
