@@ -13,7 +13,7 @@ from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
-from agentlab.api import convert, paging
+from agentlab.api import convert, paging, resume
 from agentlab.api.auth import current_caller
 from agentlab.api.errors import abort, abort_with_status
 from agentlab.core.errors import AgentLabError, InternalError, NotFound, NotServing
@@ -79,11 +79,15 @@ class LabServicer(svc_grpc.LabServiceServicer):
         final: pb.ExecutionEvent | None = None
         submitted: Submitted | None = None
         try:
+            resume_after = resume.last_event_id(context)
+            resume.require_request_id(resume_after, request.request_id)
             submitted = await self._executions.submit(
                 task, caller=current_caller(), request_id=request.request_id
             )
+            # A reconnect (Last-Event-ID) resumes the execution its key names.
+            after = 0 if submitted.created else (resume_after or 0)
             async with aclosing(
-                self._executions.watch(submitted.record.id, caller=current_caller())
+                self._executions.watch(submitted.record.id, after, current_caller())
             ) as events:
                 async for event in events:
                     if is_final(event):
@@ -94,7 +98,11 @@ class LabServicer(svc_grpc.LabServiceServicer):
         except Exception:
             await abort(context, InternalError.logged(logger, "Orchestrate"))
         finally:
-            keep = request.on_disconnect == svc.DISCONNECT_POLICY_CONTINUE
+            # A caller with a request_id means to come back (a retry, an
+            # EventSource reconnecting): its leaving does not cancel.
+            keep = request.on_disconnect == svc.DISCONNECT_POLICY_CONTINUE or bool(
+                request.request_id
+            )
             if submitted is not None and final is None and not keep:
                 await self._cancel_quietly(submitted.record.id)
         if final is not None and final.HasField("execution_failed"):
@@ -146,10 +154,9 @@ class LabServicer(svc_grpc.LabServiceServicer):
         self, request: svc.WatchExecutionRequest, context: Context
     ) -> AsyncGenerator[svc.WatchExecutionResponse, None]:
         try:
+            after = max(request.after_sequence, resume.last_event_id(context) or 0)
             async with aclosing(
-                self._executions.watch(
-                    request.execution_id, request.after_sequence, current_caller()
-                )
+                self._executions.watch(request.execution_id, after, current_caller())
             ) as events:
                 async for event in events:
                     yield svc.WatchExecutionResponse(event=event)
