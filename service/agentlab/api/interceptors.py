@@ -3,7 +3,8 @@
 ``CheckRequests`` is where every request is parsed and held to its rules
 before a method sees it. grpc.aio itself would answer UNKNOWN, naming a
 Python exception class, when a request does not parse; this answers
-INVALID_ARGUMENT instead.
+INVALID_ARGUMENT instead. Unknown keys of a REST call's JSON body are
+refused here too (``json_fields``), in the same answer as broken rules.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from agentlab.api.errors import abort
+from agentlab.api.json_fields import unknown_fields
 from agentlab.api.validation import RequestRules
 from agentlab.core.errors import AgentLabError, InternalError, InvalidArgument
 
@@ -62,6 +64,9 @@ class CheckRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or handler.request_deserializer is None:
             return handler
         parse = handler.request_deserializer
+        unknown = unknown_fields(
+            handler_call_details.method, handler_call_details.invocation_metadata or ()
+        )
 
         async def decoded(raw: bytes, context: Any) -> Any:
             try:
@@ -73,7 +78,8 @@ class CheckRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 )
                 raise
             try:
-                self._rules.check(request)
+                if found := [*unknown, *self._rules.violations(request)]:
+                    raise InvalidArgument.of(found)
             except AgentLabError as error:
                 await abort(context, error)
                 raise
