@@ -99,7 +99,7 @@ STREAM = b"".join(
         message(10, "x" * 5000),
     ]
 )
-EXPECTED = b"retry: 1000\n\n" + b"".join(
+EXPECTED = b"retry: 1000\n" + b"".join(
     b"id: %d\n" % s + message(s, t)
     for s, t in [
         (1, "hi"),
@@ -111,7 +111,7 @@ EXPECTED = b"retry: 1000\n\n" + b"".join(
 )
 
 
-def test_each_message_gets_its_sequence_as_id_and_the_stream_a_retry_hint() -> None:
+def test_each_message_gets_its_sequence_as_id_and_the_first_a_retry_hint() -> None:
     assert b"".join(rewrite([STREAM])) == EXPECTED
 
 
@@ -129,7 +129,7 @@ def test_a_chunk_per_byte() -> None:
 def test_the_blank_line_split_between_chunks() -> None:
     first = message(1)
     out = rewrite([first[:-1], b"\n" + message(2)])
-    assert out == [b"retry: 1000\n\n", b"id: 1\n" + first + b"id: 2\n" + message(2)]
+    assert out == [b"", b"retry: 1000\nid: 1\n" + first + b"id: 2\n" + message(2)]
 
 
 def test_other_responses_are_left_alone() -> None:

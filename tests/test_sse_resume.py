@@ -38,13 +38,14 @@ def sse_blocks(text: str) -> list[dict[str, str]]:
 
 
 def events_with_ids(text: str) -> list[tuple[int, dict[str, Any]]]:
-    """(the id, the event) of every block with data; asserts the stream opens
-    with the retry hint and every event's id is its sequence."""
+    """(the id, the event) of every block; asserts each is an event whose id
+    is its sequence, and the first carries the retry hint."""
     blocks = sse_blocks(text)
     assert blocks, "no events"
-    assert blocks[0] == {"retry": "1000"}, blocks[0]
+    assert blocks[0].pop("retry") == "1000", blocks[0]
     found = []
-    for block in blocks[1:]:
+    for block in blocks:
+        assert set(block) == {"id", "data"}, block
         event = json.loads(block["data"])["event"]
         assert block["id"] == str(event["sequence"]), block
         found.append((int(block["id"]), event))

@@ -5,8 +5,9 @@
 -- on reconnecting only if events carried `id:`, so this filter, which sees the
 -- transcoder's output on the way out, gives each message the `id:` of its
 -- event's sequence number (`{"event":{"sequence":N,...}}`, the first field
--- the transcoder prints), and opens the stream with a `retry:` hint. The
--- service reads Last-Event-ID from the call's metadata and resumes after it.
+-- the transcoder prints), and the first event a `retry:` hint (in the event's
+-- own block: every block stays an event with data). The service reads
+-- Last-Event-ID from the call's metadata and resumes after it.
 --
 -- A message may be split across chunks and a chunk may hold several: complete
 -- messages are passed on rewritten, the rest is held until its end arrives.
@@ -14,12 +15,13 @@
 -- Milliseconds an EventSource waits before reconnecting (its default is ~3 s).
 local RETRY_MS = 1000
 
-local function with_id(message)
+local function with_id(message, first)
+  local retry = first and ("retry: " .. RETRY_MS .. "\n") or ""
   local sequence = string.match(message, '"sequence":%s*(%d+)')
   if sequence == nil then
-    return message .. "\n\n"
+    return retry .. message .. "\n\n"
   end
-  return "id: " .. sequence .. "\n" .. message .. "\n\n"
+  return retry .. "id: " .. sequence .. "\n" .. message .. "\n\n"
 end
 
 function envoy_on_response(response_handle)
@@ -34,17 +36,13 @@ function envoy_on_response(response_handle)
   for chunk in response_handle:bodyChunks() do
     local data = chunk:getBytes(0, chunk:length())
     local out, n = {}, 0
-    if first then
-      n = 1
-      out[1] = "retry: " .. RETRY_MS .. "\n\n"
-      first = false
-    end
     local start = 1
     if held_ends_in_newline and string.byte(data, 1) == 10 then
       -- The blank line is split: "\n" held, "\n" here.
       local message = table.concat(held, "", 1, count)
       n = n + 1
-      out[n] = with_id(string.sub(message, 1, -2))
+      out[n] = with_id(string.sub(message, 1, -2), first)
+      first = false
       held, count, start = {}, 0, 2
     end
     while true do
@@ -55,7 +53,8 @@ function envoy_on_response(response_handle)
       count = count + 1
       held[count] = string.sub(data, start, blank - 1)
       n = n + 1
-      out[n] = with_id(table.concat(held, "", 1, count))
+      out[n] = with_id(table.concat(held, "", 1, count), first)
+      first = false
       held, count, start = {}, 0, blank + 2
     end
     if start <= #data then
