@@ -176,6 +176,8 @@ def keys_of(body: bytes) -> list[str] | None:
             ['x"y', "c,d", "número", "ñ"],
         ),
         (b'{"prompt": "a \\" } , \\"model\\": 1"}', ["prompt"]),
+        # Runs of backslashes: even ends the string at the quote, odd escapes it.
+        (b'{"a": "x\\\\", "b": "y\\\\\\"z\\\\\\\\", "c": 0}', ["a", "b", "c"]),
     ],
 )
 def test_the_top_level_keys_of_a_json_body(body: bytes, keys: list[str]) -> None:
