@@ -49,6 +49,25 @@ def test_health_probes_in_every_http_version_curl_speaks(
     assert json.loads(body) == HEALTHY
 
 
+@pytest.mark.parametrize("option", ["--http1.0", "--http1.1", "--http2-prior-knowledge"])
+def test_head_probes_get_the_status_without_a_body(echo_stack: Stack, option: str) -> None:
+    result = run(
+        [
+            "curl",
+            "-sS",
+            "-I",
+            option,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+            f"{echo_stack.url}/api/v1/health",
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "200 0"
+
+
 def test_an_http10_probe_without_a_host_header(echo_stack: Stack) -> None:
     status, body = probe(f"{echo_stack.url}/api/v1/health", "--http1.0", "-H", "Host:")
     assert status == "HTTP/1.0 200 OK"
