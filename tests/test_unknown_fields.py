@@ -7,7 +7,10 @@ import json
 from typing import Any
 
 import pytest
+from google.api import annotations_pb2, http_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool
 
+from agentlab.api.json_fields import JSON_FIELDS, unknown_fields
 from tests.conftest import Stack, run, tool
 
 
@@ -118,3 +121,37 @@ def test_native_grpc_calls_are_not_affected(echo_stack: Stack) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["output"] == "x"
+
+
+def test_a_body_bound_to_one_field_is_checked_against_that_fields_message() -> None:
+    # No method of the contract has one yet (every body is "*"): a method
+    # made for the test, with `body: "options"`.
+    file = descriptor_pb2.FileDescriptorProto(
+        name="edge_test/nested_body.proto", package="edgetest.v1", syntax="proto3"
+    )
+    options = file.message_type.add(name="Options")
+    options.field.add(name="max_tokens", json_name="maxTokens", number=1, type=5, label=1)
+    request = file.message_type.add(name="Request")
+    request.field.add(
+        name="options",
+        json_name="options",
+        number=1,
+        type=11,
+        label=1,
+        type_name=".edgetest.v1.Options",
+    )
+    method = file.service.add(name="Nested").method.add(
+        name="Run", input_type=".edgetest.v1.Request", output_type=".edgetest.v1.Options"
+    )
+    method.options.Extensions[annotations_pb2.http].CopyFrom(
+        http_pb2.HttpRule(post="/v1/run", body="options")
+    )
+    descriptor_pool.Default().Add(file)
+
+    found = unknown_fields(
+        "/edgetest.v1.Nested/Run", [(JSON_FIELDS, "maxTokens,max_tokens,options,x%2Cy")]
+    )
+    assert [(v.field, v.description) for v in found] == [
+        ("options", "is not a field of edgetest.v1.Options"),
+        ("x,y", "is not a field of edgetest.v1.Options"),
+    ]

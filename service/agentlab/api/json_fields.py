@@ -9,7 +9,9 @@ kept), and this compares them with the fields of the message the body maps to,
 read from the contract: the method's ``google.api.http`` rule says which (body
 ``"*"``: the request; ``"field"``: that field's message). A key is known as the
 field's proto name or its JSON name, as the transcoder accepts both; an
-explicit ``null`` is a known key like any other.
+explicit ``null`` is a known key like any other. Only the top level is
+checked: inside a message-typed field the transcoder still drops unknown
+keys (no request of the contract has one today).
 
 Envoy sets the metadata only on REST calls with a body; a gRPC client that
 sends it itself only narrows what it may send.
