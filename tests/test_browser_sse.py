@@ -37,17 +37,19 @@ def slow_echo_stack(tmp_path: Path) -> Iterator[Stack]:
 
 
 class CuttingProxy:
-    """Forwards TCP to the gateway; the first connection is closed right
-    after the complete event with id ``cut_after`` has gone through. Keeps
-    what each connection sent upstream (its requests)."""
+    """Forwards TCP to the gateway. The first connection forwards nothing
+    past the complete event with id ``cut_after``, and is ended once
+    ``release`` is set (the test sets it when the page has dispatched that
+    event: Chromium can drop what arrives together with the end of a
+    connection). Keeps what each connection sent upstream (its requests)."""
 
     def __init__(self, upstream_port: int, cut_after: int) -> None:
         self.upstream_port = upstream_port
         self.port = free_port()
         self.requests: list[bytearray] = []
         self.cut = False
+        self.release = asyncio.Event()
         self._cut_pattern = re.compile(rb"(?:^|\n)id: %d\n.*?\n\n" % cut_after, re.S)
-        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -87,6 +89,8 @@ class CuttingProxy:
         up = asyncio.create_task(self._pipe_up(client_reader, up_writer, sent))
         try:
             await self._pipe_down(up_reader, client_writer, cut_here)
+            if self.cut and cut_here:
+                await self.release.wait()
         except ConnectionError:
             pass
         finally:
@@ -114,6 +118,7 @@ url => new Promise(resolve => {
   source.onmessage = message => {
     const event = JSON.parse(message.data).event;
     window.received.push({id: message.lastEventId, sequence: event.sequence,
+                          connection: window.opens,
                           execution_id: event.execution_id,
                           final: Boolean(event.execution_completed || event.execution_failed),
                           completed: Boolean(event.execution_completed)});
@@ -126,9 +131,14 @@ url => new Promise(resolve => {
 """
 
 
-async def _run_event_source(url: str) -> tuple[list[dict[str, Any]], int]:
+async def _run_event_source(url: str, proxy: CuttingProxy) -> tuple[list[dict[str, Any]], int]:
     async with chromium_page() as page:
-        await asyncio.wait_for(page.evaluate(_EVENT_SOURCE, url), timeout=90)
+        finished = asyncio.ensure_future(page.evaluate(_EVENT_SOURCE, url))
+        await page.wait_for_function(
+            f"window.received && window.received.length >= {CUT_AFTER}", timeout=60_000
+        )
+        proxy.release.set()
+        await asyncio.wait_for(finished, timeout=90)
         received: list[dict[str, Any]] = await page.evaluate("window.received")
         opens: int = await page.evaluate("window.opens")
     return received, opens
@@ -142,9 +152,17 @@ def _assert_every_event_once(received: list[dict[str, Any]], proxy: CuttingProxy
     assert [event["id"] for event in received] == [str(s) for s in sequences]
     assert len({event["execution_id"] for event in received}) == 1
     assert proxy.cut, "the proxy never cut the first connection"
-    # The browser reconnected by itself, saying where it stopped.
+    # The browser reconnected by itself, saying where it stopped, and the rest
+    # came on the new connection.
     later = b"".join(bytes(r) for r in proxy.requests[1:]).lower()
-    assert b"last-event-id: %d\r\n" % CUT_AFTER in later, later[:400]
+    found = [int(n) for n in re.findall(rb"\r\nlast-event-id: *(\d+)\r\n", later)]
+    assert len(found) == 1, [bytes(r) for r in proxy.requests]
+    [resumed_after] = found
+    assert resumed_after == CUT_AFTER
+    before = [e["sequence"] for e in received if e["connection"] == 1]
+    after = [e["sequence"] for e in received if e["connection"] == 2]
+    assert before == list(range(1, resumed_after + 1))
+    assert after[0] == resumed_after + 1
 
 
 async def test_an_orchestrate_stream_with_a_request_id_resumes_in_the_browser(
@@ -160,7 +178,7 @@ async def test_an_orchestrate_stream_with_a_request_id_resumes_in_the_browser(
         }
     )
     async with proxy.running():
-        received, opens = await _run_event_source(f"{proxy.url}/api/v1/orchestrate?{query}")
+        received, opens = await _run_event_source(f"{proxy.url}/api/v1/orchestrate?{query}", proxy)
 
     _assert_every_event_once(received, proxy)
     assert opens == 2
@@ -184,7 +202,7 @@ async def test_a_watch_stream_resumes_in_the_browser(slow_echo_stack: Stack) -> 
     proxy = CuttingProxy(slow_echo_stack.envoy.ports.gateway, CUT_AFTER)
     async with proxy.running():
         received, opens = await _run_event_source(
-            f"{proxy.url}/api/v1/executions/{execution_id}:watch"
+            f"{proxy.url}/api/v1/executions/{execution_id}:watch", proxy
         )
 
     _assert_every_event_once(received, proxy)
