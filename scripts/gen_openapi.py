@@ -122,8 +122,10 @@ _ERROR_DESCRIPTION = (
 
 _SSE_DESCRIPTION = (
     "Server-Sent Events: one `data: {{json}}` line for each message of the gRPC stream "
-    "({name}), in the same JSON as the unary responses. A failure before the first message "
-    "is an ordinary error response instead."
+    "({name}), in the same JSON as the unary responses, with `id:` the event's sequence "
+    "(the first event also `retry:`, in milliseconds). A reconnect with `Last-Event-ID` "
+    "resumes after that event. A failure before the first message is an ordinary error "
+    "response instead."
 )
 
 
@@ -536,6 +538,15 @@ class Generator:
                         "description": "One event of the stream.",
                         "required": ["data"],
                         "properties": {
+                            "id": {
+                                "type": "string",
+                                "description": "The event's sequence number.",
+                                "pattern": "^[0-9]+$",
+                            },
+                            "retry": {
+                                "type": "integer",
+                                "description": "Milliseconds to wait before reconnecting.",
+                            },
                             "data": {
                                 "type": "string",
                                 "description": f"One {result_name} message as JSON.",

@@ -137,7 +137,8 @@ def execution_ids(fuzz_stack: Stack) -> list[str]:
             ids.append(answer.json()["execution_id"])
         answer = client.post("/api/v1/orchestrate", json={"prompt": "three"})
         assert answer.status_code == 200, answer.text
-        first = json.loads(answer.text.split("\n")[0].removeprefix("data: "))
+        first_data = next(line for line in answer.text.split("\n") if line.startswith("data: "))
+        first = json.loads(first_data.removeprefix("data: "))
         ids.append(first["event"]["execution_id"])
     return ids
 

@@ -69,6 +69,8 @@ class Settings:
     api_keys_file: Path | None = None
     # Seconds between health checks of the backends.
     health_interval_s: float = 5.0
+    # Seconds the echo backend waits before each word (tests, benchmarks).
+    echo_token_delay_s: float = 0.0
     # Seconds in-flight calls get to finish on SIGTERM.
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
@@ -153,6 +155,7 @@ class Settings:
             models_file=Path(models_file) if models_file else None,
             health_interval_s=seconds("HEALTH_INTERVAL_S", defaults.health_interval_s),
             shutdown_grace_s=seconds("SHUTDOWN_GRACE_S", defaults.shutdown_grace_s),
+            echo_token_delay_s=seconds("ECHO_TOKEN_DELAY_S", defaults.echo_token_delay_s),
             log_level=log_level,
         )
 

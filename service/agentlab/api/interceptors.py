@@ -7,7 +7,8 @@ answer UNKNOWN with the exception's text, which Envoy hands to REST clients.
 ``CheckRequests`` is where every request is parsed and held to its rules
 before a method sees it. grpc.aio itself would answer UNKNOWN, naming a
 Python exception class, when a request does not parse; this answers
-INVALID_ARGUMENT instead.
+INVALID_ARGUMENT instead. Unknown keys of a REST call's JSON body are
+refused here too (``json_fields``), in the same answer as broken rules.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from agentlab.api.errors import abort, to_rpc_status
+from agentlab.api.json_fields import unknown_fields
 from agentlab.api.validation import RequestRules
 from agentlab.core.errors import AgentLabError, InternalError, InvalidArgument
 from agentlab.v1 import execution_pb2 as pb
@@ -67,6 +69,9 @@ class CheckRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or handler.request_deserializer is None:
             return handler
         parse = handler.request_deserializer
+        unknown = unknown_fields(
+            handler_call_details.method, handler_call_details.invocation_metadata or ()
+        )
 
         async def decoded(raw: bytes, context: Any) -> Any:
             # Errors are raised to MapErrors; a rule of the contract that does
@@ -77,7 +82,8 @@ class CheckRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise InvalidArgument(
                     "request", f"is not a valid message of this method: {error}"
                 ) from None
-            self._rules.check(request)
+            if found := [*unknown, *self._rules.violations(request)]:
+                raise InvalidArgument.of(found)
             return request
 
         def unary(behaviour: Unary) -> Unary:

@@ -14,7 +14,7 @@ from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
-from agentlab.api import convert, paging, sizing
+from agentlab.api import convert, paging, resume, sizing
 from agentlab.api.auth import current_caller
 from agentlab.api.errors import abort, abort_with_status
 from agentlab.core.errors import AgentLabError, NotFound, NotServing
@@ -82,11 +82,15 @@ class LabServicer(svc_grpc.LabServiceServicer):
         final: pb.ExecutionEvent | None = None
         submitted: Submitted | None = None
         try:
+            resume_after = resume.last_event_id(context)
+            resume.require_request_id(resume_after, request.request_id)
             submitted = await self._executions.submit(
                 task, caller=current_caller(), request_id=request.request_id
             )
+            # A reconnect (Last-Event-ID) resumes the execution its key names.
+            after = 0 if submitted.created else (resume_after or 0)
             async with aclosing(
-                self._executions.watch(submitted.record.id, caller=current_caller())
+                self._executions.watch(submitted.record.id, after, current_caller())
             ) as events:
                 async for event in events:
                     if is_final(event):
@@ -148,10 +152,9 @@ class LabServicer(svc_grpc.LabServiceServicer):
         self, request: svc.WatchExecutionRequest, context: Context
     ) -> AsyncGenerator[svc.WatchExecutionResponse, None]:
         try:
+            after = max(request.after_sequence, resume.last_event_id(context) or 0)
             async with aclosing(
-                self._executions.watch(
-                    request.execution_id, request.after_sequence, current_caller()
-                )
+                self._executions.watch(request.execution_id, after, current_caller())
             ) as events:
                 async for event in events:
                     yield svc.WatchExecutionResponse(event=sizing.fit(event))

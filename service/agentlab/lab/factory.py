@@ -24,13 +24,15 @@ def build_registry(settings: Settings) -> LabRegistry:
         default = LocalBackend(settings.default_backend, local_model(settings))
         if default.kind == ECHO:
             return LabRegistry.serving_everything(default)
-        return LabRegistry.serving_everything(default, **{ECHO: LocalBackend(ECHO, EchoModel())})
+        return LabRegistry.serving_everything(
+            default, **{ECHO: LocalBackend(ECHO, EchoModel(settings.echo_token_delay_s))}
+        )
 
     config = load_routing(settings.models_file)
     backends = {name: _backend(spec, settings) for name, spec in config.backends.items()}
     routes = dict(config.models)
     if ECHO not in routes:
-        backends.setdefault(ECHO, LocalBackend(ECHO, EchoModel()))
+        backends.setdefault(ECHO, LocalBackend(ECHO, EchoModel(settings.echo_token_delay_s)))
         if backends[ECHO].kind == ECHO:
             routes[ECHO] = ModelRoute(
                 ECHO, ECHO, ECHO, description="no model: measures the gateway itself"

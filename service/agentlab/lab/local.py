@@ -18,7 +18,7 @@ ECHO = "echo"
 def local_model(settings: Settings, kind: str | None = None) -> ChatModel:
     """The in-process model: llama.cpp on the configured GGUF, or echo."""
     if (kind or settings.default_backend) == ECHO:
-        return EchoModel()
+        return EchoModel(settings.echo_token_delay_s)
     path = settings.model_path or bundled_model_path()
     if path is None:
         raise ConfigError(
