@@ -8,13 +8,20 @@ AGENTLAB_*: conftest clears those for every test.)
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
-__all__ = ["postgres_url", "redis_url", "require"]
+from agentlab.executions.migrations import quote_ident
+
+__all__ = ["postgres_schema", "postgres_url", "redis_url", "require"]
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -45,3 +52,24 @@ def require(name: str, url: str, default_port: int) -> str:
             pytest.fail(f"{reason}; CI=true, so it must be")
         pytest.skip(reason)
     return url
+
+
+@contextmanager
+def postgres_schema(prefix: str) -> Iterator[str]:
+    """A schema of its own in the test database (``prefix`` + random), dropped
+    afterwards: tests that share the server do not see each other's rows."""
+    url = postgres_url()
+    name = f"{prefix}_{secrets.token_hex(6)}"
+
+    async def run(statement: str) -> None:
+        connection = await asyncpg.connect(url)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(run(f"CREATE SCHEMA {quote_ident(name)}"))
+    try:
+        yield name
+    finally:
+        asyncio.run(run(f"DROP SCHEMA IF EXISTS {quote_ident(name)} CASCADE"))

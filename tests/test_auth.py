@@ -3,7 +3,6 @@ sees of the others' executions, and that keys never reach a log."""
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,23 +16,13 @@ from agentlab.api.auth import digest
 from agentlab.devstack import Stack
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
+from tests.callers import ALICE, BOB, start_keyed_stack
 from tests.conftest import run, tool
-
-ALICE = secrets.token_urlsafe(24)
-BOB = secrets.token_urlsafe(24)
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    keys = tmp_path / "keys.yaml"
-    keys.write_text(
-        "keys:\n"
-        f"  - {{caller: alice, sha256: {digest(ALICE)}}}\n"
-        f"  - {{caller: bob, sha256: {digest(BOB)}}}\n"
-    )
-    started = Stack.start(
-        tmp_path, {"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_API_KEYS_FILE": str(keys)}
-    )
+    started = start_keyed_stack(tmp_path)
     yield started
     started.stop()
 

@@ -12,7 +12,6 @@ slow enough that a client giving up after 1 s leaves mid-execution."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -28,7 +27,6 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from agentlab.api.auth import digest
 from agentlab.core.errors import IdempotencyKeyReused, ModelNotFound
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, GenerationOptions, Task
@@ -44,8 +42,9 @@ from agentlab.lab.base import Route
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
+from tests.callers import ALICE, BOB, start_keyed_stack
 from tests.fake_ollama import FakeOllama
-from tests.services import postgres_url
+from tests.services import postgres_schema, postgres_url
 from tests.sse import aread_events
 from tests.test_errors import details_of
 
@@ -90,21 +89,9 @@ async def start_stack(tmp_path: Path, ollama: FakeOllama, env: Mapping[str, str]
 
 
 @pytest.fixture
-def postgres_schema() -> Iterator[str]:
-    """A schema of its own in the test database, dropped afterwards."""
-    url = postgres_url()
-    name = f"idempotency_{secrets.token_hex(6)}"
-
-    async def run(statement: str) -> None:
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(run(f"CREATE SCHEMA {quote_ident(name)}"))
-    yield name
-    asyncio.run(run(f"DROP SCHEMA IF EXISTS {quote_ident(name)} CASCADE"))
+def pg_schema() -> Iterator[str]:
+    with postgres_schema("idempotency") as name:
+        yield name
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -112,7 +99,7 @@ def store_env(request: pytest.FixtureRequest) -> dict[str, str]:
     """The service's store settings: SQLite in the data dir, or PostgreSQL."""
     if request.param == "sqlite":
         return {}
-    schema = request.getfixturevalue("postgres_schema")
+    schema = request.getfixturevalue("pg_schema")
     # asyncpg passes unknown query parameters on as server settings.
     return {"AGENTLAB_DATABASE_URL": f"{postgres_url()}?search_path={schema}"}
 
@@ -409,21 +396,9 @@ async def test_a_key_reused_for_another_request_is_409(any_store_stack: Stack) -
     assert dict(info.metadata) == {"request_id": "k2", "execution_id": execution_id}
 
 
-ALICE = secrets.token_urlsafe(24)
-BOB = secrets.token_urlsafe(24)
-
-
 @pytest.fixture
 def keyed_stack(tmp_path: Path) -> Iterator[Stack]:
-    keys = tmp_path / "keys.yaml"
-    keys.write_text(
-        "keys:\n"
-        f"  - {{caller: alice, sha256: {digest(ALICE)}}}\n"
-        f"  - {{caller: bob, sha256: {digest(BOB)}}}\n"
-    )
-    started = Stack.start(
-        tmp_path, {"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_API_KEYS_FILE": str(keys)}
-    )
+    started = start_keyed_stack(tmp_path)
     yield started
     started.stop()
 
@@ -533,7 +508,7 @@ def old_store(request: pytest.FixtureRequest, tmp_path: Path) -> ExecutionStore:
                     (*row.values(), 0, micros, micros),
                 )
             return SqliteStore(path)
-        schema = request.getfixturevalue("postgres_schema")
+        schema = request.getfixturevalue("pg_schema")
         patch.setattr(migrations, "POSTGRES", migrations.POSTGRES[:1])
 
         async def create() -> None:

@@ -3,13 +3,10 @@ execution started on one is watched and cancelled through the other."""
 
 from __future__ import annotations
 
-import asyncio
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import grpc
 import httpx
 import pytest
@@ -18,7 +15,7 @@ from agentlab.devstack import EnvoyProcess, Ports, ServiceProcess, free_port
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
-from tests.services import postgres_url, redis_url
+from tests.services import postgres_schema, postgres_url, redis_url
 
 
 @dataclass
@@ -30,19 +27,8 @@ class Replicas:
 
 @pytest.fixture
 def schema() -> Iterator[str]:
-    url = postgres_url()
-    name = f"replicas_{uuid.uuid4().hex[:12]}"
-
-    async def run(statement: str) -> None:
-        connection = await asyncpg.connect(url)
-        try:
-            await connection.execute(statement)
-        finally:
-            await connection.close()
-
-    asyncio.run(run(f'CREATE SCHEMA "{name}"'))
-    yield name
-    asyncio.run(run(f'DROP SCHEMA "{name}" CASCADE'))
+    with postgres_schema("replicas") as name:
+        yield name
 
 
 @pytest.fixture
