@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from buf.validate import validate_pb2
 
 from agentlab import preflight
-from agentlab.config import ConfigError, Settings, redact_url
+from agentlab.config import CONTRACT_MAX_PROMPT_CHARS, ConfigError, Settings, redact_url
 from agentlab.devstack import DESCRIPTOR, ROOT, Ports, free_port, render_envoy_config
+from agentlab.v1 import lab_service_pb2
 
 
 def test_defaults_serve_the_frontend_port_layout() -> None:
@@ -44,11 +46,27 @@ def test_values_are_read_and_checked() -> None:
         ("AGENTLAB_MODEL_SLOTS", "four"),
         ("AGENTLAB_MODEL_SLOTS", "0"),
         ("AGENTLAB_SHUTDOWN_GRACE_S", "soon"),
+        # The contract's prompt maximum can only be lowered.
+        ("AGENTLAB_MAX_PROMPT_CHARS", "5000000"),
+        ("AGENTLAB_REDIS_URL", "http://127.0.0.1:6379"),
+        ("AGENTLAB_REDIS_URL", "u:hunter2@localhost:6379"),
+        ("AGENTLAB_DATABASE_URL", "u:hunter2@localhost:5432/db"),
+        ("AGENTLAB_DATABASE_URL", "postgresql:/u:hunter2@localhost/db"),
+        ("AGENTLAB_DATABASE_URL", "postgresql://u:hunter2@[::1/db"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(name: str, value: str) -> None:
-    with pytest.raises(ConfigError, match=name):
+    with pytest.raises(ConfigError, match=name) as refused:
         Settings.from_env({name: value})
+    assert "hunter2" not in str(refused.value)
+
+
+def test_the_prompt_limit_agrees_with_the_contract() -> None:
+    rules = lab_service_pb2.ExecuteRequest.DESCRIPTOR.fields_by_name["prompt"].GetOptions()
+    field_rules = rules.Extensions[validate_pb2.field]
+    assert field_rules.string.max_len == CONTRACT_MAX_PROMPT_CHARS
+    limit = Settings.from_env({"AGENTLAB_MAX_PROMPT_CHARS": str(CONTRACT_MAX_PROMPT_CHARS)})
+    assert limit.max_prompt_chars == CONTRACT_MAX_PROMPT_CHARS
 
 
 def test_envoy_config_is_rendered_for_other_ports() -> None:
@@ -95,6 +113,9 @@ def test_an_unknown_log_level_is_refused() -> None:
         ),
         ("postgresql://app@db/lab", "postgresql://app@db/lab"),
         ("sqlite:////var/lib/agentlab/x.db", "sqlite:////var/lib/agentlab/x.db"),
+        # Not scheme://: where a password would be cannot be told, so all is hidden.
+        ("u:hunter2@localhost:6379", "*** (not a scheme:// URL; hidden)"),
+        ("postgresql://u:hunter2@[::1/db", "*** (not a scheme:// URL; hidden)"),
     ],
 )
 def test_urls_are_shown_without_their_passwords(url: str, shown: str) -> None:
@@ -165,3 +186,28 @@ def test_python_m_agentlab_refuses_what_it_cannot_honour(
     assert "agentlab: configuration error: " in done.stderr
     assert message in done.stderr, done.stderr
     assert not (tmp_path / "data").exists()  # stopped before it opened anything
+
+
+def test_a_bus_that_cannot_be_reached_stops_start_up_in_one_line(tmp_path: Path) -> None:
+    """Redis (or the database) refusing the first connection stops the
+    service before it serves, with a message naming the settings, no
+    traceback and no password."""
+    closed = free_port()  # nothing listens there
+    done = subprocess.run(
+        [sys.executable, "-m", "agentlab"],
+        env={
+            **os.environ,
+            "AGENTLAB_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+            "AGENTLAB_DEFAULT_BACKEND": "echo",
+            "AGENTLAB_DATA_DIR": str(tmp_path / "data"),
+            "AGENTLAB_REDIS_URL": f"redis://:hunter2@127.0.0.1:{closed}/0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "agentlab: cannot open the execution store or the event bus" in done.stderr
+    assert "AGENTLAB_REDIS_URL" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "hunter2" not in done.stderr

@@ -15,13 +15,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["PREFIX", "ConfigError", "Settings", "redact_url"]
+__all__ = ["CONTRACT_MAX_PROMPT_CHARS", "PREFIX", "ConfigError", "Settings", "redact_url"]
 
 PREFIX = "AGENTLAB_"
 _BACKENDS = ("embedded", "echo")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Query parameters of a database or Redis URL that carry a secret.
 _SECRET_PARAMETERS = {"password", "passwd", "pass", "sslpassword"}
+_HIDDEN = "*** (not a scheme:// URL; hidden)"
+
+# The prompt's max_len in protos/agentlab/v1/lab_service.proto: the setting
+# can only lower it (tests/test_config.py checks the two agree).
+CONTRACT_MAX_PROMPT_CHARS = 1_000_000
 
 
 class ConfigError(ValueError):
@@ -99,7 +104,7 @@ class Settings:
         def text(name: str, default: str) -> str:
             return env.get(f"AGENTLAB_{name}", default).strip() or default
 
-        def number(name: str, default: int) -> int:
+        def number(name: str, default: int, maximum: int | None = None) -> int:
             raw = text(name, str(default))
             try:
                 value = int(raw)
@@ -107,7 +112,26 @@ class Settings:
                 raise ConfigError(f"AGENTLAB_{name} must be an integer, not {raw!r}") from None
             if value < 1:
                 raise ConfigError(f"AGENTLAB_{name} must be at least 1, not {value}")
+            if maximum is not None and value > maximum:
+                raise ConfigError(f"AGENTLAB_{name} must be at most {maximum}, not {value}")
             return value
+
+        def url(name: str, schemes: tuple[str, ...]) -> str | None:
+            raw = text(name, "")
+            if not raw:
+                return None
+            # Never the value itself in the message: it may hold a password.
+            try:
+                scheme = urlsplit(raw).scheme if "://" in raw else ""
+            except ValueError as error:
+                raise ConfigError(f"AGENTLAB_{name} is not a valid URL ({error})") from None
+            if scheme not in schemes:
+                given = f"a {scheme}:// URL" if scheme else "something else"
+                raise ConfigError(
+                    f"AGENTLAB_{name} must be a {', '.join(f'{s}://' for s in schemes)} URL, "
+                    f"not {given}"
+                )
+            return raw
 
         backend = text("DEFAULT_BACKEND", defaults.default_backend)
         if backend not in _BACKENDS:
@@ -145,11 +169,13 @@ class Settings:
                 "MAX_RUNNING_EXECUTIONS", defaults.max_running_executions
             ),
             max_queued_executions=number("MAX_QUEUED_EXECUTIONS", defaults.max_queued_executions),
-            max_prompt_chars=number("MAX_PROMPT_CHARS", defaults.max_prompt_chars),
+            max_prompt_chars=number(
+                "MAX_PROMPT_CHARS", defaults.max_prompt_chars, CONTRACT_MAX_PROMPT_CHARS
+            ),
             api_keys_file=Path(keys) if (keys := text("API_KEYS_FILE", "")) else None,
-            database_url=text("DATABASE_URL", "") or None,
+            database_url=url("DATABASE_URL", ("postgresql", "postgres", "sqlite")),
             data_dir=Path(text("DATA_DIR", str(defaults.data_dir))),
-            redis_url=text("REDIS_URL", "") or None,
+            redis_url=url("REDIS_URL", ("redis", "rediss", "unix")),
             execution_heartbeat_s=seconds("EXECUTION_HEARTBEAT_S", defaults.execution_heartbeat_s),
             execution_lease_s=seconds("EXECUTION_LEASE_S", defaults.execution_lease_s),
             models_file=Path(models_file) if models_file else None,
@@ -174,8 +200,15 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its password, in the user part or the query."""
-    parts = urlsplit(url)
+    """``url`` without its password, in the user part or the query; a value
+    that does not parse as ``scheme://...`` is hidden whole, since where its
+    password would be cannot be told."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _HIDDEN
+    if "://" not in url or not parts.scheme:
+        return _HIDDEN
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     secret_query = any(key.lower() in _SECRET_PARAMETERS for key, _ in pairs)
     if parts.password is None and not secret_query:

@@ -34,11 +34,10 @@ def open_store(database_url: str | None, data_dir: Path) -> ExecutionStore:
         # relative one would depend on the working directory of the day.
         if parts.netloc or not path.startswith("/") or path.endswith("/") or parts.query:
             raise ConfigError(
-                f"{_VARIABLE}: a SQLite URL must be sqlite:///absolute/path/to/file.db, "
-                f"not {database_url!r}"
+                f"{_VARIABLE}: a SQLite URL must be sqlite:///absolute/path/to/file.db"
             )
         return SqliteStore(Path(path))
-    given = f"a {scheme}:// URL" if rest else repr(database_url)
+    given = f"a {scheme}:// URL" if rest else "something else"
     raise ConfigError(
         f"{_VARIABLE} must be a postgresql://, postgres:// or sqlite:/// URL, not {given}"
     )
