@@ -4,6 +4,7 @@ runs it until SIGTERM or SIGINT, draining gracefully."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -88,6 +89,20 @@ class Gateway:
             raise ConfigError(f"cannot listen on {settings.grpc_address}")
         return cls(server, port, health, registry, executions, settings.health_interval_s)
 
+    async def open(self) -> None:
+        """Reach the execution store and the event bus before serving: a
+        database or Redis that cannot be reached stops start-up with one line
+        (ConfigError) rather than a traceback after the port is open."""
+        try:
+            await self.executions.open()
+        except Exception as error:
+            with contextlib.suppress(Exception):
+                await self.executions.close()
+            raise ConfigError(
+                "cannot open the execution store or the event bus "
+                f"(AGENTLAB_DATABASE_URL, AGENTLAB_REDIS_URL): {type(error).__name__}: {error}"
+            ) from None
+
     async def start(self) -> None:
         """Serve at once (health NOT_SERVING), load the labs, then report
         what the backends' first check found, and keep checking."""
@@ -155,6 +170,7 @@ def backend_service(backend: str) -> str:
 
 async def serve(settings: Settings) -> None:
     gateway = Gateway.create(settings, build_registry(settings))
+    await gateway.open()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

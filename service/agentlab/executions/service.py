@@ -113,10 +113,18 @@ class Executions:
         # Executions waiting for a turn, and whether stop() has begun.
         self._waiting: set[str] = set()
         self._stopping = False
+        self._opened = False
+
+    async def open(self) -> None:
+        """Open the store and the bus (once): what cannot be reached raises
+        here, before any call is served."""
+        if not self._opened:
+            await self._store.open()
+            await self._bus.open()
+            self._opened = True
 
     async def start(self) -> None:
-        await self._store.open()
-        await self._bus.open()
+        await self.open()
         listening = asyncio.Event()
         self._background = [
             asyncio.create_task(self._listen_for_cancels(listening), name="cancel-listener"),
