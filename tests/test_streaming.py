@@ -55,6 +55,8 @@ def test_get_binding_serves_browsers_eventsource(echo_stack: Stack) -> None:
     assert kind(events[-1]) == "execution_completed"
     result = events[-1]["execution_completed"]["result"]
     assert result["output"] == "hola que tal"
+    # The same result Execute answers with, state included.
+    assert result["state"] == "EXECUTION_STATE_SUCCEEDED"
     assert [step["node"] for step in result["flow"]] == ["inference"]
     assert result["metrics"]["backend"] == "echo"
     text = "".join(e["token_delta"]["text"] for e in events if kind(e) == "token_delta")

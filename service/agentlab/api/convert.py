@@ -124,6 +124,8 @@ def event(value: events.Event) -> pb.ExecutionEvent:
             message.node_finished.step.CopyFrom(_step(step))
         case events.ExecutionCompleted(completed):
             message.execution_completed.result.CopyFrom(result(completed))
+            # The same result Execute and Get show: a completed one SUCCEEDED.
+            message.execution_completed.result.state = pb.EXECUTION_STATE_SUCCEEDED
         case events.ExecutionFailed(error, flow):
             message.execution_failed.error.CopyFrom(to_rpc_status(error))
             message.execution_failed.flow.extend(_step(step) for step in flow)
