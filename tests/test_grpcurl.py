@@ -80,3 +80,27 @@ def test_orchestrate_streams_several_events(address: str) -> None:
         for event in events
     }
     assert {"node_started", "token_delta", "node_finished"} <= kinds
+
+
+def test_health_watch_streams_the_serving_status(address: str) -> None:
+    """grpc.health.v1.Health/Watch (what Envoy's, Kubernetes' and load
+    balancers' gRPC health watchers call) sends the status, then holds the
+    stream open for changes: it ends here only at grpcurl's -max-time
+    (straight to the service as DEADLINE_EXCEEDED; Envoy resets a stream
+    that outlives its grpc-timeout)."""
+    result = run(
+        [
+            tool("grpcurl"),
+            "-plaintext",
+            "-max-time",
+            "3",
+            "-d",
+            '{"service": ""}',
+            address,
+            "grpc.health.v1.Health/Watch",
+        ],
+        timeout=60,
+    )
+    assert json_stream(result.stdout) == [{"status": "SERVING"}], result.stdout + result.stderr
+    assert "error id" not in result.stderr, result.stderr
+    assert "DeadlineExceeded" in result.stderr or "RST_STREAM" in result.stderr, result.stderr

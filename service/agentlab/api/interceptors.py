@@ -13,6 +13,7 @@ refused here too (``json_fields``), in the same answer as broken rules.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -50,8 +51,15 @@ def wrap_handler(
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream is not None:
+        # A stream written with context.write (grpc_health's Watch) is a
+        # coroutine, not an async generator: wrapped as one, it would fail
+        # at its first step. grpc.aio tells the two apart by the function.
+        behaviour = handler.unary_stream
+        wrapped = (
+            streaming(behaviour) if inspect.isasyncgenfunction(behaviour) else unary(behaviour)
+        )
         return grpc.unary_stream_rpc_method_handler(
-            streaming(handler.unary_stream),
+            wrapped,
             request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
