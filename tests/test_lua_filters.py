@@ -184,12 +184,43 @@ def test_the_top_level_keys_of_a_json_body(body: bytes, keys: list[str]) -> None
     assert keys_of(body) == keys
 
 
-@pytest.mark.parametrize(
-    "body", [b"", b"[1, 2]", b'"text"', b"{", b'{"a" 1}', b'{"a": "x', b'{"a": 1,', b"{'a': 1}"]
-)
+@pytest.mark.parametrize("body", [b"", b"[1, 2]", b'"text"', b"null"])
 def test_anything_but_a_json_object_sets_no_header(body: bytes) -> None:
-    # The transcoder refuses what does not parse; a forged header never passes.
+    # The transcoder refuses what is not an object; a forged header never passes.
     assert keys_header(body) is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{",
+        b'{"a" 1}',
+        b'{"a": "x',
+        b'{"a": 1,',
+        # What the transcoder's lenient parser takes, and so would pass unchecked.
+        b'{"prompt": "x", "max_token": 5,}',
+        b"{'prompt': 'x', 'max_token': 5}",
+        b'{prompt: "x", max_token: 5}',
+    ],
+)
+def test_an_object_that_is_not_strict_json_is_marked(body: bytes) -> None:
+    assert keys_header(body) == "!"
+
+
+def test_each_key_is_named_once() -> None:
+    body = b"{" + b", ".join([b'"prompt": "x"'] * 3000) + b', "model": "echo"}'
+    assert keys_of(body) == ["prompt", "model"]
+
+
+def test_the_header_stays_small_whatever_the_body() -> None:
+    many = "{" + ", ".join(f'"u{i}": 1' for i in range(700)) + "}"
+    header = keys_header(many.encode())
+    assert header is not None
+    listed = header.split(",")
+    assert listed[:32] == [f"u{i}" for i in range(32)]
+    assert listed[32:] == ["*"]  # more were left out
+    long_key = keys_of(b'{"' + b"k" * 20_000 + b'": 1}')
+    assert long_key == ["k" * 64]  # cut: still no field of any message
 
 
 def test_a_request_without_a_body_sets_no_header() -> None:

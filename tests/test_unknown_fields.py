@@ -4,13 +4,14 @@ parameters are, on every route with a body; explicit null stays accepted."""
 from __future__ import annotations
 
 import json
+import subprocess
 from typing import Any
 
 import pytest
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool
 
-from agentlab.api.json_fields import JSON_FIELDS, unknown_fields
+from agentlab.api.json_fields import JSON_FIELDS, MAX_NAMED, unknown_fields
 from tests.conftest import Stack, run, tool
 
 
@@ -63,6 +64,53 @@ def test_every_unknown_field_is_named_with_every_broken_rule(echo_stack: Stack) 
         ('a"b', "UNKNOWN_FIELD"),
         ("temperature", "DOUBLE_GTE_LTE"),
     ]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"prompt": "x", "model": "echo", "max_token": 5,}',
+        "{'prompt': 'x', 'model': 'echo', 'max_token': 5}",
+        '{prompt: "x", model: "echo", max_token: 5}',
+    ],
+)
+def test_a_body_that_is_not_strict_json_is_refused(echo_stack: Stack, body: str) -> None:
+    """The transcoder's parser would take these and drop max_token unseen."""
+    status, answer = post(echo_stack, "/api/v1/execute", body)
+    assert status == 400
+    assert violations(answer) == [("body", "JSON_NOT_STRICT")]
+
+
+def test_a_flood_of_unknown_keys_is_one_small_400_and_spares_other_streams(
+    echo_stack: Stack,
+) -> None:
+    """Hundreds of unknown keys, or one huge one, are answered 400 with a
+    bounded list; the answer's trailers once reset Envoy's connection to the
+    service, cutting every stream on it."""
+    stream = subprocess.Popen(
+        [
+            tool("curl"),
+            "-sS",
+            "-N",
+            f"{echo_stack.url}/api/v1/orchestrate?prompt="
+            + "+".join(f"w{i}" for i in range(300))
+            + "&model=echo&mode=EXECUTION_MODE_INFERENCE",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    many = "{" + ", ".join(f'"u{i}": 1' for i in range(700)) + ', "prompt": "x"}'
+    status, answer = post(echo_stack, "/api/v1/execute", many)
+    assert status == 400
+    named = violations(answer)
+    assert named[:MAX_NAMED] == [(f"u{i}", "UNKNOWN_FIELD") for i in range(MAX_NAMED)]
+    assert named[MAX_NAMED:] == [("body", "UNKNOWN_FIELD")]
+    status, answer = post(echo_stack, "/api/v1/execute", '{"' + "k" * 20_000 + '": 1}')
+    assert status == 400
+    assert ("k" * 64, "UNKNOWN_FIELD") in violations(answer)
+    out, _ = stream.communicate(timeout=60)
+    assert stream.returncode == 0
+    assert '"execution_completed"' in out.strip().splitlines()[-1]
 
 
 def test_cancel_refuses_unknown_fields_too(echo_stack: Stack) -> None:

@@ -10,8 +10,20 @@
 -- that is not a JSON object sets no header and is left to the transcoder,
 -- which rejects malformed JSON itself. A client's own value of the header is
 -- always removed first.
+--
+-- The header stays small whatever the body (gRPC refuses metadata past 8 KiB,
+-- and a huge error trailer would reset Envoy's connection to the service):
+-- each distinct key once, at most MAX_KEYS of them, each cut to MAX_KEY_BYTES
+-- (no field name is that long, so a cut key is still unknown); "*" last means
+-- more keys were left out. A body that opens an object but is not strict JSON
+-- (RFC 8259: a trailing comma, single quotes, unquoted keys), which the
+-- transcoder's lenient parser would accept without these checks, is "!".
 
 local HEADER = "x-agentlab-json-fields"
+local MAX_KEYS = 32
+local MAX_KEY_BYTES = 64
+local MORE = "*"
+local NOT_STRICT = "!"
 
 local function skip_space(body, at)
   return (string.find(body, "[^ \t\r\n]", at)) or (#body + 1)
@@ -124,6 +136,24 @@ local function percent_encoded(text)
   end))
 end
 
+-- The header's value for `keys`: distinct, bounded, percent-encoded (so a
+-- key never contains "," "*" or "!").
+local function header_value(keys)
+  local seen, listed = {}, {}
+  for _, key in ipairs(keys) do
+    local cut = string.sub(key, 1, MAX_KEY_BYTES)
+    if not seen[cut] then
+      seen[cut] = true
+      if #listed == MAX_KEYS then
+        listed[#listed + 1] = MORE
+        break
+      end
+      listed[#listed + 1] = percent_encoded(cut)
+    end
+  end
+  return table.concat(listed, ",")
+end
+
 function envoy_on_request(request_handle)
   -- The body first: a headers object taken before body() is dead after it.
   local body = request_handle:body()
@@ -132,12 +162,13 @@ function envoy_on_request(request_handle)
   if body == nil or body:length() == 0 then
     return
   end
-  local keys = top_level_keys(body:getBytes(0, body:length()))
+  local text = body:getBytes(0, body:length())
+  local keys = top_level_keys(text)
   if keys == nil then
+    if string.byte(text, skip_space(text, 1)) == 123 then -- {
+      headers:add(HEADER, NOT_STRICT)
+    end
     return
   end
-  for i, key in ipairs(keys) do
-    keys[i] = percent_encoded(key)
-  end
-  headers:add(HEADER, table.concat(keys, ","))
+  headers:add(HEADER, header_value(keys))
 end

@@ -13,6 +13,12 @@ explicit ``null`` is a known key like any other. Only the top level is
 checked: inside a message-typed field the transcoder still drops unknown
 keys (no request of the contract has one today).
 
+The filter bounds the metadata: each key once, at most 32, each cut to 64
+bytes, and ``*`` last when more were left out; ``!`` alone when the body
+opens an object but is not strict JSON (RFC 8259), which the transcoder's
+lenient parser would take and these checks could not see into. The answer
+names at most ``MAX_NAMED`` unknown keys, so its trailers stay small too.
+
 Envoy sets the metadata only on REST calls with a body; a gRPC client that
 sends it itself only narrows what it may send.
 """
@@ -30,9 +36,14 @@ from google.protobuf.descriptor import Descriptor
 
 from agentlab.core.errors import FieldViolation
 
-__all__ = ["JSON_FIELDS", "unknown_fields"]
+__all__ = ["JSON_FIELDS", "MAX_NAMED", "unknown_fields"]
 
 JSON_FIELDS = "x-agentlab-json-fields"
+# Unknown keys named one by one in an answer; the rest are counted.
+MAX_NAMED = 8
+_MORE = "*"
+_NOT_STRICT = "!"
+_SHOWN_KEY_CHARS = 64
 
 
 def unknown_fields(
@@ -47,16 +58,38 @@ def unknown_fields(
     if body is None:
         return []
     message, known = body
-    found = []
-    for key in _keys(str(values[-1])):
-        if key not in known:
-            found.append(FieldViolation(key, f"is not a field of {message}", "UNKNOWN_FIELD"))
+    header = str(values[-1])
+    if header == _NOT_STRICT:
+        return [
+            FieldViolation(
+                "body",
+                "is not strict JSON (RFC 8259: keys and strings in double quotes, no "
+                "trailing comma), so its fields cannot be checked",
+                "JSON_NOT_STRICT",
+            )
+        ]
+    items = header.split(",")
+    more = items[-1:] == [_MORE]
+    unknown = [key for key in _keys(items[:-1] if more else items) if key not in known]
+    found = [
+        FieldViolation(key[:_SHOWN_KEY_CHARS], f"is not a field of {message}", "UNKNOWN_FIELD")
+        for key in unknown[:MAX_NAMED]
+    ]
+    if len(unknown) > MAX_NAMED or more:
+        left = f"{len(unknown) - MAX_NAMED} more" if len(unknown) > MAX_NAMED else "more"
+        found.append(
+            FieldViolation(
+                "body",
+                f"has {left} keys that are not fields of {message}",
+                "UNKNOWN_FIELD",
+            )
+        )
     return found
 
 
-def _keys(header: str) -> list[str]:
+def _keys(items: list[str]) -> list[str]:
     keys = []
-    for item in header.split(","):
+    for item in items:
         if not item:
             continue
         written = unquote(item, errors="replace")
