@@ -77,6 +77,15 @@ def test_malformed_json_is_400_with_a_json_body(echo_stack: Stack, body: str) ->
     error = answer.json()
     assert error["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert error["message"]
+    assert gateway_reason(error) == "INVALID_ARGUMENT"
+
+
+def gateway_reason(error: dict[str, object]) -> str:
+    """The reason of the ErrorInfo Envoy adds to a reply of its own."""
+    [info] = error["details"]  # type: ignore[misc]
+    assert info["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+    assert (info["domain"], info["metadata"]) == ("agentlab.v1", {"source": "gateway"})
+    return str(info["reason"])
 
 
 @pytest.mark.parametrize(
@@ -88,6 +97,7 @@ def test_unknown_route_is_404_with_a_json_body(echo_stack: Stack, method: str, p
     assert answer.status_code == 404, answer.text
     assert answer.headers["content-type"].startswith("application/json")
     assert answer.json()["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert gateway_reason(answer.json()) == "NOT_FOUND"
 
 
 def test_a_body_over_the_limit_is_413_with_a_json_body(echo_stack: Stack) -> None:
@@ -96,6 +106,7 @@ def test_a_body_over_the_limit_is_413_with_a_json_body(echo_stack: Stack) -> Non
     )
     assert answer.status_code == 413, answer.text
     assert answer.json()["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert gateway_reason(answer.json()) == "REQUEST_TOO_LARGE"
 
 
 def test_service_down_is_503_json_and_recovers(echo_stack: Stack) -> None:
@@ -109,6 +120,7 @@ def test_service_down_is_503_json_and_recovers(echo_stack: Stack) -> None:
     assert down.status_code == 503, down.text
     assert down.headers["content-type"].startswith("application/json")
     assert down.json()["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert gateway_reason(down.json()) == "UNAVAILABLE"
 
     stream = httpx.post(f"{echo_stack.url}/api/v1/orchestrate", json={"prompt": "a"}, timeout=10)
     assert stream.status_code == 503

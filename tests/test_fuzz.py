@@ -236,7 +236,11 @@ def test_unknown_query_parameter_is_a_client_error(
     fuzz_stack: Stack, method: str, path: str
 ) -> None:
     answer = httpx.request(method, f"{fuzz_stack.url}{path}", json={"prompt": "hi"}, timeout=10)
-    assert answer.status_code < 500, answer.text
+    assert answer.status_code == 400, answer.text
+    error = answer.json()
+    assert error["code"] == 3
+    assert "bogus" in error["message"]
+    assert error["details"][0]["reason"] == "INVALID_ARGUMENT"
 
 
 def test_watch_after_the_final_event_ends(fuzz_stack: Stack, execution_ids: list[str]) -> None:

@@ -134,7 +134,9 @@ async def test_a_browser_reads_the_promised_headers_on_success_and_on_envoys_429
         assert limited is not None, "the bucket of 3 never ran out"
     assert limited["headers"]["retry-after"] == "5"
     assert_request_id(limited["headers"])
-    assert json.loads(limited["body"]) == {"code": 8, "message": "local_rate_limited"}
+    body = json.loads(limited["body"])
+    assert (body["code"], body["message"]) == (8, "local_rate_limited")
+    assert body["details"][0]["reason"] == "RATE_LIMITED"
 
 
 async def test_a_browser_reads_retry_after_on_the_services_429(

@@ -353,7 +353,18 @@ def test_each_client_address_has_its_own_rate_limit_and_health_has_none(
         limited = next(answer for answer in answers if answer.status_code == 429)
         assert limited.headers["content-type"].startswith("application/json")
         assert limited.headers["retry-after"] == "1"
-        assert limited.json() == {"code": RESOURCE_EXHAUSTED, "message": "local_rate_limited"}
+        assert limited.json() == {
+            "code": RESOURCE_EXHAUSTED,
+            "message": "local_rate_limited",
+            "details": [
+                {
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "RATE_LIMITED",
+                    "domain": "agentlab.v1",
+                    "metadata": {"source": "gateway"},
+                }
+            ],
+        }
         assert client.post(f"{url}/api/v1/execute", json={"prompt": "hi"}).status_code == 429
 
         # Health answers however empty the bucket is.
