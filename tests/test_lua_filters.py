@@ -132,6 +132,13 @@ def test_the_blank_line_split_between_chunks() -> None:
     assert out == [b"", b"retry: 1000\nid: 1\n" + first + b"id: 2\n" + message(2)]
 
 
+def test_a_streams_own_failure_event_gets_no_id() -> None:
+    """Sequence 0 is not an event of the execution: the browser's
+    Last-Event-ID must stay at the last one it can resume after."""
+    out = b"".join(rewrite([message(1) + message(0, "failed")]))
+    assert out == b"retry: 1000\nid: 1\n" + message(1) + message(0, "failed")
+
+
 def test_other_responses_are_left_alone() -> None:
     body = b'{"code":3,"message":"x"}'
     assert rewrite([body], "application/json") == [body]

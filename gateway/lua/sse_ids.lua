@@ -18,7 +18,9 @@ local RETRY_MS = 1000
 local function with_id(message, first)
   local retry = first and ("retry: " .. RETRY_MS .. "\n") or ""
   local sequence = string.match(message, '"sequence":%s*(%d+)')
-  if sequence == nil then
+  -- 0: a stream's own failure event, not stored; the browser's
+  -- Last-Event-ID stays at the last event it can resume after.
+  if sequence == nil or sequence == "0" then
     return retry .. message .. "\n\n"
   end
   return retry .. "id: " .. sequence .. "\n" .. message .. "\n\n"

@@ -127,8 +127,8 @@ class MapErrors(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     A stream that sent an event already cannot change its HTTP status for a
     REST client behind Envoy, so it first sends a final ``execution_failed``
-    event carrying the same status (numbered after the last event sent, with
-    the steps this stream reported finished), as the runner does for a
+    event carrying the same status (sequence 0: not stored, not part of the
+    execution's history; with the steps this stream reported finished), as the runner does for a
     failing lab; then the call ends with that status for gRPC clients. After
     a final event (completed or failed), only the status follows.
     """
@@ -201,7 +201,10 @@ class _Sent:
             return None
         if event.WhichOneof("kind") in ("execution_completed", "execution_failed"):
             return None
-        final = pb.ExecutionEvent(sequence=event.sequence + 1, execution_id=event.execution_id)
+        # Sequence 0: this event is the stream's, not the execution's (it is
+        # not stored, and the execution may go on); a number would clash with
+        # the stored event that later takes it, and mislead a resume.
+        final = pb.ExecutionEvent(sequence=0, execution_id=event.execution_id)
         final.time.GetCurrentTime()
         final.execution_failed.error.CopyFrom(to_rpc_status(error))
         final.execution_failed.flow.extend(self._steps)
