@@ -1,7 +1,8 @@
 """agentlab.v1.LabService: decode the request, call the use case, encode.
 
-Errors leave through ``errors.abort`` or are raised to interceptors.MapErrors,
-which makes any other exception INTERNAL. In a stream, an error that happens
+Errors are raised to interceptors.MapErrors, the one place they become
+statuses (an AgentLabError its own, anything else INTERNAL); a stored
+execution's error leaves through ``errors.abort_with_status``. In a stream, an error that happens
 after the first event travels as a final ExecutionFailed event first, because
 a REST client behind Envoy cannot see a status that follows a response body.
 """
@@ -60,8 +61,6 @@ class LabServicer(svc_grpc.LabServiceServicer):
                 record = submitted.record
                 return pb.ExecuteResponse(execution_id=record.id, state=convert.state(record.state))
             final = await self._executions.outcome(submitted.record.id)
-        except AgentLabError as error:
-            await abort(context, error)
         finally:
             if submitted is not None and tied_to_call and final is None:
                 await self._cancel_quietly(submitted.record.id)
@@ -109,10 +108,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
     async def GetExecution(
         self, request: svc.GetExecutionRequest, context: Context
     ) -> svc.GetExecutionResponse:
-        try:
-            record = await self._executions.get(request.execution_id, current_caller())
-        except AgentLabError as error:
-            await abort(context, error)
+        record = await self._executions.get(request.execution_id, current_caller())
         return svc.GetExecutionResponse(
             execution=convert.execution(record, request.view or pb.EXECUTION_VIEW_FULL)
         )
@@ -120,19 +116,13 @@ class LabServicer(svc_grpc.LabServiceServicer):
     async def ListExecutions(
         self, request: svc.ListExecutionsRequest, context: Context
     ) -> svc.ListExecutionsResponse:
-        try:
-            page_size = paging.page_size(request.page_size)
-            after = paging.decode(request.page_token)
-            state = convert.STATES.get(request.state) if request.state else None
-            records, cursor = await self._executions.page(
-                page_size=page_size,
-                after=after,
-                model=request.model or None,
-                state=state,
-                caller=current_caller(),
-            )
-        except AgentLabError as error:
-            await abort(context, error)
+        records, cursor = await self._executions.page(
+            page_size=paging.page_size(request.page_size),
+            after=paging.decode(request.page_token),
+            model=request.model or None,
+            state=convert.STATES.get(request.state) if request.state else None,
+            caller=current_caller(),
+        )
         view = request.view or pb.EXECUTION_VIEW_BASIC
         page = sizing.page(convert.execution(record, view) for record in records)
         if len(page) < len(records):  # cut by size: the next page starts after it
@@ -142,10 +132,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
     async def CancelExecution(
         self, request: svc.CancelExecutionRequest, context: Context
     ) -> svc.CancelExecutionResponse:
-        try:
-            record = await self._executions.cancel(request.execution_id, current_caller())
-        except AgentLabError as error:
-            await abort(context, error)
+        record = await self._executions.cancel(request.execution_id, current_caller())
         return svc.CancelExecutionResponse(execution=convert.execution(record))
 
     async def WatchExecution(
