@@ -53,7 +53,7 @@ class NewExecution:
     # The process that runs it, and when that process last said so.
     owner: str
     # The request's fingerprint (executions.fingerprint): what request_id
-    # is bound to.
+    # is bound to; "" without a request_id.
     fingerprint: str = ""
 
 
@@ -79,8 +79,8 @@ class ExecutionRecord:
     # when it failed or was cancelled.
     result: bytes | None
     error: bytes | None
-    # "" for records made before the store kept it: executions.fingerprint
-    # then computes it from the fields above.
+    # "" without a request_id, and for records made before the store kept
+    # it: executions.fingerprint then computes it from the fields above.
     fingerprint: str = ""
 
 

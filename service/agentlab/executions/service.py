@@ -176,11 +176,17 @@ class Executions:
         a recorded key is never refused for the limits. The key is bound to
         the request it came with: a different request raises
         IdempotencyKeyReused."""
-        work = fingerprint(
-            mode=task.mode.value,
-            model=task.model,
-            prompt=task.prompt,
-            options=_options(task.options),
+        # Only a key is bound to its request: a call without one is never
+        # looked up again, so its fingerprint is not worth computing.
+        work = (
+            fingerprint(
+                mode=task.mode.value,
+                model=task.model,
+                prompt=task.prompt,
+                options=_options(task.options),
+            )
+            if request_id
+            else ""
         )
         if request_id and (known := await self._store.find(caller, request_id)) is not None:
             return _attach(known, work)
