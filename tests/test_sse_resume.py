@@ -52,6 +52,19 @@ def events_with_ids(text: str) -> list[tuple[int, dict[str, Any]]]:
     return found
 
 
+def post_orchestrate(stack: Stack, body: dict[str, Any]) -> str:
+    """The SSE text of Orchestrate's POST binding for ``body``."""
+    return curl(
+        "-X",
+        "POST",
+        f"{stack.url}/api/v1/orchestrate",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        json.dumps(body),
+    )
+
+
 def orchestrate_url(stack: Stack, **extra: str) -> str:
     query = {"prompt": PROMPT, "model": "echo", "mode": "EXECUTION_MODE_INFERENCE", **extra}
     return f"{stack.url}/api/v1/orchestrate?{urlencode(query)}"
@@ -66,14 +79,8 @@ def error_of(text: str) -> tuple[int, list[dict[str, str]]]:
 def test_every_event_carries_its_sequence_as_id(echo_stack: Stack) -> None:
     get = events_with_ids(curl(orchestrate_url(echo_stack)))
     post = events_with_ids(
-        curl(
-            "-X",
-            "POST",
-            f"{echo_stack.url}/api/v1/orchestrate",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            json.dumps({"prompt": PROMPT, "model": "echo", "mode": "EXECUTION_MODE_INFERENCE"}),
+        post_orchestrate(
+            echo_stack, {"prompt": PROMPT, "model": "echo", "mode": "EXECUTION_MODE_INFERENCE"}
         )
     )
     # execution_started, node_started, a token per word, node_finished, completed
@@ -194,21 +201,9 @@ def test_ids_survive_events_split_across_chunks(echo_stack: Stack) -> None:
     # 32,000-character maximum), through Envoy: an id on every event, the
     # JSON intact. test_lua_filters.py cuts a stream at every point.
     prompt = " ".join(f"w{i:05d}" for i in range(3000)) + " " + "x" * 10000
-    text = curl(
-        "-X",
-        "POST",
-        f"{echo_stack.url}/api/v1/orchestrate",
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        json.dumps(
-            {
-                "prompt": prompt,
-                "model": "echo",
-                "mode": "EXECUTION_MODE_INFERENCE",
-                "max_tokens": 3001,
-            }
-        ),
+    text = post_orchestrate(
+        echo_stack,
+        {"prompt": prompt, "model": "echo", "mode": "EXECUTION_MODE_INFERENCE", "max_tokens": 3001},
     )
     events = events_with_ids(text)
     assert [i for i, _ in events] == list(range(1, 3001 + 5))
