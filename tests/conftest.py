@@ -16,7 +16,7 @@ import pytest
 from agentlab.config import Settings
 from agentlab.devstack import ROOT, EnvoyProcess, Ports, Stack, free_port
 from agentlab.lab.registry import LabRegistry
-from agentlab.server import Gateway
+from agentlab.server import Server
 
 BIN = Path(sys.executable).parent
 
@@ -59,7 +59,7 @@ def echo_stack(tmp_path: Path) -> Iterator[Stack]:
 class InProcess:
     """A server running in the test's event loop, with Envoy in front."""
 
-    gateway: Gateway
+    server: Server
     envoy: EnvoyProcess
 
     @property
@@ -68,27 +68,27 @@ class InProcess:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.gateway.port}"
+        return f"127.0.0.1:{self.server.port}"
 
 
 async def serve_in_process(registry: LabRegistry, tmp_path: Path) -> AsyncIterator[InProcess]:
     """Serve ``registry`` from this event loop behind a real Envoy. Clients in
     such tests must be async: a blocking call would stall the server."""
     port = free_port()
-    gateway = Gateway.create(
+    server = Server.create(
         Settings(grpc_address=f"127.0.0.1:{port}", data_dir=tmp_path / "data"), registry
     )
-    await gateway.start()
+    await server.start()
     envoy = EnvoyProcess(
         ports=Ports(gateway=free_port(), service=port, admin=free_port()),
         output=(tmp_path / "envoy.log").open("wb"),
     )
     try:
         envoy.start()
-        yield InProcess(gateway, envoy)
+        yield InProcess(server, envoy)
     finally:
         envoy.stop()
-        await gateway.stop(0)
+        await server.stop(0)
 
 
 def run(

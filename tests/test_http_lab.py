@@ -4,7 +4,7 @@ not, its errors as domain errors, outages and restarts, and cancellation
 that reaches the lab service's model.
 
 Labs that must be slow or fail on cue are served in-process by the same
-``LabService`` app."""
+``LabServer`` app."""
 
 from __future__ import annotations
 
@@ -41,10 +41,10 @@ from agentlab.lab.base import (
     Usage,
 )
 from agentlab.lab.echo import EchoModel
-from agentlab.lab.embedded import EmbeddedLab
 from agentlab.lab.graph import NODES
+from agentlab.lab.graph_lab import GraphLab
 from agentlab.lab.http_lab import HttpLabBackend
-from agentlab.labservice.app import ANY_MODEL, LabService, listen
+from agentlab.labservice.app import ANY_MODEL, LabServer, listen
 
 ECHO = {"AGENTLAB_DEFAULT_BACKEND": "echo"}
 PROMPT = "the quick brown fox jumps over the lazy dog"
@@ -124,7 +124,7 @@ async def test_same_result_as_the_embedded_lab(
         remote = await runner(await started(backend.lab("some-model"))).execute(task(mode=mode))
     finally:
         await backend.close()
-    local = await runner(await started(EmbeddedLab(EchoModel()))).execute(task(mode=mode))
+    local = await runner(await started(GraphLab(EchoModel()))).execute(task(mode=mode))
 
     assert shape(remote) == shape(local)
     nodes = ["inference"] if mode is ExecutionMode.INFERENCE else list(NODES)
@@ -296,12 +296,12 @@ class Failing:
 @dataclass
 class Served:
     url: str
-    service: LabService
+    service: LabServer
 
 
 @asynccontextmanager
 async def serve(lab: Lab, *, start: bool = True) -> AsyncIterator[Served]:
-    service = LabService({ANY_MODEL: lab}, default_max_tokens=100)
+    service = LabServer({ANY_MODEL: lab}, default_max_tokens=100)
     if start:
         await service.start()
     app_runner, port = await listen(service, "127.0.0.1", 0)
@@ -316,7 +316,7 @@ async def serve(lab: Lab, *, start: bool = True) -> AsyncIterator[Served]:
 @pytest.fixture
 async def slow() -> AsyncIterator[tuple[SlowEcho, Served]]:
     model = SlowEcho(delay_s=0.05)
-    async with serve(EmbeddedLab(model)) as served:
+    async with serve(GraphLab(model)) as served:
         yield model, served
 
 
@@ -422,7 +422,7 @@ async def test_draining_lets_runs_finish_within_the_grace_only(
 async def test_lab_errors_become_domain_errors(
     error: Exception, expected: type[Exception], message: str, stream: bool
 ) -> None:
-    async with serve(EmbeddedLab(Failing(error))) as served:
+    async with serve(GraphLab(Failing(error))) as served:
         backend = HttpLabBackend("lab", served.url, stream=stream)
         try:
             with pytest.raises(expected) as raised:
@@ -438,7 +438,7 @@ async def test_lab_errors_become_domain_errors(
 
 
 async def test_a_lab_service_still_loading_is_unavailable() -> None:
-    async with serve(EmbeddedLab(EchoModel()), start=False) as served:
+    async with serve(GraphLab(EchoModel()), start=False) as served:
         backend = HttpLabBackend("lab", served.url)
         try:
             with pytest.raises(LabUnavailable, match="HTTP 503"):

@@ -131,7 +131,7 @@ def break_(served: InProcess, fault: str, tmp_path: Path, monkeypatch: pytest.Mo
             db.execute("DROP TABLE execution_events")
             db.execute("DROP TABLE executions")
     elif fault == "models":
-        registry = served.gateway.registry
+        registry = served.server.registry
         assert isinstance(registry, FaultyRegistry)
         registry.fault = RuntimeError(SECRET)
     else:
@@ -139,7 +139,7 @@ def break_(served: InProcess, fault: str, tmp_path: Path, monkeypatch: pytest.Mo
         def serving(service: str = "") -> bool | None:
             raise KeyError(SECRET)
 
-        monkeypatch.setattr(served.gateway.health, "serving", serving)
+        monkeypatch.setattr(served.server.health, "serving", serving)
 
 
 def filled(call: Call, execution_id: str) -> tuple[protobuf_message.Message, str]:
@@ -265,7 +265,7 @@ async def test_a_stream_failing_after_its_first_event_ends_with_execution_failed
     served: InProcess, method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     execution_id = await an_execution(served)
-    executions = served.gateway.executions
+    executions = served.server.executions
     monkeypatch.setattr(executions, "watch", breaking_after_first_step(executions.watch))
     call = CALLS[method]
     request, path = filled(call, execution_id)

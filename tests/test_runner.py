@@ -23,7 +23,7 @@ from agentlab.core.runner import Runner, Stop
 from agentlab.core.types import ExecutionMode, GenerationOptions, StepStatus, Task
 from agentlab.lab.base import ChatMessage, ModelChunk, Route, TextChunk, Usage
 from agentlab.lab.echo import EchoModel
-from agentlab.lab.embedded import EmbeddedLab
+from agentlab.lab.graph_lab import GraphLab
 from agentlab.lab.local import LocalBackend
 from agentlab.lab.registry import ANY_MODEL, LabRegistry
 
@@ -125,7 +125,7 @@ class SlowModel:
 @pytest.mark.parametrize("mode", list(ExecutionMode))
 async def test_a_deadline_stops_the_lab_and_keeps_the_partial_flow(mode: ExecutionMode) -> None:
     model = SlowModel()
-    lab = EmbeddedLab(model)
+    lab = GraphLab(model)
     await lab.start()
     runner = Runner(lambda _: Route(lab, timeout_s=60), default_max_tokens=500)
 
@@ -143,7 +143,7 @@ async def test_a_deadline_stops_the_lab_and_keeps_the_partial_flow(mode: Executi
 
 
 async def test_the_shorter_of_the_callers_and_the_models_timeout_wins() -> None:
-    lab = EmbeddedLab(SlowModel())
+    lab = GraphLab(SlowModel())
     await lab.start()
     runner = Runner(lambda _: Route(lab, timeout_s=0.2), default_max_tokens=500)
     with pytest.raises(DeadlineExceeded, match=r"0\.2 s"):
@@ -155,7 +155,7 @@ async def test_a_stop_request_cancels_the_lab_and_keeps_the_partial_flow(
     mode: ExecutionMode,
 ) -> None:
     model = SlowModel()
-    lab = EmbeddedLab(model)
+    lab = GraphLab(model)
     await lab.start()
     runner = Runner(lambda _: Route(lab), default_max_tokens=500)
     stop = Stop()

@@ -35,7 +35,7 @@ from agentlab.lab.factory import build_registry
 from agentlab.lab.registry import LabRegistry
 from agentlab.v1 import lab_service_pb2, lab_service_pb2_grpc
 
-__all__ = ["LAB_SERVICE", "Gateway", "backend_service", "main"]
+__all__ = ["LAB_SERVICE", "Server", "backend_service", "main"]
 
 logger = logging.getLogger("agentlab")
 
@@ -47,7 +47,7 @@ _DELIVERY_S = 5.0
 
 
 @dataclass
-class Gateway:
+class Server:
     """A bound, not yet started server with everything it serves."""
 
     server: grpc.aio.Server
@@ -59,7 +59,7 @@ class Gateway:
     _monitor: asyncio.Task[None] | None = None
 
     @classmethod
-    def create(cls, settings: Settings, registry: LabRegistry) -> Gateway:
+    def create(cls, settings: Settings, registry: LabRegistry) -> Server:
         # A second server on a taken port must fail, not split the traffic.
         # Errors become statuses in the outermost interceptor, for all the
         # others. The key is checked next: a caller without one learns
@@ -169,27 +169,27 @@ def backend_service(backend: str) -> str:
 
 
 async def serve(settings: Settings) -> None:
-    gateway = Gateway.create(settings, build_registry(settings))
-    await gateway.open()
+    server = Server.create(settings, build_registry(settings))
+    await server.open()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     try:
         logger.info(
-            "gRPC listening on %s (port %d); loading the lab", settings.grpc_address, gateway.port
+            "gRPC listening on %s (port %d); loading the lab", settings.grpc_address, server.port
         )
-        await gateway.start()
+        await server.start()
         logger.info(
             "serving: %s",
             ", ".join(
-                f"{m.name} -> {m.backend}/{m.backend_model}" for m in gateway.registry.models()
+                f"{m.name} -> {m.backend}/{m.backend_model}" for m in server.registry.models()
             ),
         )
         await stopping.wait()
         logger.info("stopping: draining for up to %.0f s", settings.shutdown_grace_s)
     finally:
-        await gateway.stop(settings.shutdown_grace_s)
+        await server.stop(settings.shutdown_grace_s)
     logger.info("stopped")
 
 

@@ -6,7 +6,7 @@ from agentlab.config import ConfigError, Settings
 from agentlab.core.errors import LabUnavailable
 from agentlab.lab.base import ChatModel, Lab
 from agentlab.lab.echo import EchoModel
-from agentlab.lab.embedded import EmbeddedLab
+from agentlab.lab.graph_lab import GraphLab
 from agentlab.lab.llamacpp import LlamaCppModel, bundled_model_path
 
 __all__ = ["ECHO", "LocalBackend", "local_model"]
@@ -41,7 +41,7 @@ class LocalBackend:
 
     def __init__(self, name: str, model: ChatModel) -> None:
         self._name = name
-        self._lab = EmbeddedLab(model)
+        self._lab = GraphLab(model)
 
     @property
     def name(self) -> str:

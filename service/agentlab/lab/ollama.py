@@ -13,7 +13,7 @@ from typing import Any
 
 from agentlab.core.types import GenerationOptions
 from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
-from agentlab.lab.embedded import EmbeddedLab
+from agentlab.lab.graph_lab import GraphLab
 from agentlab.lab.upstream import HttpBackend, Upstream, iter_ndjson
 
 __all__ = ["OllamaBackend", "OllamaChatModel"]
@@ -57,8 +57,8 @@ class OllamaBackend(HttpBackend):
     def chat_model(self, model: str) -> OllamaChatModel:
         return OllamaChatModel(self._upstream, model)
 
-    def lab(self, model: str) -> EmbeddedLab:
-        return EmbeddedLab(self.chat_model(model))
+    def lab(self, model: str) -> GraphLab:
+        return GraphLab(self.chat_model(model))
 
 
 class OllamaChatModel:

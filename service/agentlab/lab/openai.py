@@ -18,7 +18,7 @@ from typing import Any
 
 from agentlab.core.types import GenerationOptions
 from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
-from agentlab.lab.embedded import EmbeddedLab
+from agentlab.lab.graph_lab import GraphLab
 from agentlab.lab.upstream import HttpBackend, Upstream, iter_sse_data
 
 __all__ = ["OpenAIBackend", "OpenAIChatModel"]
@@ -73,8 +73,8 @@ class OpenAIBackend(HttpBackend):
     def chat_model(self, model: str) -> OpenAIChatModel:
         return OpenAIChatModel(self._upstream, model)
 
-    def lab(self, model: str) -> EmbeddedLab:
-        return EmbeddedLab(self.chat_model(model))
+    def lab(self, model: str) -> GraphLab:
+        return GraphLab(self.chat_model(model))
 
 
 class OpenAIChatModel:

@@ -10,7 +10,7 @@ import sys
 
 from agentlab.config import ConfigError, Settings
 from agentlab.core.errors import AgentLabError
-from agentlab.labservice.app import ANY_MODEL, LabService, build_labs, listen
+from agentlab.labservice.app import ANY_MODEL, LabServer, build_labs, listen
 
 __all__ = ["main", "parse_address"]
 
@@ -26,7 +26,7 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 async def serve(settings: Settings, host: str, port: int) -> None:
-    service = LabService(
+    service = LabServer(
         build_labs(settings),
         default_max_tokens=settings.default_max_tokens,
         max_prompt_chars=settings.max_prompt_chars,

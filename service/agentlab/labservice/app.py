@@ -38,11 +38,11 @@ from agentlab.lab.base import (
     Route,
 )
 from agentlab.lab.echo import EchoModel
-from agentlab.lab.embedded import EmbeddedLab
+from agentlab.lab.graph_lab import GraphLab
 from agentlab.lab.local import ECHO, local_model
 from agentlab.v1 import lab_service_pb2
 
-__all__ = ["ANY_MODEL", "ECHO_MODEL", "LabService", "build_labs", "listen"]
+__all__ = ["ANY_MODEL", "ECHO_MODEL", "LabServer", "build_labs", "listen"]
 
 logger = logging.getLogger("agentlab.labservice")
 
@@ -53,13 +53,13 @@ ANY_MODEL = "*"
 def build_labs(settings: Settings) -> dict[str, Lab]:
     """The gateway's local labs, from the same settings: the default model
     under ``ANY_MODEL`` and the echo model under its own name."""
-    echo = EmbeddedLab(EchoModel())
+    echo = GraphLab(EchoModel())
     if settings.default_backend == ECHO_MODEL:
         return {ANY_MODEL: echo, ECHO_MODEL: echo}
-    return {ANY_MODEL: EmbeddedLab(local_model(settings)), ECHO_MODEL: echo}
+    return {ANY_MODEL: GraphLab(local_model(settings)), ECHO_MODEL: echo}
 
 
-class LabService:
+class LabServer:
     """``labs`` by model name; ``ANY_MODEL`` serves every other name."""
 
     def __init__(
@@ -294,7 +294,7 @@ def _error_response(error: AgentLabError) -> web.Response:
     return web.json_response({"error": wire.encode_error(error)}, status=wire.http_status(error))
 
 
-async def listen(service: LabService, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def listen(service: LabServer, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Serve ``service`` on host:port (0 picks one); returns the runner and the
     bound port. Drain the service before the runner's cleanup()."""
     runner = web.AppRunner(
@@ -304,7 +304,7 @@ async def listen(service: LabService, host: str, port: int) -> tuple[web.AppRunn
         # write, and a non-streamed run never.
         handler_cancellation=True,
         access_log=None,  # each run logs its own line, with its events
-        # LabService.drain has already let the runs finish (aiohttp's own
+        # LabServer.drain has already let the runs finish (aiohttp's own
         # drain reads 0 as "forever" and waits up to twice its timeout); this
         # only bounds the 503s answered meanwhile.
         shutdown_timeout=1.0,

@@ -1,8 +1,9 @@
-"""The embedded lab: the default backend, running in the gateway's process.
+"""The lab as a graph run in this process, on any ChatModel.
 
 Inference is one model call; orchestration is the LangGraph graph of
-``agentlab.lab.graph``. Both run on one ``ChatModel``: the local llama.cpp
-model, or the echo model for overhead measurements.
+``agentlab.lab.graph``. Both run on one ``ChatModel``, wherever the model
+itself runs: llama.cpp in this process, echo, Ollama or an OpenAI-compatible
+server.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from agentlab.core.types import ExecutionMode, Task
 from agentlab.lab.base import ChatMessage, ChatModel, LabEvent, LabNodeEnded, LabOutput
 from agentlab.lab.graph import build_graph, model_node
 
-__all__ = ["EmbeddedLab"]
+__all__ = ["GraphLab"]
 
 _INFERENCE_NODE = "inference"
 
 
-class EmbeddedLab:
+class GraphLab:
+    """Runs a task as the lab's graph on one ChatModel: the embedded model,
+    echo, or a remote model of Ollama or an OpenAI-compatible server."""
+
     def __init__(self, model: ChatModel) -> None:
         self._model = model
         self._graph = build_graph(model)
