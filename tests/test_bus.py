@@ -21,7 +21,7 @@ from agentlab.executions.errors import BusUnavailable, SubscriberLagged
 from agentlab.executions.local_bus import LocalBus
 from agentlab.executions.model import EventBus, StoredEvent
 from agentlab.executions.redis_bus import RedisBus
-from tests.services import redis_url
+from tests.helpers.services import redis_url
 
 T = TypeVar("T")
 

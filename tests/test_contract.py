@@ -12,7 +12,7 @@ from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
 
 from agentlab.devstack import ROOT
-from tests.conftest import run, tool
+from tests.helpers.tools import run, tool
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import vendor_protovalidate

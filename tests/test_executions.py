@@ -23,7 +23,7 @@ from agentlab.executions.sqlite_store import SqliteStore
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
-from tests.sse import read_events
+from tests.helpers.sse import read_events
 
 SLOW = {"model": "mistral7b", "max_tokens": 300, "temperature": 0.8}
 

@@ -25,6 +25,7 @@ from grpc_status import rpc_status
 from agentlab.core.errors import ResourceExhausted
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, Task
+from agentlab.devstack import Stack
 from agentlab.executions.local_bus import LocalBus
 from agentlab.executions.model import ExecutionState
 from agentlab.executions.service import Executions
@@ -32,8 +33,7 @@ from agentlab.executions.stores import open_store
 from agentlab.lab.base import LabEvent, LabNodeEnded, LabNodeStarted, LabOutput, LabToken, Route
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
-from tests.conftest import Stack
-from tests.test_errors import details_of
+from tests.helpers.statuses import details_of
 
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 

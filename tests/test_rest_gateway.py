@@ -9,7 +9,8 @@ import re
 import httpx
 import pytest
 
-from tests.conftest import Stack, run, tool
+from agentlab.devstack import Stack
+from tests.helpers.tools import run, tool
 
 FRONTEND_BODY = '{"prompt": "Dime 3 números primos", "model": "mistral7b"}'
 CAMEL_CASE = re.compile(r'"[a-z]+[A-Z]\w*"\s*:')
