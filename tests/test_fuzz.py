@@ -35,6 +35,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from agentlab.api.auth import OPEN_PREFIXES
+from agentlab.config import Settings
 from agentlab.devstack import ROOT, Stack
 from agentlab.v1 import execution_pb2, lab_service_pb2, lab_service_pb2_grpc
 
@@ -477,7 +478,8 @@ def test_request_schemas_carry_the_contract_rules() -> None:
     document = _built_document()
     execute = document["components"]["schemas"]["agentlab.v1.ExecuteRequest"]["properties"]
     assert execute["prompt"]["minLength"] == 1
-    assert execute["prompt"]["maxLength"] == 1_000_000
+    # The service's default maximum, below the contract's (tests/test_limits.py).
+    assert execute["prompt"]["maxLength"] == Settings.max_prompt_chars
     assert "Rule `prompt.not_blank`: must contain at least one" in execute["prompt"]["description"]
     assert (execute["temperature"]["minimum"], execute["temperature"]["maximum"]) == (0, 2)
     assert (execute["max_tokens"]["minimum"], execute["max_tokens"]["maximum"]) == (1, 32768)
