@@ -223,22 +223,39 @@ def test_rest_api(
 
 
 @pytest.mark.parametrize(
-    ("method", "path"),
+    ("method", "path", "request_type"),
     [
-        ("GET", "/api/v1/models?bogus=1"),
-        ("GET", "/api/v1/executions?page_size=5&bogus=1"),
-        ("POST", "/api/v1/execute?bogus=1"),
+        ("GET", "/api/v1/models?bogus=1", "ListModelsRequest"),
+        ("GET", "/api/v1/executions?page_size=5&bogus=1", "ListExecutionsRequest"),
+        ("POST", "/api/v1/execute?bogus=1", "ExecuteRequest"),
+        # The EventSource route: refused before any stream starts.
+        ("GET", "/api/v1/orchestrate?prompt=hi&bogus=1", "OrchestrateRequest"),
     ],
 )
-def test_unknown_query_parameter_is_a_client_error(
-    fuzz_stack: Stack, method: str, path: str
+def test_unknown_query_parameter_is_400_from_the_gateway(
+    fuzz_stack: Stack, method: str, path: str, request_type: str
 ) -> None:
-    answer = httpx.request(method, f"{fuzz_stack.url}{path}", json={"prompt": "hi"}, timeout=10)
+    """README: an unknown query parameter is 400, answered by Envoy with
+    {"code", "message", "details": [ErrorInfo]}: domain agentlab.v1,
+    metadata {"source": "gateway"}, reason INVALID_ARGUMENT, and a message
+    naming the field."""
+    body = {"prompt": "hi"} if method == "POST" else None
+    answer = httpx.request(method, f"{fuzz_stack.url}{path}", json=body, timeout=10)
     assert answer.status_code == 400, answer.text
+    assert answer.headers["content-type"] == "application/json"
     error = answer.json()
-    assert error["code"] == 3
-    assert "bogus" in error["message"]
-    assert error["details"][0]["reason"] == "INVALID_ARGUMENT"
+    assert set(error) == {"code", "message", "details"}, error
+    assert error["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert '"bogus"' in error["message"]
+    assert f"agentlab.v1.{request_type}" in error["message"]
+    assert error["details"] == [
+        {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "INVALID_ARGUMENT",
+            "domain": "agentlab.v1",
+            "metadata": {"source": "gateway"},
+        }
+    ]
 
 
 def test_watch_after_the_final_event_ends(fuzz_stack: Stack, execution_ids: list[str]) -> None:
