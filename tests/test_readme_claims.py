@@ -6,15 +6,27 @@ tests outlive refactors of what is behind them."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
-from dataclasses import fields
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
+import grpc
+import httpx
+import pytest
 import yaml
+from aiohttp import web
 
 from agentlab.config import Settings
-from agentlab.devstack import DEFAULT_PORTS, ENVOY_CONFIG, ROOT
+from agentlab.devstack import DEFAULT_PORTS, ENVOY_CONFIG, ROOT, Stack
+from agentlab.v1 import lab_service_pb2 as svc
+from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
+from tests.helpers.statuses import details_of
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -50,9 +62,9 @@ def test_the_configuration_table_names_every_setting_and_its_default() -> None:
     assert len(table) >= 20, "the table was not found where the test looks"
     assert sorted(table) == sorted(Settings.variables())
     defaults = Settings()
-    for field, variable in zip(fields(Settings), Settings.variables(), strict=True):
+    for setting, variable in zip(fields(Settings), Settings.variables(), strict=True):
         shown = _readme_value(table[variable])
-        actual = getattr(defaults, field.name)
+        actual = getattr(defaults, setting.name)
         if shown is None or actual is None:
             assert shown == actual, variable
         elif isinstance(actual, float):
@@ -60,7 +72,7 @@ def test_the_configuration_table_names_every_setting_and_its_default() -> None:
         else:
             assert str(shown) == str(actual), variable
         # from_env of nothing is the same defaults (no second set of them).
-        assert getattr(Settings.from_env({}), field.name) == actual, variable
+        assert getattr(Settings.from_env({}), setting.name) == actual, variable
 
 
 def _envoy() -> Any:
@@ -135,3 +147,142 @@ def test_envoys_ports_and_limits_are_the_readmes() -> None:
         "tokens_per_fill": int(rate.group(1)),
         "fill_interval": "1s",
     }
+
+
+# --- Backends: the upstream status mapping and when a request is retried -------
+
+
+@dataclass
+class FakeBackend:
+    """An Ollama-compatible server whose /api/chat does what the model name
+    says: "status-NNN" answers HTTP NNN with an Ollama error body, "drop"
+    reads the request and drops the connection, "hang" never answers, any
+    other name streams one word. It counts the chat requests per model."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def start(self, port: int = 0) -> str:
+        app = web.Application()
+        app.router.add_get("/api/tags", self._tags)
+        app.router.add_post("/api/chat", self._chat)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        host, bound = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{bound}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _tags(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": []})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        model = (await request.json())["model"]
+        self.requests[model] += 1
+        if model.startswith("status-"):
+            status = int(model.removeprefix("status-"))
+            return web.json_response({"error": f"the fake says {status}"}, status=status)
+        if model == "drop":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        if model == "hang":
+            await asyncio.sleep(3600)
+        done = {"model": model, "message": {"role": "assistant", "content": "fine"}, "done": True}
+        return web.Response(text=json.dumps(done) + "\n", content_type="application/x-ndjson")
+
+
+def _upstream_mapping() -> dict[str, str]:
+    """HTTP status (or "others") -> gRPC code name, as the README's Backends
+    section words it: "(400/413 → INVALID_ARGUMENT, ..., others → INTERNAL)"."""
+    text = " ".join(README.split())
+    found = re.search(r"picks the code \(([^)]*)\)", text)
+    assert found, "the README no longer states the upstream status mapping"
+    mapping = {}
+    for part in found.group(1).split(", "):
+        statuses, code = part.split(" → ")
+        for status in statuses.split("/"):
+            mapping[status] = code
+    return mapping
+
+
+# gRPC code -> the HTTP status Envoy's transcoder gives it.
+_HTTP_OF = {
+    "INVALID_ARGUMENT": 400,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+    "INTERNAL": 500,
+}
+# Statuses asked about whatever the README lists: a status the code maps
+# and the README does not name must then be INTERNAL, as "others" says.
+_PROBED = ("400", "401", "404", "408", "413", "418", "422", "429", "500", "502", "503", "504")
+
+
+@pytest.fixture
+async def fake_backend() -> AsyncIterator[FakeBackend]:
+    fake = FakeBackend()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+async def _start_with_models(tmp_path: Path, backend_url: str, models: dict[str, str]) -> Stack:
+    """A stack routing each of ``models`` (name -> the backend's model, and
+    options) to one Ollama backend at ``backend_url``."""
+    routing = tmp_path / "models.yaml"
+    lines = "".join(f"  {name}: {{backend: fake, {spec}}}\n" for name, spec in models.items())
+    routing.write_text(
+        f'backends:\n  fake: {{kind: ollama, url: "{backend_url}"}}\nmodels:\n{lines}'
+    )
+    env = {"AGENTLAB_MODELS_FILE": str(routing), "AGENTLAB_HEALTH_INTERVAL_S": "3600"}
+    # In a thread: the fake answers from this event loop meanwhile.
+    return await asyncio.to_thread(Stack.start, tmp_path, env)
+
+
+async def test_a_backends_http_status_picks_the_code_the_readme_says(
+    tmp_path: Path, fake_backend: FakeBackend
+) -> None:
+    mapping = _upstream_mapping()
+    others = mapping.pop("others")
+    assert others == "INTERNAL"
+    statuses = sorted({*mapping, *_PROBED})
+    stack = await _start_with_models(
+        tmp_path,
+        fake_backend.url,
+        {f"s{status}": f'model: "status-{status}"' for status in statuses},
+    )
+    try:
+        async with (
+            httpx.AsyncClient(timeout=30) as client,
+            grpc.aio.insecure_channel(stack.gateway_grpc) as channel,
+        ):
+            stub = svc_grpc.LabServiceStub(channel)
+            for status in statuses:
+                code = mapping.get(status, others)
+                answer = await client.post(
+                    f"{stack.url}/api/v1/execute", json={"prompt": "x", "model": f"s{status}"}
+                )
+                assert answer.status_code == _HTTP_OF[code], (status, answer.text)
+                error = answer.json()
+                assert error["code"] == grpc.StatusCode[code].value[0], (status, error)
+                assert f"the fake says {status}" in error["message"]
+                [info] = details_of(error, "ErrorInfo")
+                assert info["metadata"]["upstream_status"] == status
+                assert info["metadata"]["backend"] == "fake"
+
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await stub.Execute(
+                        svc.ExecuteRequest(prompt="x", model=f"s{status}"), timeout=30
+                    )
+                assert raised.value.code() == grpc.StatusCode[code], status
+    finally:
+        await asyncio.to_thread(stack.stop)
+    # An HTTP error is an answer: never retried.
+    assert fake_backend.requests == Counter({f"status-{s}": 2 for s in statuses})
