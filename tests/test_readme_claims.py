@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, fields
@@ -23,7 +24,7 @@ import yaml
 from aiohttp import web
 
 from agentlab.config import Settings
-from agentlab.devstack import DEFAULT_PORTS, ENVOY_CONFIG, ROOT, Stack
+from agentlab.devstack import DEFAULT_PORTS, ENVOY_CONFIG, ROOT, Stack, free_port
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.helpers.statuses import details_of
@@ -192,7 +193,10 @@ class FakeBackend:
             request.transport.abort()
             return web.Response()
         if model == "hang":
-            await asyncio.sleep(3600)
+            # Until the gateway gives up and closes the connection.
+            while request.transport is not None and not request.transport.is_closing():
+                await asyncio.sleep(0.05)
+            return web.Response()
         done = {"model": model, "message": {"role": "assistant", "content": "fine"}, "done": True}
         return web.Response(text=json.dumps(done) + "\n", content_type="application/x-ndjson")
 
@@ -286,3 +290,64 @@ async def test_a_backends_http_status_picks_the_code_the_readme_says(
         await asyncio.to_thread(stack.stop)
     # An HTTP error is an answer: never retried.
     assert fake_backend.requests == Counter({f"status-{s}": 2 for s in statuses})
+
+
+async def test_a_refused_connection_is_retried_and_the_retry_answers_once(
+    tmp_path: Path,
+) -> None:
+    """ "retried with backoff only when the connection was refused (nothing
+    was sent)": the backend is down at the first attempt and up before the
+    next; the call succeeds, with one request at the backend."""
+    port = free_port()
+    stack = await _start_with_models(tmp_path, f"http://127.0.0.1:{port}", {"late": 'model: "ok"'})
+    fake = FakeBackend()
+    log = tmp_path / f"service-{stack.service.port}.log"
+    retry = f"fake at http://127.0.0.1:{port}: connection refused; retry 1 in"
+    try:
+        before = log.read_text().count(retry)  # the first health check's
+        async with httpx.AsyncClient(timeout=30) as client:
+            call = asyncio.create_task(
+                client.post(f"{stack.url}/api/v1/execute", json={"prompt": "x", "model": "late"})
+            )
+            # Up once the service has seen the refusal and waits to retry.
+            deadline = time.monotonic() + 10
+            while log.read_text().count(retry) == before:
+                assert time.monotonic() < deadline, log.read_text()
+                assert not call.done(), call.result().text
+                await asyncio.sleep(0.01)
+            await fake.start(port)
+            answer = await call
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["output"] == "fine"
+        assert fake.requests == Counter({"ok": 1})
+    finally:
+        await asyncio.to_thread(stack.stop)
+        await fake.stop()
+
+
+@pytest.mark.parametrize(
+    ("model", "options", "code"),
+    [
+        # Accepted, then the connection dropped before an answer.
+        ("drop", "", grpc.StatusCode.UNAVAILABLE),
+        # Accepted, and no answer within the model's timeout.
+        ("hang", "timeout_s: 1", grpc.StatusCode.DEADLINE_EXCEEDED),
+    ],
+)
+async def test_a_request_the_backend_accepted_is_never_retried(
+    tmp_path: Path, fake_backend: FakeBackend, model: str, options: str, code: grpc.StatusCode
+) -> None:
+    stack = await _start_with_models(
+        tmp_path, fake_backend.url, {model: f'model: "{model}", {options}'.rstrip(", ")}
+    )
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            answer = await client.post(
+                f"{stack.url}/api/v1/execute", json={"prompt": "x", "model": model}
+            )
+            assert answer.json()["code"] == code.value[0], answer.text
+            # Time for any retry to reach the backend (backoff 0.1 s, 0.2 s).
+            await asyncio.sleep(1.0)
+    finally:
+        await asyncio.to_thread(stack.stop)
+    assert fake_backend.requests == Counter({model: 1})
