@@ -12,7 +12,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from agentlab.config import Settings
 from agentlab.devstack import DEFAULT_PORTS, ENVOY_CONFIG, ROOT, Stack, free_port
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
+from tests.helpers.sse import aread_events
 from tests.helpers.statuses import details_of
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -168,7 +169,7 @@ class FakeBackend:
         app = web.Application()
         app.router.add_get("/api/tags", self._tags)
         app.router.add_post("/api/chat", self._chat)
-        self._runner = web.AppRunner(app)
+        self._runner = web.AppRunner(app, handler_cancellation=True)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", port).start()
         host, bound = self._runner.addresses[0][:2]
@@ -193,10 +194,8 @@ class FakeBackend:
             request.transport.abort()
             return web.Response()
         if model == "hang":
-            # Until the gateway gives up and closes the connection.
-            while request.transport is not None and not request.transport.is_closing():
-                await asyncio.sleep(0.05)
-            return web.Response()
+            # Until the gateway closes the connection, which cancels this.
+            await asyncio.Event().wait()
         done = {"model": model, "message": {"role": "assistant", "content": "fine"}, "done": True}
         return web.Response(text=json.dumps(done) + "\n", content_type="application/x-ndjson")
 
@@ -351,3 +350,82 @@ async def test_a_request_the_backend_accepted_is_never_retried(
     finally:
         await asyncio.to_thread(stack.stop)
     assert fake_backend.requests == Counter({model: 1})
+
+
+# --- Executions: a client leaving cancels by default --------------------------
+
+# Sixty words at 50 ms, three nodes: about 9 s if nothing cancels it.
+_LONG = " ".join(f"w{i}" for i in range(60))
+
+
+@pytest.fixture
+def slow_echo(tmp_path: Path) -> Iterator[Stack]:
+    stack = Stack.start(
+        tmp_path, {"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_ECHO_TOKEN_DELAY_S": "0.05"}
+    )
+    yield stack
+    stack.stop()
+
+
+async def _final_state(stack: Stack, execution_id: str, timeout_s: float = 20.0) -> dict[str, Any]:
+    """The execution once it has ended, as GetExecution shows it."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=10) as client:
+        while True:
+            answer = await client.get(f"{stack.url}/api/v1/executions/{execution_id}")
+            assert answer.status_code == 200, answer.text
+            execution: dict[str, Any] = answer.json()["execution"]
+            if execution["state"] not in ("EXECUTION_STATE_QUEUED", "EXECUTION_STATE_RUNNING"):
+                return execution
+            assert time.monotonic() < deadline, execution
+            await asyncio.sleep(0.05)
+
+
+def _assert_cancelled_with_its_flow(execution: dict[str, Any]) -> None:
+    assert execution["state"] == "EXECUTION_STATE_CANCELLED", execution
+    assert execution["error"]["code"] == grpc.StatusCode.CANCELLED.value[0]
+    flow = execution["result"]["flow"]
+    assert flow, "the flow so far is kept"
+    assert flow[0]["node"] == "plan"
+    assert flow[0]["output"], "the text generated before the client left is kept"
+    assert "STEP_STATUS_CANCELLED" in {step["status"] for step in flow}
+
+
+async def test_an_sse_client_leaving_without_a_request_id_cancels_its_execution(
+    slow_echo: Stack,
+) -> None:
+    """ "DISCONNECT_POLICY_CANCEL (default without a request_id) stops the
+    work when the client goes away"."""
+    async with (
+        httpx.AsyncClient(timeout=30) as client,
+        client.stream(
+            "POST",
+            f"{slow_echo.url}/api/v1/orchestrate",
+            json={"prompt": _LONG, "model": "mistral7b"},
+        ) as response,
+    ):
+        assert response.status_code == 200
+        deltas = 0
+        async for received in aread_events(response):
+            execution_id = received.event["execution_id"]
+            deltas += "token_delta" in received.event
+            if deltas == 3:
+                break  # and leave: the stream is closed here
+    _assert_cancelled_with_its_flow(await _final_state(slow_echo, execution_id))
+
+
+async def test_a_grpc_client_cancelling_its_stream_cancels_its_execution(
+    slow_echo: Stack,
+) -> None:
+    async with grpc.aio.insecure_channel(slow_echo.gateway_grpc) as channel:
+        call = svc_grpc.LabServiceStub(channel).Orchestrate(
+            svc.OrchestrateRequest(prompt=_LONG, model="mistral7b"), timeout=30
+        )
+        deltas = 0
+        async for message in call:
+            execution_id = message.event.execution_id
+            deltas += message.event.HasField("token_delta")
+            if deltas == 3:
+                break
+        call.cancel()
+    _assert_cancelled_with_its_flow(await _final_state(slow_echo, execution_id))
