@@ -25,8 +25,10 @@ from aiohttp import web
 
 from agentlab.config import Settings
 from agentlab.devstack import DEFAULT_PORTS, ENVOY_CONFIG, ROOT, Stack, free_port
+from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
+from tests.helpers.fake_ollama import FakeOllama
 from tests.helpers.sse import aread_events
 from tests.helpers.statuses import details_of
 
@@ -429,3 +431,81 @@ async def test_a_grpc_client_cancelling_its_stream_cancels_its_execution(
                 break
         call.cancel()
     _assert_cancelled_with_its_flow(await _final_state(slow_echo, execution_id))
+
+
+# --- Idempotency: concurrent streams with one request_id ----------------------
+
+
+@pytest.fixture
+async def slow_ollama() -> AsyncIterator[FakeOllama]:
+    # Five words at 0.2 s: every call below arrives while the first runs.
+    fake = FakeOllama(models=["mistral:7b"], delay_s=0.2)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+async def test_concurrent_streams_with_one_request_id_share_one_execution(
+    tmp_path: Path, slow_ollama: FakeOllama
+) -> None:
+    """ "the same key again ... attaches to it instead of starting another:
+    ... Orchestrate streams it from its first event, concurrent calls
+    included": REST and gRPC streams racing with one key get one execution,
+    one model call, and every event of it from the first, once."""
+    stack = await _start_with_models(
+        tmp_path, slow_ollama.url, {"mistral7b": 'model: "mistral:7b"'}
+    )
+    body = {
+        "prompt": "Name three colours.",
+        "model": "mistral7b",
+        "mode": "EXECUTION_MODE_INFERENCE",
+        "request_id": "together-streaming",
+    }
+
+    async def rest(client: httpx.AsyncClient) -> list[dict[str, Any]]:
+        async with client.stream("POST", f"{stack.url}/api/v1/orchestrate", json=body) as answer:
+            assert answer.status_code == 200
+            return [received.event async for received in aread_events(answer)]
+
+    async def native(stub: svc_grpc.LabServiceStub) -> list[tuple[int, str, str]]:
+        request = svc.OrchestrateRequest(
+            prompt=body["prompt"],
+            model=body["model"],
+            mode=pb.EXECUTION_MODE_INFERENCE,
+            request_id=body["request_id"],
+        )
+        return [
+            (m.event.sequence, m.event.WhichOneof("kind") or "", m.event.execution_id)
+            async for m in stub.Orchestrate(request, timeout=30)
+        ]
+
+    try:
+        async with (
+            httpx.AsyncClient(timeout=30) as client,
+            grpc.aio.insecure_channel(stack.gateway_grpc) as channel,
+        ):
+            stub = svc_grpc.LabServiceStub(channel)
+            streams = await asyncio.gather(
+                *(rest(client) for _ in range(6)), *(native(stub) for _ in range(2))
+            )
+            listed = await client.get(f"{stack.url}/api/v1/executions", params={"page_size": 100})
+    finally:
+        await asyncio.to_thread(stack.stop)
+
+    rest_streams: list[list[dict[str, Any]]] = streams[:6]  # type: ignore[assignment]
+    first = rest_streams[0]
+    assert all(stream == first for stream in rest_streams)
+    assert [event["sequence"] for event in first] == list(range(1, len(first) + 1))
+    assert "execution_started" in first[0]
+    assert first[-1]["execution_completed"]["result"]["output"] == "".join(slow_ollama.words)
+    execution_id = first[0]["execution_id"]
+    kinds = [next(k for k in e if k not in ("sequence", "time", "execution_id")) for e in first]
+    for stream in streams[6:]:
+        assert stream == [
+            (e["sequence"], kind, execution_id) for e, kind in zip(first, kinds, strict=True)
+        ]
+    [execution] = [
+        e for e in listed.json()["executions"] if e.get("request_id") == "together-streaming"
+    ]
+    assert execution["execution_id"] == execution_id
+    assert len(slow_ollama.requests) == 1
