@@ -10,6 +10,8 @@ import asyncio
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -509,3 +511,73 @@ async def test_concurrent_streams_with_one_request_id_share_one_execution(
     ]
     assert execution["execution_id"] == execution_id
     assert len(slow_ollama.requests) == 1
+
+
+# --- Routing: "echo" stays reserved ------------------------------------------
+
+
+async def test_echo_stays_reserved_with_a_routing_file(
+    tmp_path: Path, fake_backend: FakeBackend
+) -> None:
+    """ "`echo` stays reserved unless the file names a model `echo`": a file
+    that does not name it still serves it from the echo backend."""
+    stack = await _start_with_models(tmp_path, fake_backend.url, {"mistral7b": 'model: "ok"'})
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            answer = await client.post(
+                f"{stack.url}/api/v1/execute", json={"prompt": "uno dos tres", "model": "echo"}
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["output"] == "uno dos tres"
+            assert answer.json()["metrics"]["backend"] == "echo"
+            unknown = await client.post(
+                f"{stack.url}/api/v1/execute", json={"prompt": "x", "model": "gpt-5"}
+            )
+            assert unknown.status_code == 404
+            assert "echo, mistral7b" in unknown.json()["message"]
+    finally:
+        await asyncio.to_thread(stack.stop)
+    assert fake_backend.requests == Counter()
+
+
+async def test_a_model_the_file_names_echo_is_the_files(
+    tmp_path: Path, fake_backend: FakeBackend
+) -> None:
+    stack = await _start_with_models(tmp_path, fake_backend.url, {"echo": 'model: "ok"'})
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            answer = await client.post(
+                f"{stack.url}/api/v1/execute", json={"prompt": "uno dos tres", "model": "echo"}
+            )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["output"] == "fine"
+        assert answer.json()["metrics"]["backend"] == "fake"
+    finally:
+        await asyncio.to_thread(stack.stop)
+    assert fake_backend.requests == Counter({"ok": 1})
+
+
+def test_a_backend_named_echo_of_another_kind_stops_start_up(tmp_path: Path) -> None:
+    """Without a model named "echo", a backend of that name that is not the
+    echo backend would take the reserved name from it: start-up stops."""
+    routing = tmp_path / "models.yaml"
+    routing.write_text(
+        'backends:\n  echo: {kind: ollama, url: "http://127.0.0.1:9"}\n'
+        "models:\n  mistral7b: {backend: echo}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "agentlab"],
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")},
+            "AGENTLAB_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
+            "AGENTLAB_DATA_DIR": str(tmp_path / "data"),
+            "AGENTLAB_MODELS_FILE": str(routing),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "agentlab: configuration error: " in done.stderr
+    assert "backends.echo: the name 'echo' is reserved for the echo backend" in done.stderr
+    assert not (tmp_path / "data").exists()
