@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -26,11 +27,19 @@ import yaml
 from aiohttp import web
 
 from agentlab.config import Settings
-from agentlab.devstack import DEFAULT_PORTS, ENVOY_CONFIG, ROOT, Stack, free_port
+from agentlab.devstack import (
+    DEFAULT_PORTS,
+    ENVOY_CONFIG,
+    ROOT,
+    ServiceProcess,
+    Stack,
+    free_port,
+)
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.helpers.fake_ollama import FakeOllama
+from tests.helpers.services import postgres_schema, postgres_url, redis_url
 from tests.helpers.sse import aread_events
 from tests.helpers.statuses import details_of
 
@@ -581,3 +590,110 @@ def test_a_backend_named_echo_of_another_kind_stops_start_up(tmp_path: Path) -> 
     assert "agentlab: configuration error: " in done.stderr
     assert "backends.echo: the name 'echo' is reserved for the echo backend" in done.stderr
     assert not (tmp_path / "data").exists()
+
+
+# --- Replicas: a dead process's executions are taken over ---------------------
+
+
+_LEASE_S = 2.0
+_HEARTBEAT_S = 0.2
+
+
+@pytest.fixture
+def two_replicas(tmp_path: Path) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
+    """Two service processes on one PostgreSQL schema and one Redis, each
+    running one execution at a time (a second one waits QUEUED), the echo
+    backend taking 0.1 s a word."""
+    with postgres_schema("takeover") as schema:
+        env = {
+            # asyncpg passes unknown query parameters on as server settings.
+            "AGENTLAB_DATABASE_URL": f"{postgres_url()}?search_path={schema}",
+            "AGENTLAB_REDIS_URL": redis_url(),
+            "AGENTLAB_DEFAULT_BACKEND": "echo",
+            "AGENTLAB_ECHO_TOKEN_DELAY_S": "0.1",
+            "AGENTLAB_MAX_RUNNING_EXECUTIONS": "1",
+            "AGENTLAB_EXECUTION_HEARTBEAT_S": str(_HEARTBEAT_S),
+            "AGENTLAB_EXECUTION_LEASE_S": str(_LEASE_S),
+        }
+        doomed = ServiceProcess(
+            port=free_port(), env=env, output=(tmp_path / "doomed.log").open("wb")
+        )
+        survivor = ServiceProcess(
+            port=free_port(), env=env, output=(tmp_path / "survivor.log").open("wb")
+        )
+        try:
+            doomed.start()
+            survivor.start()
+            yield doomed, survivor
+        finally:
+            survivor.stop()
+            doomed.stop()
+            for process in (doomed, survivor):
+                assert process.output is not None
+                process.output.close()
+
+
+async def test_a_killed_replicas_executions_are_taken_over_by_the_survivor(
+    two_replicas: tuple[ServiceProcess, ServiceProcess],
+) -> None:
+    """ "once its heartbeat is older than AGENTLAB_EXECUTION_LEASE_S, another
+    process ... marks its running executions FAILED (UNAVAILABLE, ..., the
+    completed steps kept) and runs its queued background ones"."""
+    doomed, survivor = two_replicas
+    async with (
+        grpc.aio.insecure_channel(doomed.address) as doomed_channel,
+        grpc.aio.insecure_channel(survivor.address) as survivor_channel,
+    ):
+        on_doomed = svc_grpc.LabServiceStub(doomed_channel)
+        on_survivor = svc_grpc.LabServiceStub(survivor_channel)
+        # Three nodes of 30 words at 0.1 s: 9 s if nothing stops it.
+        running = await on_doomed.Execute(
+            svc.ExecuteRequest(
+                prompt=" ".join(f"w{i}" for i in range(30)),
+                mode=pb.EXECUTION_MODE_ORCHESTRATION,
+                background=True,
+            ),
+            timeout=10,
+        )
+        queued = await on_doomed.Execute(
+            svc.ExecuteRequest(prompt="left in the queue", background=True), timeout=10
+        )
+        assert queued.state == pb.EXECUTION_STATE_QUEUED
+        # Killed once the first node has finished: a step to keep.
+        async for message in on_doomed.WatchExecution(
+            svc.WatchExecutionRequest(execution_id=running.execution_id), timeout=30
+        ):
+            if message.event.HasField("node_finished"):
+                break
+        assert doomed.proc is not None
+        doomed.proc.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        doomed.proc.wait()
+
+        async def get(execution_id: str) -> pb.Execution:
+            answer = await on_survivor.GetExecution(
+                svc.GetExecutionRequest(execution_id=execution_id), timeout=10
+            )
+            return answer.execution
+
+        while (failed := await get(running.execution_id)).state == pb.EXECUTION_STATE_RUNNING:
+            assert time.monotonic() - killed_at < _LEASE_S + 5, "not taken over"
+            await asyncio.sleep(0.05)
+        taken_after = time.monotonic() - killed_at
+        while (ran := await get(queued.execution_id)).state in (
+            pb.EXECUTION_STATE_QUEUED,
+            pb.EXECUTION_STATE_RUNNING,
+        ):
+            assert time.monotonic() - killed_at < _LEASE_S + 10, "the queued one never ran"
+            await asyncio.sleep(0.05)
+
+    # Not before the lease ran out (the last heartbeat was at most one
+    # interval before the kill), and soon after.
+    assert _LEASE_S - _HEARTBEAT_S - 0.1 <= taken_after < _LEASE_S + 5
+    assert failed.state == pb.EXECUTION_STATE_FAILED
+    assert failed.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "stopped before it finished" in failed.error.message
+    assert [step.node for step in failed.result.flow][:1] == ["plan"]
+    assert failed.result.flow[0].status == pb.STEP_STATUS_SUCCEEDED
+    assert ran.state == pb.EXECUTION_STATE_SUCCEEDED
+    assert ran.result.output == "left in the queue"
