@@ -7,6 +7,7 @@ tests outlive refactors of what is behind them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,12 +27,15 @@ import httpx
 import pytest
 import yaml
 from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentlab.config import Settings
 from agentlab.devstack import (
     DEFAULT_PORTS,
     ENVOY_CONFIG,
     ROOT,
+    EnvoyProcess,
+    Ports,
     ServiceProcess,
     Stack,
     free_port,
@@ -249,14 +254,20 @@ async def fake_backend() -> AsyncIterator[FakeBackend]:
     await fake.stop()
 
 
-async def _start_with_models(tmp_path: Path, backend_url: str, models: dict[str, str]) -> Stack:
+async def _start_with_models(
+    tmp_path: Path, backend_url: str, models: dict[str, str], *, steady: bool = False
+) -> Stack:
     """A stack routing each of ``models`` (name -> the backend's model, and
-    options) to one Ollama backend at ``backend_url``."""
+    options) to one Ollama backend at ``backend_url``; with ``steady`` also a
+    model "steady" on an echo backend, which keeps the gateway serving while
+    that Ollama is down."""
     routing = tmp_path / "models.yaml"
+    backends = f'  fake: {{kind: ollama, url: "{backend_url}"}}\n'
     lines = "".join(f"  {name}: {{backend: fake, {spec}}}\n" for name, spec in models.items())
-    routing.write_text(
-        f'backends:\n  fake: {{kind: ollama, url: "{backend_url}"}}\nmodels:\n{lines}'
-    )
+    if steady:
+        backends += "  up: {kind: echo}\n"
+        lines += "  steady: {backend: up}\n"
+    routing.write_text(f"backends:\n{backends}models:\n{lines}")
     env = {"AGENTLAB_MODELS_FILE": str(routing), "AGENTLAB_HEALTH_INTERVAL_S": "3600"}
     # In a thread: the fake answers from this event loop meanwhile.
     return await asyncio.to_thread(Stack.start, tmp_path, env)
@@ -311,7 +322,9 @@ async def test_a_refused_connection_is_retried_and_the_retry_answers_once(
     was sent)": the backend is down at the first attempt and up before the
     next; the call succeeds, with one request at the backend."""
     port = free_port()
-    stack = await _start_with_models(tmp_path, f"http://127.0.0.1:{port}", {"late": 'model: "ok"'})
+    stack = await _start_with_models(
+        tmp_path, f"http://127.0.0.1:{port}", {"late": 'model: "ok"'}, steady=True
+    )
     fake = FakeBackend()
     log = tmp_path / f"service-{stack.service.port}.log"
     retry = f"fake at http://127.0.0.1:{port}: connection refused; retry 1 in"
@@ -503,7 +516,7 @@ async def test_concurrent_streams_with_one_request_id_share_one_execution(
     finally:
         await asyncio.to_thread(stack.stop)
 
-    rest_streams: list[list[dict[str, Any]]] = streams[:6]  # type: ignore[assignment]
+    rest_streams: list[list[dict[str, Any]]] = streams[:6]
     first = rest_streams[0]
     assert all(stream == first for stream in rest_streams)
     assert [event["sequence"] for event in first] == list(range(1, len(first) + 1))
@@ -674,7 +687,8 @@ async def test_a_killed_replicas_executions_are_taken_over_by_the_survivor(
             answer = await on_survivor.GetExecution(
                 svc.GetExecutionRequest(execution_id=execution_id), timeout=10
             )
-            return answer.execution
+            execution: pb.Execution = answer.execution
+            return execution
 
         while (failed := await get(running.execution_id)).state == pb.EXECUTION_STATE_RUNNING:
             assert time.monotonic() - killed_at < _LEASE_S + 5, "not taken over"
@@ -697,3 +711,138 @@ async def test_a_killed_replicas_executions_are_taken_over_by_the_survivor(
     assert failed.result.flow[0].status == pb.STEP_STATUS_SUCCEEDED
     assert ran.state == pb.EXECUTION_STATE_SUCCEEDED
     assert ran.result.output == "left in the queue"
+
+
+# --- Health: 503 / NOT_SERVING while loading, draining, or with no backend -----
+
+
+async def _grpc_health(address: str, service: str = "") -> str:
+    """The grpc.health.v1 status name, or the gRPC code of a refusal."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=2
+            )
+        except grpc.aio.AioRpcError as error:
+            return str(error.code().name)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+
+
+async def _rest_health(url: str) -> int:
+    async with httpx.AsyncClient(timeout=5) as client:
+        answer = await client.get(f"{url}/api/v1/health")
+    if answer.status_code != 200:
+        # Envoy's or the service's JSON status, never an empty error.
+        assert answer.json()["code"] == grpc.StatusCode.UNAVAILABLE.value[0], answer.text
+    return answer.status_code
+
+
+async def _gateway_health(envoy: EnvoyProcess) -> tuple[str, str, int]:
+    """The gateway's health as a prober sees it through Envoy: gRPC for ""
+    and for agentlab.v1.LabService, and the REST route's HTTP status."""
+    address = f"127.0.0.1:{envoy.ports.gateway}"
+    return (
+        await _grpc_health(address),
+        await _grpc_health(address, "agentlab.v1.LabService"),
+        await _rest_health(envoy.url),
+    )
+
+
+NOT_SERVING = ("NOT_SERVING", "NOT_SERVING", 503)
+SERVING = ("SERVING", "SERVING", 200)
+
+
+async def _until(check: Any, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, f"not {what} within {timeout_s} s"
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Unready:
+    """A service process started without waiting for it to serve, behind an
+    Envoy that was up first."""
+
+    service: ServiceProcess
+    envoy: EnvoyProcess
+    starting: asyncio.Task[ServiceProcess]
+
+
+@asynccontextmanager
+async def _unready(tmp_path: Path, env: dict[str, str]) -> AsyncIterator[Unready]:
+    service = ServiceProcess(
+        port=free_port(),
+        env={"AGENTLAB_DATA_DIR": str(tmp_path / "data"), **env},
+        output=(tmp_path / "service.log").open("wb"),
+    )
+    envoy = EnvoyProcess(
+        ports=Ports(gateway=free_port(), service=service.port, admin=free_port()),
+        output=(tmp_path / "envoy.log").open("wb"),
+    )
+    await asyncio.to_thread(envoy.start)
+    # start() returns once the service serves; meanwhile the test looks.
+    starting = asyncio.create_task(asyncio.to_thread(service.start))
+    try:
+        yield Unready(service, envoy, starting)
+    finally:
+        await asyncio.to_thread(envoy.stop)
+        await asyncio.to_thread(service.stop)
+        with contextlib.suppress(Exception):
+            await starting
+        for process in (service, envoy):
+            assert process.output is not None
+            process.output.close()
+
+
+async def test_the_gateway_is_not_serving_while_every_backend_is_down(tmp_path: Path) -> None:
+    """ "the whole gateway ... serves while any backend of a model other than
+    echo can": Ollama and an OpenAI server both down is NOT_SERVING (503),
+    though echo still answers; one coming back makes it SERVING, and its
+    going again NOT_SERVING."""
+    ollama_port = free_port()
+    routing = tmp_path / "models.yaml"
+    routing.write_text(
+        "backends:\n"
+        f'  ollama: {{kind: ollama, url: "http://127.0.0.1:{ollama_port}"}}\n'
+        f'  vllm: {{kind: openai, url: "http://127.0.0.1:{free_port()}/v1"}}\n'
+        "models:\n"
+        '  mistral7b: {backend: ollama, model: "ok"}\n'
+        "  qwen: {backend: vllm}\n"
+    )
+    env = {"AGENTLAB_MODELS_FILE": str(routing), "AGENTLAB_HEALTH_INTERVAL_S": "0.2"}
+    fake = FakeBackend()
+    async with _unready(tmp_path, env) as started:
+        gateway = f"127.0.0.1:{started.envoy.ports.gateway}"
+
+        async def checked() -> bool:
+            # Echo, always reachable, reports only once the first check ran.
+            return await _grpc_health(gateway, "agentlab.backend.echo") == "SERVING"
+
+        await _until(checked, "checked")
+        for _ in range(5):  # and stays so, check after check
+            assert await _gateway_health(started.envoy) == NOT_SERVING
+            await asyncio.sleep(0.2)
+        for backend in ("ollama", "vllm"):
+            assert await _grpc_health(gateway, f"agentlab.backend.{backend}") == "NOT_SERVING"
+        async with httpx.AsyncClient(timeout=10) as client:
+            echo = await client.post(
+                f"{started.envoy.url}/api/v1/execute", json={"prompt": "hi", "model": "echo"}
+            )
+        assert echo.status_code == 200, echo.text
+
+        await fake.start(ollama_port)
+        try:
+
+            async def serving() -> bool:
+                return await _gateway_health(started.envoy) == SERVING
+
+            await _until(serving, "SERVING once Ollama is up")
+            await started.starting
+        finally:
+            await fake.stop()
+
+        async def not_serving() -> bool:
+            return await _gateway_health(started.envoy) == NOT_SERVING
+
+        await _until(not_serving, "NOT_SERVING once Ollama is gone")
