@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -846,3 +847,136 @@ async def test_the_gateway_is_not_serving_while_every_backend_is_down(tmp_path: 
             return await _gateway_health(started.envoy) == NOT_SERVING
 
         await _until(not_serving, "NOT_SERVING once Ollama is gone")
+
+
+@dataclass
+class FakeLabService:
+    """The lab service's health route only: 503 while it loads, then 200."""
+
+    loading: bool = True
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/orchestrate/", self._health)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if self.loading:
+            return web.json_response({"detail": "the model is loading"}, status=503)
+        return web.json_response({"status": "ok"})
+
+
+async def test_health_is_503_while_the_lab_service_loads(tmp_path: Path) -> None:
+    """ "503 while the lab is loading": the gateway's only lab is a lab
+    service still loading its model."""
+    lab = FakeLabService()
+    await lab.start()
+    routing = tmp_path / "models.yaml"
+    routing.write_text(
+        f'backends:\n  lab: {{kind: http_lab, url: "{lab.url}"}}\n'
+        "models:\n  orchestrator: {backend: lab}\n"
+    )
+    env = {"AGENTLAB_MODELS_FILE": str(routing), "AGENTLAB_HEALTH_INTERVAL_S": "0.2"}
+    try:
+        async with _unready(tmp_path, env) as started:
+            gateway = f"127.0.0.1:{started.envoy.ports.gateway}"
+
+            async def checked() -> bool:
+                return await _grpc_health(gateway, "agentlab.backend.echo") == "SERVING"
+
+            await _until(checked, "checked")
+            for _ in range(3):
+                assert await _gateway_health(started.envoy) == NOT_SERVING
+                await asyncio.sleep(0.2)
+            lab.loading = False
+
+            async def serving() -> bool:
+                return await _gateway_health(started.envoy) == SERVING
+
+            await _until(serving, "SERVING once the lab service has loaded")
+    finally:
+        await lab.stop()
+
+
+@pytest.mark.model
+async def test_the_health_never_serves_before_the_embedded_model_has_loaded(
+    tmp_path: Path,
+) -> None:
+    """The service listens before it loads the model; until the model is
+    loaded its health, through Envoy, is 503 and not SERVING (loading holds
+    the process for a second or so: a probe then waits for its answer), then
+    SERVING and 200."""
+    seen: list[tuple[float, tuple[str, str, int]]] = []
+    async with _unready(tmp_path, {}) as started:
+        while not started.starting.done():
+            with contextlib.suppress(httpx.TimeoutException):
+                health = await _gateway_health(started.envoy)
+                seen.append((time.time(), health))
+        await started.starting
+        seen.append((time.time(), await _gateway_health(started.envoy)))
+    log = (tmp_path / "service.log").read_text()
+    stamp = re.search(r"^(\S+ \S+) INFO agentlab\.lab\.llamacpp: loaded ", log, re.MULTILINE)
+    assert stamp, log
+    loaded_at = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    before = [health for answered, health in seen if answered < loaded_at]
+    assert before, "no answer while loading"
+    assert all(h[0] != "SERVING" and h[1] != "SERVING" and h[2] == 503 for h in before), seen
+    assert seen[-1][1] == SERVING, seen
+
+
+async def test_health_is_503_while_draining(tmp_path: Path) -> None:
+    """ "503 while the lab is ... draining": on SIGTERM with an execution
+    running and a grace period, a health watcher hears NOT_SERVING and the
+    REST route answers 503 while the execution still runs."""
+    stack = await asyncio.to_thread(
+        Stack.start,
+        tmp_path,
+        {
+            "AGENTLAB_DEFAULT_BACKEND": "echo",
+            "AGENTLAB_ECHO_TOKEN_DELAY_S": "0.05",
+            "AGENTLAB_SHUTDOWN_GRACE_S": "30",
+        },
+    )
+    assert stack.service.proc is not None
+    try:
+        async with (
+            grpc.aio.insecure_channel(stack.service_grpc) as channel,
+            grpc.aio.insecure_channel(stack.gateway_grpc) as through_envoy,
+        ):
+            watches = [
+                health_pb2_grpc.HealthStub(c).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+                for c in (channel, through_envoy)
+            ]
+            for watch in watches:
+                assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            stream = svc_grpc.LabServiceStub(channel).Orchestrate(
+                svc.OrchestrateRequest(prompt=" ".join(["w"] * 20), model="mistral7b"),
+                timeout=30,
+            )
+            assert (await stream.read()).event.HasField("execution_started")
+
+            stack.service.proc.send_signal(signal.SIGTERM)
+            for watch in watches:
+                assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await _rest_health(stack.url) == 503
+            assert await _grpc_health(stack.gateway_grpc) in ("NOT_SERVING", "UNAVAILABLE")
+            # Draining, not gone: the execution is still being streamed.
+            assert stack.service.proc.poll() is None
+            last = None
+            while (message := await stream.read()) is not grpc.aio.EOF:
+                last = message
+        assert last is not None
+        assert last.event.HasField("execution_completed")
+        assert await asyncio.to_thread(stack.service.proc.wait, 30) == 0
+    finally:
+        await asyncio.to_thread(stack.stop)
