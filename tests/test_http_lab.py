@@ -24,22 +24,19 @@ import pytest
 from aiohttp import web
 
 from agentlab.core.errors import InvalidArgument, LabFailed, LabUnavailable
-from agentlab.core.runner import Runner
-from agentlab.core.types import ExecutionMode, GenerationOptions, Result, Task
-from agentlab.devstack import LabServiceProcess, free_port
-from agentlab.lab.base import (
-    ChatMessage,
+from agentlab.core.ports import (
     Lab,
     LabEvent,
     LabNodeEnded,
     LabNodeStarted,
     LabOutput,
     LabToken,
-    ModelChunk,
     Route,
-    TextChunk,
-    Usage,
 )
+from agentlab.core.runner import Runner
+from agentlab.core.types import ExecutionMode, GenerationOptions, Result, Task
+from agentlab.devstack import LabServiceProcess, free_port
+from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
 from agentlab.lab.echo import EchoModel
 from agentlab.lab.graph import NODES
 from agentlab.lab.graph_lab import GraphLab

@@ -23,13 +23,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from agentlab.core.errors import ResourceExhausted
+from agentlab.core.ports import LabEvent, LabNodeEnded, LabNodeStarted, LabOutput, LabToken, Route
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, Task
 from agentlab.executions.local_bus import LocalBus
 from agentlab.executions.model import ExecutionState
 from agentlab.executions.service import Executions
 from agentlab.executions.stores import open_store
-from agentlab.lab.base import LabEvent, LabNodeEnded, LabNodeStarted, LabOutput, LabToken, Route
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.conftest import Stack

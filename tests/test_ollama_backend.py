@@ -11,10 +11,11 @@ from contextlib import aclosing
 import pytest
 
 from agentlab.core.errors import LabFailed, LabUnavailable
+from agentlab.core.ports import Route
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, GenerationOptions, Result, Task
 from agentlab.devstack import free_port
-from agentlab.lab.base import ChatMessage, ModelChunk, Route, TextChunk, Usage
+from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
 from agentlab.lab.ollama import OllamaBackend
 from tests.fake_ollama import FakeOllama
 

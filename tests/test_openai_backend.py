@@ -19,10 +19,11 @@ import xllamacpp
 from aiohttp import web
 
 from agentlab.core.errors import LabFailed, LabUnavailable
+from agentlab.core.ports import Route
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, GenerationOptions, Result, Task
 from agentlab.devstack import free_port
-from agentlab.lab.base import ChatMessage, ModelChunk, Route, TextChunk, Usage
+from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
 from agentlab.lab.llamacpp import bundled_model_path
 from agentlab.lab.openai import OpenAIBackend
 

@@ -19,9 +19,10 @@ from agentlab.core.events import (
     NodeStarted,
     TokenDelta,
 )
+from agentlab.core.ports import Route
 from agentlab.core.runner import Runner, Stop
 from agentlab.core.types import ExecutionMode, GenerationOptions, StepStatus, Task
-from agentlab.lab.base import ChatMessage, ModelChunk, Route, TextChunk, Usage
+from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
 from agentlab.lab.echo import EchoModel
 from agentlab.lab.graph_lab import GraphLab
 from agentlab.lab.local import LocalBackend

@@ -34,15 +34,7 @@ from agentlab.core.events import (
     NodeStarted,
     TokenDelta,
 )
-from agentlab.core.types import (
-    FlowStep,
-    GenerationOptions,
-    Metrics,
-    Result,
-    StepStatus,
-    Task,
-)
-from agentlab.lab.base import (
+from agentlab.core.ports import (
     Lab,
     LabEvent,
     LabNodeEnded,
@@ -50,6 +42,14 @@ from agentlab.lab.base import (
     LabOutput,
     LabToken,
     Route,
+)
+from agentlab.core.types import (
+    FlowStep,
+    GenerationOptions,
+    Metrics,
+    Result,
+    StepStatus,
+    Task,
 )
 
 __all__ = ["LabRouter", "Runner", "Stop", "new_execution_id"]

@@ -25,10 +25,7 @@ from aiohttp import web
 from agentlab.api.validation import RequestRules
 from agentlab.config import Settings
 from agentlab.core.errors import AgentLabError, InternalError, LabUnavailable
-from agentlab.core.runner import Runner
-from agentlab.core.types import ExecutionMode, Task
-from agentlab.lab import wire
-from agentlab.lab.base import (
+from agentlab.core.ports import (
     Lab,
     LabEvent,
     LabNodeEnded,
@@ -37,6 +34,9 @@ from agentlab.lab.base import (
     LabToken,
     Route,
 )
+from agentlab.core.runner import Runner
+from agentlab.core.types import ExecutionMode, Task
+from agentlab.lab import wire
 from agentlab.lab.echo import EchoModel
 from agentlab.lab.graph_lab import GraphLab
 from agentlab.lab.local import ECHO, local_model
