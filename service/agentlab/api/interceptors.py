@@ -21,10 +21,11 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from agentlab.api.errors import abort, to_rpc_status
+from agentlab.api.errors import abort
 from agentlab.api.json_fields import unknown_fields
 from agentlab.api.validation import RequestRules
 from agentlab.core.errors import AgentLabError, InternalError, InvalidArgument
+from agentlab.executions.codec import rpc_status
 from agentlab.v1 import execution_pb2 as pb
 
 __all__ = ["CheckRequests", "MapErrors", "Unary", "UnaryStream", "wrap_handler"]
@@ -206,6 +207,6 @@ class _Sent:
         # the stored event that later takes it, and mislead a resume.
         final = pb.ExecutionEvent(sequence=0, execution_id=event.execution_id)
         final.time.GetCurrentTime()
-        final.execution_failed.error.CopyFrom(to_rpc_status(error))
+        final.execution_failed.error.CopyFrom(rpc_status(error))
         final.execution_failed.flow.extend(self._steps)
         return type(self._last)(event=final)

@@ -2,7 +2,8 @@
 store (SQLite or PostgreSQL) and the bus (in-process or Redis).
 
 Events, results and errors are kept as opaque bytes (serialized protobuf
-messages): storage keeps them exactly, and only the api layer reads them.
+messages): storage keeps them exactly, and only the codec (codec.py) writes
+and reads them.
 """
 
 from __future__ import annotations

@@ -21,9 +21,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from google.rpc import code_pb2, status_pb2
-
-from agentlab.api import convert
 from agentlab.core.errors import (
     Cancelled,
     IdempotencyKeyReused,
@@ -35,6 +32,8 @@ from agentlab.core.errors import (
 from agentlab.core.events import Event, ExecutionFailed, ExecutionStarted
 from agentlab.core.runner import Runner, Stop, new_execution_id
 from agentlab.core.types import ExecutionMode, GenerationOptions, Task
+from agentlab.executions import codec
+from agentlab.executions.codec import is_final
 from agentlab.executions.fingerprint import fingerprint, fingerprint_of
 from agentlab.executions.model import (
     ACTIVE_STATES,
@@ -53,16 +52,10 @@ __all__ = ["Executions", "Submitted", "is_final"]
 
 logger = logging.getLogger(__name__)
 
-_FINAL = ("execution_completed", "execution_failed")
-
 # Live events a watcher holds for a client that does not read: beyond them
 # it drops live events and later reads the missing ones from the store, so a
 # slow reader costs a bounded amount of memory.
 _WATCH_BUFFER = 256
-
-
-def is_final(event: pb.ExecutionEvent) -> bool:
-    return event.WhichOneof("kind") in _FINAL
 
 
 @dataclass(frozen=True)
@@ -280,7 +273,7 @@ class Executions:
                 while True:
                     stored_events = await self._store.events_after(execution_id, last)
                     for stored in stored_events:
-                        event = _parse(stored)
+                        event = codec.parsed(stored)
                         last = stored.sequence
                         yield event
                         if is_final(event):
@@ -303,7 +296,7 @@ class Executions:
                             continue  # seen already, in the store
                         if item.sequence != last + 1:
                             break  # a gap
-                        event = _parse(item)
+                        event = codec.parsed(item)
                         last = item.sequence
                         yield event
                         if is_final(event):
@@ -393,13 +386,13 @@ class Executions:
                     return
                 started = False
                 async for event in self._runner.stream(task, execution_id=execution_id, stop=stop):
-                    message = convert.event(event)
+                    message = codec.event(event)
                     # RUNNING is recorded with the first event, the end with
                     # the last: one transaction each, not two.
                     writer.add(message, started_at=None if started else datetime.now(UTC))
                     started = True
                     if is_final(message):
-                        await writer.close(_outcome(execution_id, message))
+                        await writer.close(codec.outcome(execution_id, message))
                         final.set_result(message)
         except Exception:
             # The store itself failed: nothing more can be recorded.
@@ -441,38 +434,22 @@ class Executions:
         with no lab work and an empty flow."""
         now = datetime.now(UTC)
         error = Cancelled("the execution was cancelled while it waited for a turn")
-        started = convert.event(
-            Event(1, now, execution_id, ExecutionStarted(task.mode, task.model))
-        )
-        failed = convert.event(Event(2, now, execution_id, ExecutionFailed(error, ())))
+        started = codec.event(Event(1, now, execution_id, ExecutionStarted(task.mode, task.model)))
+        failed = codec.event(Event(2, now, execution_id, ExecutionFailed(error, ())))
         writer.add(started)
         writer.add(failed)
-        await writer.close(_outcome(execution_id, failed))
+        await writer.close(codec.outcome(execution_id, failed))
         final.set_result(failed)
 
     async def _record_end(self, execution_id: str, final: pb.ExecutionEvent) -> None:
         """Store and publish a final event written here, with the end it means."""
         writer = _EventWriter(self._store, self._bus, execution_id)
         writer.add(final)
-        await writer.close(_outcome(execution_id, final))
+        await writer.close(codec.outcome(execution_id, final))
 
     async def _fail_orphan(self, record: ExecutionRecord) -> None:
-        steps = [
-            event.node_finished.step
-            for event in map(_parse, await self._store.events_after(record.id, 0))
-            if event.HasField("node_finished")
-        ]
-        error = status_pb2.Status(
-            code=code_pb2.UNAVAILABLE,
-            message=(
-                f"the process running this execution ({record.owner}) stopped before it "
-                "finished; the flow holds the steps it completed"
-            ),
-        )
-        final = pb.ExecutionEvent(sequence=record.last_sequence + 1, execution_id=record.id)
-        final.time.GetCurrentTime()
-        final.execution_failed.error.CopyFrom(error)
-        final.execution_failed.flow.extend(steps)
+        steps = codec.finished_steps(await self._store.events_after(record.id, 0))
+        final = codec.cut_short(record.id, record.last_sequence + 1, record.owner, steps)
         await self._record_end(record.id, final)
 
     async def _listen_for_cancels(self, listening: asyncio.Event) -> None:
@@ -525,7 +502,7 @@ class _EventWriter:
         """Queue an event; ``started_at`` marks the execution RUNNING with it."""
         if self._task.done():
             self._task.result()  # raises what stopped the writer
-        self._pending.append(StoredEvent(message.sequence, message.SerializeToString()))
+        self._pending.append(codec.stored(message))
         if started_at is not None:
             self._started_at = started_at
         self._wake.set()
@@ -598,33 +575,11 @@ async def _pump(
         inbox.put_nowait(error)
 
 
-def _outcome(execution_id: str, final: pb.ExecutionEvent) -> Outcome:
-    """What the store records of an execution's final event."""
-    now = datetime.now(UTC)
-    if final.HasField("execution_completed"):
-        result = final.execution_completed.result
-        return Outcome(ExecutionState.SUCCEEDED, now, result.SerializeToString(), None)
-    failed = final.execution_failed
-    state = (
-        ExecutionState.CANCELLED
-        if failed.error.code == code_pb2.CANCELLED
-        else ExecutionState.FAILED
-    )
-    flow = pb.ExecuteResponse(execution_id=execution_id, flow=failed.flow)
-    return Outcome(state, now, flow.SerializeToString(), failed.error.SerializeToString())
-
-
 def _attach(known: ExecutionRecord, work: str) -> Submitted:
     """The caller's earlier execution for a key, if it was for the same work."""
     if fingerprint_of(known) != work:
         raise IdempotencyKeyReused(known.request_id, known.id)
     return Submitted(known, created=False)
-
-
-def _parse(stored: StoredEvent) -> pb.ExecutionEvent:
-    event = pb.ExecutionEvent()
-    event.ParseFromString(stored.payload)
-    return event
 
 
 def _options(options: GenerationOptions) -> dict[str, float | int]:
