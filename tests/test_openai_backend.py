@@ -26,6 +26,7 @@ from agentlab.devstack import free_port
 from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
 from agentlab.lab.llamacpp import bundled_model_path
 from agentlab.lab.openai import OpenAIBackend
+from tests.runs import run_to_end
 
 pytestmark = pytest.mark.model
 
@@ -90,7 +91,7 @@ async def execute(backend: OpenAIBackend, mode: ExecutionMode) -> Result:
     lab = backend.lab(MODEL)
     await lab.start()
     runner = Runner(lambda model: Route(lab), default_max_tokens=16)
-    return await runner.execute(Task("Name three colours.", "colours", mode))
+    return await run_to_end(runner, Task("Name three colours.", "colours", mode))
 
 
 async def test_streams_text_then_usage(backend: OpenAIBackend) -> None:

@@ -30,7 +30,7 @@ from agentlab.core.errors import (
     new_error_id,
 )
 from agentlab.core.events import Event, ExecutionFailed, ExecutionStarted
-from agentlab.core.runner import Runner, Stop, new_execution_id
+from agentlab.core.runner import Prepared, Runner, Stop, new_execution_id
 from agentlab.core.types import ExecutionMode, GenerationOptions, Task
 from agentlab.executions import codec
 from agentlab.executions.codec import is_final
@@ -183,7 +183,7 @@ class Executions:
         )
         if request_id and (known := await self._store.find(caller, request_id)) is not None:
             return _attach(known, work)
-        self._runner.prepare(task)
+        prepared = self._runner.prepare(task)
         if self._admitted >= self._max_running + self._max_queued:
             raise ResourceExhausted(self._max_running, self._max_queued, self._retry_after_s)
         self._admitted += 1
@@ -208,7 +208,7 @@ class Executions:
             if not created:
                 # A call with the same key got there first, after the lookup.
                 return _attach(record, work)
-            self._launch(record.id, task, background=background, admitted=True)
+            self._launch(record.id, prepared, background=background, admitted=True)
             launched = True
         finally:
             if not launched:
@@ -334,13 +334,20 @@ class Executions:
                 continue  # another process took it
             if record.state is ExecutionState.QUEUED and record.background:
                 logger.info("running queued execution %s left by %s", record.id, record.owner)
-                self._launch(record.id, _task(record), background=True)
+                try:
+                    prepared = self._runner.prepare(_task(record))
+                except Exception:
+                    # The routing file dropped its model since: it stays
+                    # QUEUED, as it would have before a turn.
+                    logger.exception("execution %s cannot be run here", record.id)
+                    continue
+                self._launch(record.id, prepared, background=True)
             else:
                 logger.warning("execution %s was cut: %s stopped", record.id, record.owner)
                 await self._fail_orphan(record)
 
     def _launch(
-        self, execution_id: str, task: Task, *, background: bool, admitted: bool = False
+        self, execution_id: str, prepared: Prepared, *, background: bool, admitted: bool = False
     ) -> None:
         """Run an execution; ``admitted`` when submit has counted it already.
         Executions taken over from a dead process are counted too, never
@@ -350,7 +357,7 @@ class Executions:
         stop = Stop()
         final: asyncio.Future[pb.ExecutionEvent] = asyncio.get_running_loop().create_future()
         run = asyncio.create_task(
-            self._run(execution_id, task, stop, final, background), name=execution_id
+            self._run(execution_id, prepared, stop, final, background), name=execution_id
         )
         self._running[execution_id] = (run, stop)
         self._finals[execution_id] = final
@@ -367,7 +374,7 @@ class Executions:
     async def _run(
         self,
         execution_id: str,
-        task: Task,
+        prepared: Prepared,
         stop: Stop,
         final: asyncio.Future[pb.ExecutionEvent],
         background: bool,
@@ -382,10 +389,11 @@ class Executions:
                     final.cancel()
                     return
                 if not turn:
-                    await self._cancel_queued(execution_id, task, final, writer)
+                    await self._cancel_queued(execution_id, prepared.task, final, writer)
                     return
                 started = False
-                async for event in self._runner.stream(task, execution_id=execution_id, stop=stop):
+                events = self._runner.stream(prepared, execution_id=execution_id, stop=stop)
+                async for event in events:
                     message = codec.event(event)
                     # RUNNING is recorded with the first event, the end with
                     # the last: one transaction each, not two.

@@ -161,14 +161,14 @@ class LabServer:
         try:
             task, stream = wire.decode_request(await run.request.read(), mode)
             self._rules.check(_as_request(task))
-            task, lab = self._runner.prepare(task)
+            prepared = self._runner.prepare(task)
         except wire.MalformedRequest as error:
             return web.json_response(
                 {"error": {"code": "INVALID_ARGUMENT", "message": str(error)}}, status=422
             )
         except AgentLabError as error:
             return _error_response(error)
-        async with aclosing(lab.run(task)) as events:
+        async with aclosing(prepared.lab.run(prepared.task)) as events:
             if stream:
                 return await _stream(run, events)
             return await _complete(run, events)
