@@ -150,10 +150,10 @@ async def test_concurrent_submits_never_overshoot_the_limits(
 
     lab.gate.set()
     for submitted in accepted:
-        final = await executions.outcome(submitted.record.id)
+        final = await executions.wait_for_final(submitted.record.id)
         assert final.HasField("execution_completed")
     # Their places are free again.
-    final = await executions.outcome((await executions.submit(_task())).record.id)
+    final = await executions.wait_for_final((await executions.submit(_task())).record.id)
     assert final.HasField("execution_completed")
 
 
@@ -174,7 +174,7 @@ async def test_a_queued_execution_cancelled_never_reaches_the_lab(
     ]
     assert lab.runs == 1
     lab.gate.set()
-    assert (await executions.outcome(running.record.id)).HasField("execution_completed")
+    assert (await executions.wait_for_final(running.record.id)).HasField("execution_completed")
 
 
 async def test_a_stop_starts_nothing_that_waits_and_leaves_background_work_queued(
@@ -211,7 +211,7 @@ async def test_a_watcher_that_falls_behind_still_gets_every_event_once(tmp_path:
         submitted = await executions.submit(_task())
         watcher = executions.watch(submitted.record.id)
         sequences = [(await anext(watcher)).sequence]
-        await executions.outcome(submitted.record.id)  # all produced meanwhile
+        await executions.wait_for_final(submitted.record.id)  # all produced meanwhile
         started = time.monotonic()
         sequences += [event.sequence async for event in watcher]
         assert sequences == list(range(1, 3000 + 5))

@@ -25,11 +25,11 @@ from agentlab.executions.errors import DuplicateEvent, UnknownExecution
 from agentlab.executions.migrations import POSTGRES, SQLITE, quote_ident
 from agentlab.executions.model import (
     Cursor,
+    Ending,
     ExecutionRecord,
     ExecutionState,
     ExecutionStore,
     NewExecution,
-    Outcome,
     StoredEvent,
 )
 from agentlab.executions.postgres_store import PostgresStore
@@ -459,14 +459,14 @@ async def test_events_go_with_the_start_and_the_end(store: ExecutionStore) -> No
     )
 
     ended = T0 + timedelta(seconds=2)
-    outcome = Outcome(ExecutionState.SUCCEEDED, ended, b"result", None)
+    ending = Ending(ExecutionState.SUCCEEDED, ended, b"result", None)
     # All or none: a duplicate fails the events and leaves the state alone.
     with pytest.raises(DuplicateEvent):
-        await store.append_events(record.id, [StoredEvent(2, b"again")], outcome=outcome)
+        await store.append_events(record.id, [StoredEvent(2, b"again")], ending=ending)
     unchanged = await store.get(record.id)
     assert unchanged == running
 
-    await store.append_events(record.id, [StoredEvent(3, b"completed")], outcome=outcome)
+    await store.append_events(record.id, [StoredEvent(3, b"completed")], ending=ending)
     done = await store.get(record.id)
     assert done is not None
     assert (done.state, done.started_at, done.ended_at, done.result, done.last_sequence) == (

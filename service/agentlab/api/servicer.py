@@ -60,7 +60,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
             if request.background:
                 record = submitted.record
                 return pb.ExecuteResponse(execution_id=record.id, state=convert.state(record.state))
-            final = await self._executions.outcome(submitted.record.id)
+            final = await self._executions.wait_for_final(submitted.record.id)
         finally:
             if submitted is not None and tied_to_call and final is None:
                 await self._cancel_quietly(submitted.record.id)

@@ -34,17 +34,17 @@ from agentlab.core.errors import (
     Unauthenticated,
 )
 from agentlab.core.types import ExecutionMode, FlowStep, Metrics, Result, StepStatus
-from agentlab.executions.model import ExecutionState, Outcome, StoredEvent
+from agentlab.executions.model import Ending, ExecutionState, StoredEvent
 from agentlab.v1 import execution_pb2 as pb
 
 __all__ = [
     "DOMAIN",
     "MODE_NUMBERS",
     "cut_short",
+    "ending",
     "event",
     "finished_steps",
     "is_final",
-    "outcome",
     "parsed",
     "retry_after_s",
     "rpc_status",
@@ -248,13 +248,13 @@ def finished_steps(kept: Iterable[StoredEvent]) -> list[pb.FlowStep]:
     ]
 
 
-def outcome(execution_id: str, final: pb.ExecutionEvent) -> Outcome:
+def ending(execution_id: str, final: pb.ExecutionEvent) -> Ending:
     """What the store records of an execution's final event: its state, and
     the result (or, when it failed, the flow so far) and error as bytes."""
     now = datetime.now(UTC)
     if final.HasField("execution_completed"):
         result = final.execution_completed.result
-        return Outcome(ExecutionState.SUCCEEDED, now, result.SerializeToString(), None)
+        return Ending(ExecutionState.SUCCEEDED, now, result.SerializeToString(), None)
     failed = final.execution_failed
     state = (
         ExecutionState.CANCELLED
@@ -262,7 +262,7 @@ def outcome(execution_id: str, final: pb.ExecutionEvent) -> Outcome:
         else ExecutionState.FAILED
     )
     flow = pb.ExecuteResponse(execution_id=execution_id, flow=failed.flow)
-    return Outcome(state, now, flow.SerializeToString(), failed.error.SerializeToString())
+    return Ending(state, now, flow.SerializeToString(), failed.error.SerializeToString())
 
 
 def cut_short(

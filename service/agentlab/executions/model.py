@@ -18,12 +18,12 @@ from typing import Protocol
 __all__ = [
     "ACTIVE_STATES",
     "Cursor",
+    "Ending",
     "EventBus",
     "ExecutionRecord",
     "ExecutionState",
     "ExecutionStore",
     "NewExecution",
-    "Outcome",
     "StoredEvent",
 ]
 
@@ -92,8 +92,9 @@ class StoredEvent:
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """How an execution ended: what ``finish`` records."""
+class Ending:
+    """The store's record of how an execution ended: its state, when (UTC),
+    and the result and error as bytes (see ExecutionRecord)."""
 
     state: ExecutionState
     at: datetime
@@ -153,11 +154,11 @@ class ExecutionStore(Protocol):
         events: Sequence[StoredEvent],
         *,
         started_at: datetime | None = None,
-        outcome: Outcome | None = None,
+        ending: Ending | None = None,
     ) -> None:
         """Store several events in one transaction, all or none. In the same
         transaction, ``started_at`` does what mark_running does and
-        ``outcome`` what finish does: an execution's first events and its
+        ``ending`` what finish does: an execution's first events and its
         RUNNING state, or its last events and its end, are seen together."""
         ...
 

@@ -38,12 +38,12 @@ from agentlab.executions.fingerprint import fingerprint, fingerprint_of
 from agentlab.executions.model import (
     ACTIVE_STATES,
     Cursor,
+    Ending,
     EventBus,
     ExecutionRecord,
     ExecutionState,
     ExecutionStore,
     NewExecution,
-    Outcome,
     StoredEvent,
 )
 from agentlab.v1 import execution_pb2 as pb
@@ -314,7 +314,7 @@ class Executions:
             and last >= record.last_sequence
         )
 
-    async def outcome(self, execution_id: str) -> pb.ExecutionEvent:
+    async def wait_for_final(self, execution_id: str) -> pb.ExecutionEvent:
         """The execution's final event, once there is one."""
         local = self._finals.get(execution_id)
         if local is not None:
@@ -400,7 +400,7 @@ class Executions:
                     writer.add(message, started_at=None if started else datetime.now(UTC))
                     started = True
                     if is_final(message):
-                        await writer.close(codec.outcome(execution_id, message))
+                        await writer.close(codec.ending(execution_id, message))
                         final.set_result(message)
         except Exception:
             # The store itself failed: nothing more can be recorded.
@@ -446,14 +446,14 @@ class Executions:
         failed = codec.event(Event(2, now, execution_id, ExecutionFailed(error, ())))
         writer.add(started)
         writer.add(failed)
-        await writer.close(codec.outcome(execution_id, failed))
+        await writer.close(codec.ending(execution_id, failed))
         final.set_result(failed)
 
     async def _record_end(self, execution_id: str, final: pb.ExecutionEvent) -> None:
         """Store and publish a final event written here, with the end it means."""
         writer = _EventWriter(self._store, self._bus, execution_id)
         writer.add(final)
-        await writer.close(codec.outcome(execution_id, final))
+        await writer.close(codec.ending(execution_id, final))
 
     async def _fail_orphan(self, record: ExecutionRecord) -> None:
         steps = codec.finished_steps(await self._store.events_after(record.id, 0))
@@ -501,7 +501,7 @@ class _EventWriter:
         self._interval_s = interval_s
         self._pending: list[StoredEvent] = []
         self._started_at: datetime | None = None
-        self._outcome: Outcome | None = None
+        self._ending: Ending | None = None
         self._wake = asyncio.Event()
         self._closed = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name=f"events-{execution_id}")
@@ -515,10 +515,10 @@ class _EventWriter:
             self._started_at = started_at
         self._wake.set()
 
-    async def close(self, outcome: Outcome | None = None) -> None:
-        """Write what is pending, with ``outcome`` ending the execution in
+    async def close(self, ending: Ending | None = None) -> None:
+        """Write what is pending, with ``ending`` recording the end in
         the same transaction, and stop; raises if a write failed."""
-        self._outcome = outcome
+        self._ending = ending
         self._closed.set()
         self._wake.set()
         await self._task
@@ -535,7 +535,7 @@ class _EventWriter:
             await self._wake.wait()
             self._wake.clear()
             await self._flush()
-            if self._closed.is_set() and not self._pending and self._outcome is None:
+            if self._closed.is_set() and not self._pending and self._ending is None:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), self._interval_s)
@@ -543,14 +543,14 @@ class _EventWriter:
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
         started_at, self._started_at = self._started_at, None
-        # The outcome goes with the last batch, written once closed.
-        outcome = self._outcome if self._closed.is_set() else None
-        if outcome is not None:
-            self._outcome = None
-        if not batch and outcome is None:
+        # The ending goes with the last batch, written once closed.
+        ending = self._ending if self._closed.is_set() else None
+        if ending is not None:
+            self._ending = None
+        if not batch and ending is None:
             return
         await self._store.append_events(
-            self._execution_id, batch, started_at=started_at, outcome=outcome
+            self._execution_id, batch, started_at=started_at, ending=ending
         )
         for stored in batch:
             try:
