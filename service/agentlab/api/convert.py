@@ -14,6 +14,8 @@ from agentlab.v1 import lab_service_pb2 as svc
 __all__ = [
     "BASIC_TEXT_CHARS",
     "STATES",
+    "accepted",
+    "completed",
     "execution",
     "models",
     "state",
@@ -38,6 +40,19 @@ def task(request: svc.ExecuteRequest | svc.OrchestrateRequest, default_mode: Exe
             seed=request.seed if request.HasField("seed") else None,
         ),
     )
+
+
+def accepted(record: ExecutionRecord) -> pb.ExecuteResponse:
+    """A background execution's answer: its id and state, no result yet."""
+    return pb.ExecuteResponse(execution_id=record.id, state=_STATES_PB[record.state])
+
+
+def completed(final: pb.ExecutionEvent) -> pb.ExecuteResponse:
+    """The result a completed execution's final event carries, SUCCEEDED."""
+    result = pb.ExecuteResponse()
+    result.CopyFrom(final.execution_completed.result)
+    result.state = pb.EXECUTION_STATE_SUCCEEDED
+    return result
 
 
 def models(values: list[ModelInfo]) -> svc.ListModelsResponse:

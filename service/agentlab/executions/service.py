@@ -33,6 +33,7 @@ from agentlab.core.events import Event, ExecutionFailed, ExecutionStarted
 from agentlab.core.runner import Prepared, Runner, Stop, new_execution_id
 from agentlab.core.types import ExecutionMode, GenerationOptions, Task
 from agentlab.executions import codec
+from agentlab.executions.call import Call, held, with_deadline
 from agentlab.executions.codec import is_final
 from agentlab.executions.fingerprint import fingerprint, fingerprint_of
 from agentlab.executions.model import (
@@ -214,6 +215,37 @@ class Executions:
             if not launched:
                 self._admitted -= 1
         return Submitted(record, created)
+
+    @contextlib.asynccontextmanager
+    async def call(
+        self,
+        task: Task,
+        *,
+        caller: str = "",
+        request_id: str = "",
+        background: bool = False,
+        leaving_cancels: bool,
+        time_remaining_s: float | None = None,
+    ) -> AsyncIterator[Call]:
+        """Submit ``task`` for one call and yield the execution; on leaving
+        before its final event, cancel it when ``leaving_cancels`` and this
+        call created it (executions/call.py). Only then does the caller's
+        deadline (``time_remaining_s``, seconds) limit the execution."""
+        if leaving_cancels:
+            task = with_deadline(task, time_remaining_s)
+        submitted = await self.submit(
+            task, caller=caller, request_id=request_id, background=background
+        )
+
+        def watch(execution_id: str, after: int) -> AsyncGenerator[pb.ExecutionEvent, None]:
+            return self.watch(execution_id, after, caller)
+
+        async def cancel(execution_id: str) -> None:
+            await self.cancel(execution_id, caller)
+
+        call = Call(submitted.record, submitted.created, self.wait_for_final, watch)
+        async with held(call, leaving_cancels=leaving_cancels, cancel=cancel):
+            yield call
 
     async def get(self, execution_id: str, caller: str | None = None) -> ExecutionRecord:
         """The record; NOT_FOUND too when it is another caller's, so ids of
