@@ -141,13 +141,6 @@ class ExecutionStore(Protocol):
         """Newest first; the cursor is None on the last page."""
         ...
 
-    async def mark_running(self, execution_id: str, at: datetime) -> None: ...
-
-    async def append_event(self, execution_id: str, event: StoredEvent) -> None:
-        """Store one event; sequences are unique per execution (a duplicate
-        is an error) and last_sequence follows them."""
-        ...
-
     async def append_events(
         self,
         execution_id: str,
@@ -156,20 +149,15 @@ class ExecutionStore(Protocol):
         started_at: datetime | None = None,
         ending: Ending | None = None,
     ) -> None:
-        """Store several events in one transaction, all or none. In the same
-        transaction, ``started_at`` does what mark_running does and
-        ``ending`` what finish does: an execution's first events and its
-        RUNNING state, or its last events and its end, are seen together."""
+        """Store events in one transaction, all or none; sequences are unique
+        per execution (a duplicate raises DuplicateEvent, an unknown
+        execution UnknownExecution) and last_sequence follows them. In the
+        same transaction, ``started_at`` marks an active record RUNNING (a
+        finished one stays finished: a cancel that ended it first sticks)
+        and ``ending`` records the end: an execution's first events and its
+        RUNNING state, or its last events and its end, are seen together.
+        No events and neither of the two: nothing happens."""
         ...
-
-    async def finish(
-        self,
-        execution_id: str,
-        state: ExecutionState,
-        at: datetime,
-        result: bytes | None,
-        error: bytes | None,
-    ) -> None: ...
 
     async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
         """Stored events with sequence > after_sequence, in order."""

@@ -174,12 +174,6 @@ class PostgresStore:
         )
         return page_of([_record(row) for row in rows], page_size)
 
-    async def mark_running(self, execution_id: str, at: datetime) -> None:
-        await self._run(lambda conn: _mark_running(conn, execution_id, at))
-
-    async def append_event(self, execution_id: str, event: StoredEvent) -> None:
-        await self.append_events(execution_id, [event])
-
     async def append_events(
         self,
         execution_id: str,
@@ -201,17 +195,6 @@ class PostgresStore:
                     await _finish(conn, execution_id, ending)
 
         await self._run(insert)
-
-    async def finish(
-        self,
-        execution_id: str,
-        state: ExecutionState,
-        at: datetime,
-        result: bytes | None,
-        error: bytes | None,
-    ) -> None:
-        ending = Ending(state, at, result, error)
-        await self._run(lambda conn: _finish(conn, execution_id, ending))
 
     async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
         rows = await self._fetch(

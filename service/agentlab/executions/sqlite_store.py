@@ -190,12 +190,6 @@ class SqliteStore:
         rows = await self._read(lambda db: db.execute(sql, args).fetchall())
         return page_of([_record(row) for row in rows], page_size)
 
-    async def mark_running(self, execution_id: str, at: datetime) -> None:
-        await self._write(lambda db: _mark_running(db, execution_id, at))
-
-    async def append_event(self, execution_id: str, event: StoredEvent) -> None:
-        await self.append_events(execution_id, [event])
-
     async def append_events(
         self,
         execution_id: str,
@@ -216,17 +210,6 @@ class SqliteStore:
                 _finish(db, execution_id, ending)
 
         await self._write(insert)
-
-    async def finish(
-        self,
-        execution_id: str,
-        state: ExecutionState,
-        at: datetime,
-        result: bytes | None,
-        error: bytes | None,
-    ) -> None:
-        ending = Ending(state, at, result, error)
-        await self._write(lambda db: _finish(db, execution_id, ending))
 
     async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
         rows = await self._read(
