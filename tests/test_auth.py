@@ -16,8 +16,8 @@ from agentlab.api.auth import digest
 from agentlab.devstack import Stack
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
-from tests.callers import ALICE, BOB, start_keyed_stack
-from tests.conftest import run, tool
+from tests.helpers.callers import ALICE, BOB, start_keyed_stack
+from tests.helpers.tools import run, tool
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from agentlab.devstack import LabServiceProcess, Stack, free_port
 from agentlab.v1 import execution_pb2
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
-from tests.fake_ollama import FakeOllama
-from tests.sse import aread_events
+from tests.helpers.fake_ollama import FakeOllama
+from tests.helpers.sse import aread_events
 
 OLLAMA_WORDS = ["Blue", ",", " green", " and", " red"]
 

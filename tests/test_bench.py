@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from tests.conftest import run
+from tests.helpers.tools import run
 
 
 def test_a_tiny_benchmark_run_reports_every_measurement(tmp_path: Path) -> None:

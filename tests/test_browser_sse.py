@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from agentlab.devstack import Stack, free_port
-from tests.browser import chromium_page
+from tests.helpers.browser import chromium_page
 
 CUT_AFTER = 4
 # Forty words at 50 ms each: a stream of ~2 s, long enough to cut mid-way.

@@ -4,7 +4,6 @@ matching HTTP status over REST, and the service goes on serving."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import grpc
 import httpx
@@ -12,14 +11,11 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from agentlab.devstack import Stack
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
-from tests.conftest import Stack, run, tool
-
-
-def details_of(body: dict[str, Any], type_name: str) -> list[dict[str, Any]]:
-    suffix = f"/google.rpc.{type_name}"
-    return [d for d in body.get("details", []) if d["@type"].endswith(suffix)]
+from tests.helpers.statuses import details_of
+from tests.helpers.tools import run, tool
 
 
 @pytest.mark.parametrize("prompt", ["", "   \n\t"])

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from agentlab.devstack import Stack
-from tests.fake_ollama import FakeOllama
-from tests.sse import aread_events
+from tests.helpers.fake_ollama import FakeOllama
+from tests.helpers.sse import aread_events
 
 pytestmark = pytest.mark.model
 

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from tests.conftest import Stack, run, tool
+from agentlab.devstack import Stack
+from tests.helpers.tools import json_stream, run, tool
 
 
 @pytest.fixture(params=["service", "envoy"])
@@ -19,18 +20,6 @@ def grpcurl(*args: str) -> str:
     result = run([tool("grpcurl"), "-plaintext", *args], timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
-
-
-def json_stream(text: str) -> list[dict[str, object]]:
-    """grpcurl prints one JSON document per message."""
-    decoder, documents, position = json.JSONDecoder(), [], 0
-    while position < len(text):
-        if text[position].isspace():
-            position += 1
-            continue
-        document, position = decoder.raw_decode(text, position)
-        documents.append(document)
-    return documents
 
 
 def test_list_and_describe(address: str) -> None:

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from agentlab.devstack import Stack
-from tests.browser import chromium_page
-from tests.conftest import run
+from tests.helpers.browser import chromium_page
+from tests.helpers.tools import run
 
 HEALTHY = {"service": "", "status": "SERVING_STATUS_SERVING"}
 

@@ -42,11 +42,11 @@ from agentlab.executions.sqlite_store import SqliteStore
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
-from tests.callers import ALICE, BOB, start_keyed_stack
-from tests.fake_ollama import FakeOllama
-from tests.services import postgres_schema, postgres_url
-from tests.sse import aread_events
-from tests.test_errors import details_of
+from tests.helpers.callers import ALICE, BOB, start_keyed_stack
+from tests.helpers.fake_ollama import FakeOllama
+from tests.helpers.services import postgres_schema, postgres_url
+from tests.helpers.sse import aread_events
+from tests.helpers.statuses import details_of
 
 WORDS = ["Dos", ",", " tres", " y", " cinco", "."]
 ANSWER = "".join(WORDS)

@@ -20,8 +20,8 @@ from agentlab.lab.local import LocalBackend
 from agentlab.lab.registry import LabRegistry
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
-from tests.conftest import InProcess, serve_in_process
-from tests.sse import aread_events
+from tests.helpers.in_process import InProcess, serve_in_process
+from tests.helpers.sse import aread_events
 
 GENERATED_BEFORE_FAILING = ["partial ", "answer "]
 

@@ -17,7 +17,7 @@ from agentlab.core.types import ExecutionMode, GenerationOptions, Result, Task
 from agentlab.devstack import free_port
 from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
 from agentlab.lab.ollama import OllamaBackend
-from tests.fake_ollama import FakeOllama
+from tests.helpers.fake_ollama import FakeOllama
 from tests.runs import run_to_end
 
 MODEL = "llama3.2:1b"

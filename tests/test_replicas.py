@@ -15,7 +15,7 @@ from agentlab.devstack import EnvoyProcess, Ports, ServiceProcess, free_port
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
-from tests.services import postgres_schema, postgres_url, redis_url
+from tests.helpers.services import postgres_schema, postgres_url, redis_url
 
 
 @dataclass

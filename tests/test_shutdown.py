@@ -17,9 +17,9 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agentlab.devstack import Stack
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
-from tests.conftest import Stack
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 

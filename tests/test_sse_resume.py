@@ -11,8 +11,8 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
-from tests.conftest import Stack, run, tool
-from tests.test_grpcurl import json_stream
+from agentlab.devstack import Stack
+from tests.helpers.tools import json_stream, run, tool
 
 PROMPT = "one two three four five six seven eight"
 

@@ -35,7 +35,7 @@ from agentlab.executions.model import (
 from agentlab.executions.postgres_store import PostgresStore
 from agentlab.executions.sqlite_store import SqliteStore
 from agentlab.executions.stores import open_store
-from tests.services import postgres_url
+from tests.helpers.services import postgres_url
 
 # Microseconds on purpose: they must survive the round trip.
 T0 = datetime(2025, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)

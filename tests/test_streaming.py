@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import Stack
-from tests.sse import read_events
+from agentlab.devstack import Stack
+from tests.helpers.sse import read_events
 
 
 def kind(event: dict[str, object]) -> str:

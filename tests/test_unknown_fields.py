@@ -12,7 +12,8 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool
 
 from agentlab.api.json_fields import JSON_FIELDS, MAX_NAMED, unknown_fields
-from tests.conftest import Stack, run, tool
+from agentlab.devstack import Stack
+from tests.helpers.tools import run, tool
 
 
 def post(stack: Stack, path: str, body: str) -> tuple[int, dict[str, Any]]:

@@ -18,10 +18,11 @@ from grpc_status import rpc_status
 
 from agentlab.api.validation import RequestRules
 from agentlab.core.errors import FieldViolation, InvalidArgument
+from agentlab.devstack import Stack
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
-from tests.conftest import Stack, run, tool
-from tests.test_errors import details_of
+from tests.helpers.statuses import details_of
+from tests.helpers.tools import run, tool
 
 RULES = RequestRules(max_prompt_chars=50)
 EXECUTION_ID = "0123456789abcdef0123456789abcdef"

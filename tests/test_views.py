@@ -23,8 +23,8 @@ from agentlab.devstack import ROOT, Stack
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
-from tests.conftest import run, tool
-from tests.sse import read_events
+from tests.helpers.sse import read_events
+from tests.helpers.tools import run, tool
 
 GRPC_LIMIT = 4 * 1024 * 1024  # gRPC's default receive limit
 ENVOY_JSON_LIMIT = 8 * 1024 * 1024  # max_response_body_size in gateway/envoy.yaml

@@ -1,0 +1,42 @@
+"""Command-line tools run as a user runs them, and reading what they print."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agentlab.devstack import ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    """A command-line tool from the venv (grpcurl, buf, envoy) or PATH."""
+    found = shutil.which(name, path=str(BIN)) or shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: run `make setup`")
+    return found
+
+
+def run(
+    cmd: list[str], timeout: float = 60.0, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    """Run a command as a user would from the repository (or ``cwd``)."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def json_stream(text: str) -> list[dict[str, object]]:
+    """grpcurl prints one JSON document per message."""
+    decoder, documents, position = json.JSONDecoder(), [], 0
+    while position < len(text):
+        if text[position].isspace():
+            position += 1
+            continue
+        document, position = decoder.raw_decode(text, position)
+        documents.append(document)
+    return documents
