@@ -42,7 +42,7 @@ from agentlab.lab.graph import NODES
 from agentlab.lab.graph_lab import GraphLab
 from agentlab.lab.http_lab import HttpLabBackend
 from agentlab.labservice.app import ANY_MODEL, LabServer, listen
-from tests.runs import run_to_end
+from tests.helpers.runs import run_to_end
 
 ECHO = {"AGENTLAB_DEFAULT_BACKEND": "echo"}
 PROMPT = "the quick brown fox jumps over the lazy dog"

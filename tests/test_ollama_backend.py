@@ -18,7 +18,7 @@ from agentlab.devstack import free_port
 from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
 from agentlab.lab.ollama import OllamaBackend
 from tests.helpers.fake_ollama import FakeOllama
-from tests.runs import run_to_end
+from tests.helpers.runs import run_to_end
 
 MODEL = "llama3.2:1b"
 HELLO = [ChatMessage("user", "Name three colours.")]

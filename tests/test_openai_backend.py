@@ -26,7 +26,7 @@ from agentlab.devstack import free_port
 from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
 from agentlab.lab.llamacpp import bundled_model_path
 from agentlab.lab.openai import OpenAIBackend
-from tests.runs import run_to_end
+from tests.helpers.runs import run_to_end
 
 pytestmark = pytest.mark.model
 

@@ -15,7 +15,7 @@ from agentlab.lab.echo import EchoModel
 from agentlab.lab.local import LocalBackend
 from agentlab.lab.registry import LabRegistry
 from agentlab.routing import load_routing
-from tests.runs import run_to_end
+from tests.helpers.runs import run_to_end
 
 ECHO_X = "backends: {x: {kind: echo}}\n"
 OLLAMA_X = "backends: {x: {kind: ollama, url: 'ftp://h'}}\n"

@@ -27,7 +27,7 @@ from agentlab.lab.echo import EchoModel
 from agentlab.lab.graph_lab import GraphLab
 from agentlab.lab.local import LocalBackend
 from agentlab.lab.registry import ANY_MODEL, LabRegistry
-from tests.runs import run_to_end
+from tests.helpers.runs import run_to_end
 
 
 @pytest.fixture
