@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agentlab.devstack import ROOT, free_port
+from agentlab.devstack import ROOT, Ports, Stack, envoy_binary, free_port, render_envoy_config
 
 
 def listening(port: int) -> bool:
@@ -335,3 +335,68 @@ def test_make_run_starts_while_every_backend_is_down(tmp_path: Path) -> None:
         assert echo.status_code == 200, echo.text
     finally:
         ctrl_c(supervisor)
+
+
+@pytest.mark.parametrize("taken", ["service", "gateway", "admin"])
+def test_a_second_make_run_on_taken_ports_stops_and_says_which(taken: str) -> None:
+    """A port in use (another `make run`, say): a readiness probe would find
+    that listener and call this stack ready while its own process failed, and
+    Envoy, binding with SO_REUSEPORT, would share the port and split the
+    traffic. `make run` stops instead, naming the port."""
+    ports = free_ports()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", ports[taken]))
+        holder.listen()
+        supervisor = make_run(ports, {"AGENTLAB_DEFAULT_BACKEND": "echo"})
+        try:
+            output, _ = supervisor.communicate(timeout=120)
+        finally:
+            if supervisor.poll() is None:
+                os.killpg(supervisor.pid, signal.SIGKILL)
+    assert supervisor.returncode != 0, output
+    assert f"port {ports[taken]} is in use" in output, output
+    assert "Ctrl-C stops both" not in output, output
+    nothing_listens(ports)
+
+
+def test_the_service_on_a_taken_port_stops_with_one_line(tmp_path: Path) -> None:
+    """`python -m agentlab` where the port is taken: a configuration error
+    naming the address, no traceback."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        address = f"127.0.0.1:{holder.getsockname()[1]}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
+        env |= {
+            "AGENTLAB_GRPC_ADDRESS": address,
+            "AGENTLAB_DEFAULT_BACKEND": "echo",
+            "AGENTLAB_DATA_DIR": str(tmp_path),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "agentlab"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode != 0
+    assert f"cannot listen on {address}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_second_envoy_cannot_share_the_gateway_port(echo_stack: Stack, tmp_path: Path) -> None:
+    """Envoy binds with SO_REUSEPORT unless told not to; two gateways on one
+    port would split the frontend's requests between two stacks."""
+    taken = echo_stack.envoy.ports
+    config = tmp_path / "envoy.yaml"
+    config.write_text(
+        render_envoy_config(Ports(gateway=taken.gateway, service=taken.service, admin=free_port()))
+    )
+    second = subprocess.run(
+        [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode != 0, second.stderr
+    assert "ddress already in use" in second.stderr, second.stderr

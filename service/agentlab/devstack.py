@@ -39,6 +39,7 @@ __all__ = [
     "envoy_binary",
     "free_port",
     "render_envoy_config",
+    "require_free",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,6 +82,18 @@ def free_port() -> int:
 
 
 _LISTEN_PORTS_START = 20_000
+
+
+def require_free(port: int, what: str) -> None:
+    """Raise if something listens on ``port`` already: a readiness probe
+    would otherwise find that listener and call ``what`` ready."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise RuntimeError(
+                f"port {port} is in use (another make run?): {what} cannot listen there"
+            ) from None
 
 
 def _ephemeral_ports_start() -> int:
@@ -202,6 +215,7 @@ class ServiceProcess:
             env = dict(self.environ)
         env.update({"AGENTLAB_GRPC_ADDRESS": self.address, "PYTHONUNBUFFERED": "1"})
         env.update(self.env)
+        require_free(self.port, "the service")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agentlab"],
             env=env,
@@ -315,6 +329,8 @@ class EnvoyProcess:
         envoy = envoy_binary()
         self._config_dir = tempfile.TemporaryDirectory(prefix="agentlab-envoy-")
         config = Path(self._config_dir.name) / "envoy.yaml"
+        require_free(self.ports.gateway, "Envoy")
+        require_free(self.ports.admin, "Envoy's admin")
         config.write_text(render_envoy_config(self.ports, rate_limit=self.rate_limit))
         self.proc = subprocess.Popen(
             # --disable-hot-restart: no shared memory, so several Envoys can

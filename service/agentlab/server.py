@@ -84,9 +84,14 @@ class Server:
             ),
             server,
         )
-        port = server.add_insecure_port(settings.grpc_address)
+        # grpcio raises RuntimeError for a taken port (older releases
+        # returned 0): either way one line, not a traceback.
+        try:
+            port = server.add_insecure_port(settings.grpc_address)
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise ConfigError(f"cannot listen on {settings.grpc_address}")
+            raise ConfigError(f"cannot listen on {settings.grpc_address} (is the port in use?)")
         return cls(server, port, health, registry, executions, settings.health_interval_s)
 
     async def open(self) -> None:
