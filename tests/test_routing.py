@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agentlab.config import ConfigError
-from agentlab.core.errors import ModelNotFound
+from agentlab.core.errors import InvalidArgument, ModelNotFound
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, GenerationOptions, Task
 from agentlab.lab.echo import EchoModel
@@ -114,6 +114,11 @@ async def test_routes_defaults_and_unknown_models(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound) as raised:
         await run_to_end(runner, task("mistral7b"))
     assert "first, second" in raised.value.message
+    # Left out, the model is a field to fill in, not a name nobody serves.
+    with pytest.raises(InvalidArgument) as missing:
+        await run_to_end(runner, task(""))
+    assert missing.value.field == "model"
+    assert "first, second" in missing.value.description
 
     assert [(m.name, m.backend, m.ready) for m in registry.models()] == [
         ("first", "one", True),

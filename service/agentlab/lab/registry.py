@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from agentlab.core.errors import AgentLabError, LabUnavailable, ModelNotFound
+from agentlab.core.errors import AgentLabError, InvalidArgument, LabUnavailable, ModelNotFound
 from agentlab.core.ports import Lab, Route
 from agentlab.core.types import ModelInfo
 from agentlab.lab.base import Backend
@@ -66,6 +66,11 @@ class LabRegistry:
 
     def route(self, model: str) -> Route:
         config = self._routes.get(model) or self._routes.get(ANY_MODEL)
+        if config is None and not model:
+            # Not "model '' is not served": the caller left the field out.
+            raise InvalidArgument(
+                "model", f"required: this gateway serves {', '.join(sorted(self._routes))}"
+            )
         if config is None:
             raise ModelNotFound(model, sorted(self._routes))
         lab = self._labs[(config.backend, config.backend_model)]
