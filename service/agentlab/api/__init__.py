@@ -1,1 +1,2 @@
-"""The gRPC edge: servicers, proto conversion and error statuses."""
+"""The gRPC edge: request checks, servicers, proto conversion, and sending
+error statuses (built by ``agentlab.executions.codec.rpc_status``)."""

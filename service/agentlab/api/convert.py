@@ -18,7 +18,6 @@ __all__ = [
     "completed",
     "execution",
     "models",
-    "state",
     "task",
 ]
 
@@ -78,10 +77,6 @@ _STATES_PB = {
     ExecutionState.CANCELLED: pb.EXECUTION_STATE_CANCELLED,
 }
 STATES = {number: state for state, number in _STATES_PB.items()}
-
-
-def state(value: ExecutionState) -> pb.ExecutionState:
-    return _STATES_PB[value]
 
 
 def execution(

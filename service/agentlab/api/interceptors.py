@@ -209,7 +209,8 @@ class _Sent:
             return None
         if event.WhichOneof("kind") in ("execution_completed", "execution_failed"):
             return None
-        # Sequence 0: this event is the stream's, not the execution's (it is
+        # Built here, not by the executions' codec: this event is never
+        # stored. Sequence 0: it is the stream's, not the execution's (it is
         # not stored, and the execution may go on); a number would clash with
         # the stored event that later takes it, and mislead a resume.
         final = pb.ExecutionEvent(sequence=0, execution_id=event.execution_id)

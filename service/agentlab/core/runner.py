@@ -1,7 +1,8 @@
 """The execute and orchestrate use cases.
 
-The runner validates a task, hands it to the lab that serves its model, and
-turns what the lab reports into numbered, timed events with the flow and the
+The runner routes a task to the lab that serves its model (with the model's
+defaults; the request was held to the contract's rules in the API layer),
+and turns what the lab reports into numbered, timed events with the flow and the
 metrics computed in one place, the same way for every backend.
 """
 

@@ -4,10 +4,13 @@ errors, as agentlab.v1 and google.rpc messages.
 Events are stored as serialized ``agentlab.v1.ExecutionEvent`` messages, so
 a watcher can send exactly what was stored; a failed execution's error is a
 ``google.rpc.Status`` with one ErrorInfo (reason, domain "agentlab.v1",
-metadata) plus BadRequest, ResourceInfo or RetryInfo where they apply. This is
-the one place a domain error becomes a status: the API layer sends the
-status over gRPC (api/errors.py) and knows nothing of how it was built.
-Codes are google.rpc.code_pb2 numbers, the same as gRPC's.
+metadata) plus BadRequest, ResourceInfo or RetryInfo where they apply.
+``rpc_status`` is the one place a domain error becomes a status, also for
+errors no execution stores (a refused key, a bad request): the API layer
+sends every status over gRPC (api/errors.py), so a stored failure and one
+raised at the door read alike. It lives here, beside the stored format,
+because the layers below the API must be able to build it. Codes are
+google.rpc.code_pb2 numbers, the same as gRPC's.
 """
 
 from __future__ import annotations
