@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agentlab.devstack import Stack
+from tests.helpers.stacks import StackFactory, numbered
 
 
 @pytest.fixture(autouse=True)
@@ -20,19 +21,34 @@ def _clean_agentlab_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture
+def start_stack(tmp_path: Path) -> Iterator[StackFactory]:
+    """Starts stacks for one test, under its tmp_path; stops them after it:
+    ``start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo"}, keys=..., models=...)``."""
+    with StackFactory(numbered(tmp_path)) as factory:
+        yield factory
+
+
+@pytest.fixture(scope="module")
+def start_module_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StackFactory]:
+    """As start_stack, for stacks that a module's tests share."""
+    name = request.module.__name__.rpartition(".")[2]
+    with StackFactory(lambda: tmp_path_factory.mktemp(f"{name}-stack")) as factory:
+        yield factory
+
+
 @pytest.fixture(scope="session")
 def model_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The real thing, as `make run` starts it: the embedded lab with the
-    local model, behind Envoy."""
-    stack = Stack.start(tmp_path_factory.mktemp("model-stack"))
-    yield stack
-    stack.stop()
+    local model, behind Envoy. One for the session: the model is slow to load."""
+    with StackFactory(lambda: tmp_path_factory.mktemp("model-stack")) as start:
+        yield start()
 
 
 @pytest.fixture
-def echo_stack(tmp_path: Path) -> Iterator[Stack]:
+def echo_stack(start_stack: StackFactory) -> Stack:
     """A stack of its own for tests that stop or break its processes; the echo
     backend makes it start in a moment."""
-    stack = Stack.start(tmp_path, {"AGENTLAB_DEFAULT_BACKEND": "echo"})
-    yield stack
-    stack.stop()
+    return start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo"})

@@ -18,7 +18,6 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from agentlab.api.auth import OPEN_PREFIXES
 from agentlab.devstack import ROOT, Stack
 from agentlab.v1 import execution_pb2, lab_service_pb2, lab_service_pb2_grpc
+from tests.helpers.stacks import StackFactory
 
 # Every REST route of the contract. The served document must list exactly
 # these (test_served_document), so a new route cannot go unfuzzed.
@@ -118,11 +118,9 @@ def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def fuzz_stack(start_module_stack: StackFactory) -> Stack:
     """One echo stack for the module: echo answers at once."""
-    stack = Stack.start(tmp_path_factory.mktemp("fuzz-stack"), {"AGENTLAB_DEFAULT_BACKEND": "echo"})
-    yield stack
-    stack.stop()
+    return start_module_stack({"AGENTLAB_DEFAULT_BACKEND": "echo"})
 
 
 @pytest.fixture(scope="module")
