@@ -122,6 +122,7 @@ def test_keys_never_reach_a_log(stack: Stack) -> None:
     assert BOB not in text
 
 
+@pytest.mark.e2e
 def test_the_digest_tool() -> None:
     printed = subprocess.run(
         [sys.executable, "-m", "agentlab.api.auth"],

@@ -7,7 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.tools import run
+
+# The benchmark starts its own stack.
+pytestmark = pytest.mark.e2e
 
 
 def test_a_tiny_benchmark_run_reports_every_measurement(tmp_path: Path) -> None:

@@ -155,6 +155,7 @@ def test_docker_compose_passes_every_setting_through() -> None:
     assert "./config:/app/config:ro" in compose["services"]["service"]["volumes"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("env", "message"),
     [
@@ -188,6 +189,7 @@ def test_python_m_agentlab_refuses_what_it_cannot_honour(
     assert not (tmp_path / "data").exists()  # stopped before it opened anything
 
 
+@pytest.mark.e2e
 def test_a_bus_that_cannot_be_reached_stops_start_up_in_one_line(tmp_path: Path) -> None:
     """Redis (or the database) refusing the first connection stops the
     service before it serves, with a message naming the settings, no

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import grpc_tools
+import pytest
 from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
 
@@ -18,23 +19,27 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import vendor_protovalidate
 
 
+@pytest.mark.e2e
 def test_buf_lint_is_clean() -> None:
     """STANDARD and COMMENTS (buf.yaml): every element of the contract documented."""
     result = run([tool("buf"), "lint"])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 def test_buf_format_is_clean() -> None:
     result = run([tool("buf"), "format", "--diff", "--exit-code"])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 def test_buf_breaking_accepts_the_committed_contract() -> None:
     """What `make lint` runs: the work tree against the last commit."""
     result = run([tool("buf"), "breaking", "--against", ".git#ref=HEAD"])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 def test_buf_breaking_catches_a_removed_field(tmp_path: Path) -> None:
     """The breaking check is configured to bite: a copy of the contract with
     a field removed fails against the original."""
@@ -77,6 +82,7 @@ def test_vendored_protovalidate_matches_the_installed_wheel(tmp_path: Path) -> N
     assert compiled.SerializeToString() == wheel.SerializeToString()
 
 
+@pytest.mark.e2e
 def test_the_printer_reproduces_the_vendored_file(tmp_path: Path) -> None:
     """Nobody edited the vendored file by hand: printing it again gives it."""
     wheel = vendor_protovalidate.with_options_resolved(vendor_protovalidate.wheel_descriptor())

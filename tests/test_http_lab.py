@@ -114,6 +114,7 @@ async def backend(echo_service: LabServiceProcess) -> AsyncIterator[HttpLabBacke
 # The lab service process, on the echo model.
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stream", [True, False], ids=["ndjson", "json"])
 @pytest.mark.parametrize("mode", list(ExecutionMode), ids=lambda m: m.value)
 async def test_same_result_as_the_embedded_lab(
@@ -136,6 +137,7 @@ async def test_same_result_as_the_embedded_lab(
         assert all(step.metrics.tokens_per_second > 0 for step in remote.flow)
 
 
+@pytest.mark.e2e
 async def test_health_check_and_request_log(
     echo_service: LabServiceProcess, backend: HttpLabBackend
 ) -> None:
@@ -149,6 +151,7 @@ async def test_health_check_and_request_log(
     assert re.search(rf"POST /inference/ -> 200, {events} events in \d+ ms", echo_service.log())
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stream", [True, False], ids=["ndjson", "json"])
 async def test_a_task_the_lab_rejects_is_invalid_argument(
     echo_service: LabServiceProcess, stream: bool
@@ -166,6 +169,7 @@ async def test_a_task_the_lab_rejects_is_invalid_argument(
     assert raised.value.description == "must contain at least one non-whitespace character"
 
 
+@pytest.mark.e2e
 async def test_the_lab_names_every_field_it_rejects(echo_service: LabServiceProcess) -> None:
     """The lab service holds tasks to the contract's rules, as the gateway
     does, and its wire error carries each violation."""
@@ -184,6 +188,7 @@ async def test_the_lab_names_every_field_it_rejects(echo_service: LabServiceProc
     ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [
@@ -207,6 +212,7 @@ async def test_bad_requests_get_a_status_and_the_field(
     assert error.get("field") == field
 
 
+@pytest.mark.e2e
 async def test_stopped_lab_service_is_unavailable_until_it_restarts(
     own_echo_service: LabServiceProcess,
 ) -> None:
@@ -496,6 +502,7 @@ def model_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServi
     service.stop()
 
 
+@pytest.mark.e2e
 @pytest.mark.model
 async def test_orchestration_on_the_real_model(model_service: LabServiceProcess) -> None:
     backend = HttpLabBackend("lab", model_service.url)
@@ -511,6 +518,7 @@ async def test_orchestration_on_the_real_model(model_service: LabServiceProcess)
     assert result.metrics.backend == "lab"
 
 
+@pytest.mark.e2e
 @pytest.mark.model
 async def test_closing_a_run_stops_the_real_model(model_service: LabServiceProcess) -> None:
     """The lab service logs "client went away" only after the model's

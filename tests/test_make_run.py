@@ -22,6 +22,9 @@ import pytest
 
 from agentlab.devstack import ROOT, free_port
 
+# Every test runs `make run` or its supervisor script.
+pytestmark = pytest.mark.e2e
+
 
 def listening(port: int) -> bool:
     with socket.socket() as probe:

@@ -17,6 +17,9 @@ from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.helpers.services import postgres_schema, postgres_url, redis_url
 
+# Two service processes and an Envoy.
+pytestmark = pytest.mark.e2e
+
 
 @dataclass
 class Replicas:
