@@ -63,7 +63,9 @@ def test_bad_values_are_refused_naming_the_variable(name: str, value: str) -> No
 
 def test_the_prompt_limit_agrees_with_the_contract() -> None:
     rules = lab_service_pb2.ExecuteRequest.DESCRIPTOR.fields_by_name["prompt"].GetOptions()
-    field_rules = rules.Extensions[validate_pb2.field]
+    # protoc's .pyi types the extension as a plain FieldDescriptor, not the
+    # extension descriptor that Extensions[] is typed to take.
+    field_rules: validate_pb2.FieldRules = rules.Extensions[validate_pb2.field]  # type: ignore[index]
     assert field_rules.string.max_len == CONTRACT_MAX_PROMPT_CHARS
     limit = Settings.from_env({"AGENTLAB_MAX_PROMPT_CHARS": str(CONTRACT_MAX_PROMPT_CHARS)})
     assert limit.max_prompt_chars == CONTRACT_MAX_PROMPT_CHARS

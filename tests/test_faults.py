@@ -137,6 +137,7 @@ async def test_service_killed_mid_stream(stack: Stack) -> None:
     assert cut or "execution_failed" in seen[-1]
     assert not any("execution_completed" in event for event in seen)
     execution_id = seen[0]["execution_id"]
+    assert stack.service.proc is not None
     await asyncio.to_thread(stack.service.proc.wait)
     await asyncio.to_thread(stack.service.start)
     async with httpx.AsyncClient(timeout=30) as client:

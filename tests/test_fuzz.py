@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import httpx
@@ -294,7 +294,7 @@ def execute_requests(draw: st.DrawFn) -> lab_service_pb2.ExecuteRequest:
         prompt=draw(prompts),
         model=draw(names),
         # Unknown enum values included: proto3 enums are open.
-        mode=draw(st.integers(-1, 4)),
+        mode=cast(Any, draw(st.integers(-1, 4))),  # the stubs' enum types are closed
         background=draw(st.booleans()),
         request_id=draw(st.one_of(st.just(""), st.text(max_size=40))),
     )
@@ -314,7 +314,7 @@ def execute_requests(draw: st.DrawFn) -> lab_service_pb2.ExecuteRequest:
 def orchestrate_requests(draw: st.DrawFn) -> lab_service_pb2.OrchestrateRequest:
     execute = draw(execute_requests())
     request = lab_service_pb2.OrchestrateRequest(
-        on_disconnect=draw(st.integers(-1, 3)), request_id=execute.request_id
+        on_disconnect=cast(Any, draw(st.integers(-1, 3))), request_id=execute.request_id
     )
     for name in ("prompt", "model", "mode", "temperature", "max_tokens", "seed"):
         if name in ("prompt", "model", "mode") or execute.HasField(name):

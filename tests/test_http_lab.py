@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -53,7 +53,7 @@ _L = TypeVar("_L", bound=Lab)
 
 
 def task(
-    prompt: str = PROMPT, mode: ExecutionMode = ExecutionMode.INFERENCE, **options: int
+    prompt: str = PROMPT, mode: ExecutionMode = ExecutionMode.INFERENCE, **options: Any
 ) -> Task:
     return Task(prompt, "requested-model", mode, GenerationOptions(**options))
 

@@ -392,7 +392,7 @@ async def test_a_key_reused_for_another_request_is_409(any_store_stack: Stack) -
                 svc.ExecuteRequest(prompt="beta", request_id="k2", model="echo"), timeout=10
             )
     assert refused_grpc.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    status = rpc_status.from_call(refused_grpc.value)  # type: ignore[arg-type]
+    status = rpc_status.from_call(refused_grpc.value)
     assert status is not None
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info)
