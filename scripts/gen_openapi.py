@@ -43,6 +43,8 @@ from typing import Any
 from google.api import annotations_pb2, http_pb2  # type: ignore[import-untyped]
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from agentlab.config import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTOR = ROOT / "build" / "agentlab.pb"
 OPENAPI = ROOT / "build" / "openapi.json"
@@ -112,6 +114,13 @@ _WELL_KNOWN: dict[str, Schema] = {
 # Envoy's own error replies (unknown path, bad JSON, body too large, no
 # upstream) are a google.rpc.Status with only a code and a message.
 _NOT_ALWAYS_PRINTED = {"google.rpc.Status": {"details"}}
+
+# The one rule the service adds to the contract's (agentlab/api/validation.py):
+# a request's `prompt` longer than AGENTLAB_MAX_PROMPT_CHARS is refused, and
+# its default is far below the contract's max_len. The document gives the
+# maximum a client of a default deployment meets, not the ceiling, which a
+# client would only learn of from a 400.
+_PROMPT = "prompt"
 
 _ERROR_DESCRIPTION = (
     "The call failed: a google.rpc.Status, with the HTTP status mapped from its code "
@@ -209,6 +218,22 @@ def _constrained(schema: Schema, rules: Any) -> Schema:
         zero = "" if schema.get("type") == "string" else 0
         return {**schema, "anyOf": [{"const": zero}, constraints]}
     return {**schema, **constraints}
+
+
+def _prompt_limit(schema: Schema) -> Schema:
+    """A prompt's schema with the service's default maximum in place of the
+    contract's ceiling, and a description naming both and the setting."""
+    ceiling = schema.get("maxLength")
+    limit = Settings.max_prompt_chars
+    if not isinstance(ceiling, int) or limit > ceiling:
+        raise SystemExit(f"the prompt's max_len ({ceiling}) must bound the service's ({limit})")
+    note = (
+        f"At most {limit:,} characters by default: the service refuses longer prompts. "
+        f"AGENTLAB_MAX_PROMPT_CHARS sets a deployment's maximum, up to the contract's "
+        f"ceiling of {ceiling:,} (the field's max_len)."
+    )
+    description = "\n\n".join(filter(None, [schema.get("description", ""), note]))
+    return {**schema, "maxLength": limit, "description": description}
 
 
 def _comment(text: str) -> str:
@@ -332,7 +357,9 @@ class Generator:
             return {"type": "array", "items": schema}
         # A request's rules; a response is the service's own.
         if not output and (rules := self.rules.of(fld)) is not None:
-            return _constrained(schema, rules)
+            schema = _constrained(schema, rules)
+            if fld.name == _PROMPT:
+                schema = _prompt_limit(schema)
         return schema
 
     def _message_schema(

@@ -21,7 +21,7 @@ from agentlab.executions.errors import BusUnavailable, SubscriberLagged
 from agentlab.executions.local_bus import LocalBus
 from agentlab.executions.model import EventBus, StoredEvent
 from agentlab.executions.redis_bus import RedisBus
-from tests.helpers.services import redis_url
+from tests.helpers.services import missing, redis_url
 
 T = TypeVar("T")
 
@@ -274,7 +274,7 @@ class PrivateRedis:
 @pytest.fixture
 async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed: cannot start a Redis to stop")
+        missing("redis-server is not installed (apt-get install redis-server): no Redis to stop")
     server = PrivateRedis(free_port(), tmp_path)
     await server.start()
     yield server

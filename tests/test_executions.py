@@ -8,6 +8,7 @@ import asyncio
 import json
 import signal
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -169,26 +170,141 @@ def test_the_final_event_and_the_final_state_are_seen_together(echo_stack: Stack
             assert got.execution.last_sequence == received.event.sequence
 
 
-@pytest.mark.model
-def test_a_stream_resumes_exactly_once(model_stack: Stack) -> None:
-    body = {"prompt": "Describe the sea.", **SLOW, "max_tokens": 40, "seed": 5}
-    body["on_disconnect"] = "DISCONNECT_POLICY_CONTINUE"
-    with httpx.stream(
-        "POST", f"{model_stack.url}/api/v1/orchestrate", json=body, timeout=120
-    ) as response:
-        first_three = []
-        for line in response.iter_lines():
-            if line.startswith("data:"):
-                first_three.append(json.loads(line[5:])["event"])
-                if len(first_three) == 3:
-                    break  # the client goes away here
-    execution_id = first_three[0]["execution_id"]
-    rest = watch(model_stack, execution_id, after=first_three[-1]["sequence"])
-    resumed = first_three + rest
-    assert [e["sequence"] for e in resumed] == list(range(1, len(resumed) + 1))
-    assert kind(resumed[-1]) == "execution_completed"
-    # The same as one uninterrupted stream of the same execution.
-    assert resumed == watch(model_stack, execution_id)
+# Long enough to act on mid-way: one inference, a token every 50 ms, about
+# 3 s in all.
+TOKEN_DELAY_S = 0.05
+LONG_PROMPT = " ".join(f"word{i}" for i in range(60))
+# Events stored before the resume starts: the first three the client saw,
+# and at least this many more, which the resume must read from the store.
+STORED_BEFORE_RESUME = 5
+
+
+@pytest.fixture
+def slow_echo_stack(start_stack: StackFactory) -> Stack:
+    return start_stack(
+        {"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_ECHO_TOKEN_DELAY_S": str(TOKEN_DELAY_S)}
+    )
+
+
+def running_with_stored(stub: svc_grpc.LabServiceStub, execution_id: str, at_least: int) -> int:
+    """Waits until ``at_least`` events are stored; the execution must still
+    be running then. Returns its last sequence."""
+    deadline = time.monotonic() + 30
+    while True:
+        execution: pb.Execution = stub.GetExecution(
+            svc.GetExecutionRequest(execution_id=execution_id), timeout=10
+        ).execution
+        assert execution.state == pb.EXECUTION_STATE_RUNNING, execution
+        if execution.last_sequence >= at_least:
+            return execution.last_sequence
+        assert time.monotonic() < deadline, execution
+        time.sleep(0.02)
+
+
+def still_running(stub: svc_grpc.LabServiceStub, execution_id: str) -> int:
+    """The execution's last sequence, asserting it has not finished."""
+    execution: pb.Execution = stub.GetExecution(
+        svc.GetExecutionRequest(execution_id=execution_id), timeout=10
+    ).execution
+    assert execution.state == pb.EXECUTION_STATE_RUNNING, execution
+    return execution.last_sequence
+
+
+def assert_handed_over_exactly_once(
+    sequences: list[int], stored_before: int, last_when_resumed: int
+) -> None:
+    """Every event once, in order, through the final one; those up to
+    ``stored_before`` were in the store before the resume began, those after
+    ``last_when_resumed`` did not exist when it had begun: the resume read
+    the store, then followed live."""
+    assert sequences == list(range(1, len(sequences) + 1))
+    assert stored_before >= 3 + STORED_BEFORE_RESUME
+    assert sequences[-1] > last_when_resumed
+
+
+def test_a_grpc_stream_resumes_exactly_once_from_store_to_live(slow_echo_stack: Stack) -> None:
+    with grpc.insecure_channel(slow_echo_stack.gateway_grpc) as channel:
+        stub = svc_grpc.LabServiceStub(channel)
+        request = svc.OrchestrateRequest(
+            prompt=LONG_PROMPT,
+            model="echo",
+            mode=pb.EXECUTION_MODE_INFERENCE,
+            on_disconnect=svc.DISCONNECT_POLICY_CONTINUE,
+        )
+        call = stub.Orchestrate(request, timeout=60)
+        first = [next(call).event for _ in range(3)]
+        call.cancel()  # the client goes away
+        execution_id = first[0].execution_id
+        stored_before = running_with_stored(stub, execution_id, 3 + STORED_BEFORE_RESUME)
+
+        watch = svc.WatchExecutionRequest(execution_id=execution_id, after_sequence=3)
+        resumed = stub.WatchExecution(watch, timeout=60)
+        rest = [next(resumed).event]
+        # The resume has begun (an event came) and the final event is not
+        # there yet.
+        last_when_resumed = still_running(stub, execution_id)
+        rest += [received.event for received in resumed]
+
+        events = first + rest
+        assert_handed_over_exactly_once(
+            [e.sequence for e in events], stored_before, last_when_resumed
+        )
+        assert events[-1].HasField("execution_completed")
+        # The same as one uninterrupted stream of the execution.
+        whole = stub.WatchExecution(svc.WatchExecutionRequest(execution_id=execution_id))
+        assert events == [received.event for received in whole]
+
+
+def sse_events(lines: Iterator[str], count: int | None = None) -> list[dict[str, Any]]:
+    """Up to ``count`` (default all) events of an SSE stream, each checked to
+    carry its sequence as its id."""
+    events: list[dict[str, Any]] = []
+    event_id = None
+    for line in lines:
+        if line.startswith("id:"):
+            event_id = line[3:].strip()
+        elif line.startswith("data:"):
+            event = json.loads(line[5:])["event"]
+            assert event_id == str(event["sequence"]), (event_id, event)
+            events.append(event)
+            if len(events) == count:
+                break
+    return events
+
+
+def test_an_sse_stream_resumes_exactly_once_from_store_to_live(slow_echo_stack: Stack) -> None:
+    """As a browser's EventSource does: GET /orchestrate with a request_id,
+    and after a drop the same URL again with Last-Event-ID."""
+    url = f"{slow_echo_stack.url}/api/v1/orchestrate"
+    params = {
+        "prompt": LONG_PROMPT,
+        "model": "echo",
+        "mode": "EXECUTION_MODE_INFERENCE",
+        "request_id": f"resume-{time.time_ns()}",
+    }
+    with httpx.stream("GET", url, params=params, timeout=60) as response:
+        assert response.status_code == 200
+        first = sse_events(response.iter_lines(), 3)  # then the connection drops
+    execution_id = first[0]["execution_id"]
+    with grpc.insecure_channel(slow_echo_stack.service_grpc) as channel:
+        stub = svc_grpc.LabServiceStub(channel)
+        stored_before = running_with_stored(stub, execution_id, 3 + STORED_BEFORE_RESUME)
+
+        headers = {"Last-Event-ID": str(first[-1]["sequence"])}
+        with httpx.stream("GET", url, params=params, headers=headers, timeout=60) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            rest = sse_events(lines, 1)
+            last_when_resumed = still_running(stub, execution_id)
+            rest += sse_events(lines)
+
+    events = first + rest
+    assert {e["execution_id"] for e in events} == {execution_id}
+    assert_handed_over_exactly_once(
+        [e["sequence"] for e in events], stored_before, last_when_resumed
+    )
+    assert kind(events[-1]) == "execution_completed"
+    assert events == watch(slow_echo_stack, execution_id)
 
 
 @pytest.mark.model

@@ -22,6 +22,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from agentlab.config import CONTRACT_MAX_PROMPT_CHARS
 from agentlab.core.errors import ResourceExhausted
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, Task
@@ -324,6 +325,29 @@ def test_a_prompt_over_the_limit_is_400_naming_the_prompt(short_prompts: Stack) 
     assert answer.status_code == 200, answer.text
     listed = httpx.get(f"{short_prompts.url}/api/v1/executions", timeout=10).json()
     assert len(listed["executions"]) == 1  # the refused ones were never recorded
+
+
+def test_the_documented_prompt_maximum_is_the_one_the_service_enforces(echo_stack: Stack) -> None:
+    """The served OpenAPI document's prompt maxLength, through Envoy, with the
+    default settings: that many characters pass, one more is 400 naming the
+    prompt. Its description names the setting and the contract's ceiling."""
+    document = httpx.get(f"{echo_stack.url}/api/v1/openapi.json", timeout=10).json()
+    schemas = document["components"]["schemas"]
+    for route, message in (("execute", "ExecuteRequest"), ("orchestrate", "OrchestrateRequest")):
+        prompt = schemas[f"agentlab.v1.{message}"]["properties"]["prompt"]
+        limit = prompt["maxLength"]
+
+        url = f"{echo_stack.url}/api/v1/{route}"
+        answer = httpx.post(url, json={"prompt": "x" * limit, "model": "echo"}, timeout=30)
+        assert answer.status_code == 200, answer.text[:300]
+        answer = httpx.post(url, json={"prompt": "x" * (limit + 1), "model": "echo"}, timeout=30)
+        assert answer.status_code == 400, answer.text[:300]
+        error = answer.json()
+        assert error["message"] == f"prompt: must be at most {limit} characters"
+        [bad_request] = details_of(error, "BadRequest")
+        assert [v["field"] for v in bad_request["field_violations"]] == ["prompt"]
+        assert "AGENTLAB_MAX_PROMPT_CHARS" in prompt["description"]
+        assert f"ceiling of {CONTRACT_MAX_PROMPT_CHARS:,}" in prompt["description"]
 
 
 @pytest.fixture

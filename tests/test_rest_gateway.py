@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import httpx
 import pytest
@@ -95,20 +96,30 @@ def test_orchestration_mode_runs_the_graph(model_stack: Stack) -> None:
 
 
 @pytest.mark.model
-def test_generation_options_reach_the_model(model_stack: Stack) -> None:
-    def ask() -> dict[str, object]:
-        answer = httpx.post(
-            f"{model_stack.url}/api/v1/execute",
-            json={"prompt": "Count to ten.", "max_tokens": 5, "temperature": 0, "seed": 7},
-            timeout=60,
-        )
+def test_each_generation_option_reaches_the_model(model_stack: Stack) -> None:
+    """One option per request, each shown by what it does to the real
+    model's answer. llama.cpp's defaults, which an option that never arrived
+    would leave in place: temperature 0.8, a random seed, and the gateway's
+    max_tokens (256)."""
+
+    def ask(**options: object) -> dict[str, Any]:
+        body = {"prompt": "Write a short poem about the sea.", "max_tokens": 12, **options}
+        answer = httpx.post(f"{model_stack.url}/api/v1/execute", json=body, timeout=60)
         assert answer.status_code == 200, answer.text
-        result: dict[str, object] = answer.json()
+        result: dict[str, Any] = answer.json()
         return result
 
-    first, second = ask(), ask()
-    assert first["metrics"]["completion_tokens"] <= 5  # type: ignore[index]
-    assert first["output"] == second["output"]  # temperature 0 is deterministic
+    # max_tokens: the answer stops there (a poem takes more than 5 tokens).
+    assert ask(max_tokens=5)["metrics"]["completion_tokens"] == 5
+    # seed, at the default temperature: the same seed, the same answer; other
+    # seeds, other answers.
+    seven = ask(seed=7)["output"]
+    assert ask(seed=7)["output"] == seven
+    assert {ask(seed=seed)["output"] for seed in (8, 9)} - {seven}
+    # temperature, with a random seed each time: 0 is greedy, the same answer
+    # every time; 1.5 is not.
+    assert ask(temperature=0)["output"] == ask(temperature=0)["output"]
+    assert ask(temperature=1.5)["output"] != ask(temperature=1.5)["output"]
 
 
 def test_models_and_health_routes(model_stack: Stack) -> None:

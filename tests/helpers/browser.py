@@ -2,13 +2,11 @@
 driven by Playwright from PyPI, and a page on another origin to run code from.
 
 Where Chromium or Playwright is missing the browser tests skip, saying why;
-under CI=true they fail instead (.ci/run installs Chromium), as the
-PostgreSQL and Redis tests do.
+in CI they fail instead (.ci/run installs Chromium): services.missing.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -16,9 +14,8 @@ from contextlib import asynccontextmanager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import pytest
-
 from agentlab.devstack import free_port
+from tests.helpers.services import missing
 
 __all__ = ["chromium_page", "frontend_origin"]
 
@@ -44,9 +41,7 @@ def _require_chromium() -> str:
         except ImportError:
             reason = "playwright is not installed (make setup; pip install playwright)"
     if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI=true, so it must be")
-        pytest.skip(reason)
+        missing(reason)
     assert path is not None
     return path
 

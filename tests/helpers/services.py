@@ -1,6 +1,8 @@
 """External servers some tests need (PostgreSQL, Redis), and what to do when
-one is not there: skip on a developer's machine, fail in CI (CI=true), where
-a missing server is a broken setup rather than a choice.
+one (or any program a test needs) is not there: skip on a developer's
+machine, fail in CI (CI set to true, 1 or yes, in any case), where a missing
+dependency is a broken setup rather than a choice. `missing` is that rule,
+for every such test.
 
 TEST_POSTGRES_URL and TEST_REDIS_URL point the tests elsewhere. (Not
 AGENTLAB_*: conftest clears those for every test.)
@@ -12,8 +14,9 @@ import asyncio
 import os
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -21,12 +24,30 @@ import pytest
 
 from agentlab.executions.migrations import quote_ident
 
-__all__ = ["postgres_schema", "postgres_url", "redis_url", "require"]
+__all__ = ["in_ci", "missing", "postgres_schema", "postgres_url", "redis_url", "require"]
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 _CONNECT_TIMEOUT_S = 1.0
+
+
+# The spellings CI systems use: GitHub Actions and GitLab set CI=true, others 1.
+_TRUTHY = ("true", "1", "yes")
+
+
+def in_ci(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether CI (``environ``, default os.environ) is set to a truthy value."""
+    value = (os.environ if environ is None else environ).get("CI", "")
+    return value.strip().lower() in _TRUTHY
+
+
+def missing(reason: str, environ: Mapping[str, str] | None = None) -> NoReturn:
+    """A dependency of the test is missing, ``reason`` saying which and how
+    to get it: the test fails in CI and is skipped elsewhere."""
+    if in_ci(environ):
+        pytest.fail(f"{reason}; CI is set, so it must be there")
+    pytest.skip(reason)
 
 
 def postgres_url() -> str:
@@ -47,10 +68,7 @@ def require(name: str, url: str, default_port: int) -> str:
         with socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT_S):
             pass
     except OSError as error:
-        reason = f"{name} is not reachable at {host}:{port} ({error})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI=true, so it must be")
-        pytest.skip(reason)
+        missing(f"{name} is not reachable at {host}:{port} ({error})")
     return url
 
 
