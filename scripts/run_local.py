@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"starting the service on {service.address} ...", flush=True)
         service.start()
+        if not service.serving():
+            print(
+                "warning: no backend of a model is reachable: the service answers, "
+                "NOT_SERVING, until one is (GET /api/v1/health says which)",
+                file=sys.stderr,
+                flush=True,
+            )
         print(f"starting envoy on {envoy.url} ...", flush=True)
         envoy.start()
         print(

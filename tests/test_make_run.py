@@ -310,3 +310,31 @@ def test_a_setting_that_cannot_be_honoured_stops_make_run(
     assert message in output, output
     assert "starting the service" not in output
     nothing_listens(ports)
+
+
+def test_make_run_starts_while_every_backend_is_down(tmp_path: Path) -> None:
+    """A routing file whose only backend is not up yet (Ollama still
+    starting): `make run` starts at once and says so; health is 503 and the
+    reserved echo answers, so the gateway is there when Ollama comes."""
+    routing = tmp_path / "models.yaml"
+    routing.write_text(
+        "backends:\n"
+        f'  ollama: {{kind: ollama, url: "http://127.0.0.1:{free_port()}"}}\n'
+        "models:\n"
+        '  mistral7b: {backend: ollama, model: "mistral:7b"}\n'
+    )
+    ports = free_ports()
+    supervisor = make_run(ports, {"AGENTLAB_MODELS_FILE": str(routing)})
+    try:
+        started = time.monotonic()
+        output = until_ready(supervisor)
+        assert time.monotonic() - started < 30, output
+        assert "warning: no backend of a model is reachable" in output, output
+        gateway = f"http://127.0.0.1:{ports['gateway']}"
+        assert httpx.get(f"{gateway}/api/v1/health", timeout=10).status_code == 503
+        echo = httpx.post(
+            f"{gateway}/api/v1/execute", json={"prompt": "hola", "model": "echo"}, timeout=10
+        )
+        assert echo.status_code == 200, echo.text
+    finally:
+        ctrl_c(supervisor)

@@ -179,7 +179,8 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout_s: float) -> int | None:
 
 @dataclass
 class ServiceProcess:
-    """``python -m agentlab`` on a port, ready once its health is SERVING."""
+    """``python -m agentlab`` on a port, ready once it has loaded its labs
+    (``loaded``): SERVING, or up with every real backend down."""
 
     port: int = DEFAULT_PORTS.service
     env: Mapping[str, str] = field(default_factory=dict)
@@ -210,18 +211,26 @@ class ServiceProcess:
             # which then stops the processes in order.
             start_new_session=True,
         )
-        _wait(self.serving, "the service", timeout_s, self.proc)
+        _wait(self.loaded, "the service", timeout_s, self.proc)
         return self
 
-    def serving(self) -> bool:
+    def serving(self, service: str = "") -> bool:
+        """Whether grpc.health.v1 says ``service`` (default: the whole
+        server) is SERVING."""
         with grpc.insecure_channel(self.address) as channel:
             try:
                 answer = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=1.0
+                    health_pb2.HealthCheckRequest(service=service), timeout=1.0
                 )
             except grpc.RpcError:
                 return False
         return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def loaded(self) -> bool:
+        """Whether the service has loaded its labs: it is SERVING, or its
+        backends are all down (NOT_SERVING, as it should be) while the echo
+        backend, reachable whenever the process is, already reports SERVING."""
+        return self.serving() or self.serving("agentlab.backend.echo")
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         return _stop(self.proc, timeout_s)

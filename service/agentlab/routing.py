@@ -25,9 +25,12 @@ import yaml
 from agentlab.config import ConfigError
 from agentlab.core.types import GenerationOptions
 
-__all__ = ["KINDS", "BackendConfig", "ModelRoute", "RoutingConfig", "load_routing"]
+__all__ = ["KINDS", "RESERVED", "BackendConfig", "ModelRoute", "RoutingConfig", "load_routing"]
 
 KINDS = ("embedded", "echo", "ollama", "openai", "http_lab")
+RESERVED = "echo"
+"""The model name every routing file serves from the echo backend, unless it
+names a model so itself."""
 _REMOTE = ("ollama", "openai", "http_lab")
 
 
@@ -79,6 +82,15 @@ def load_routing(path: Path, env: Mapping[str, str] | None = None) -> RoutingCon
     }
     if not models:
         raise ConfigError(f"{path}: models: at least one model must be configured")
+    reserved = backends.get(RESERVED)
+    if reserved is not None and reserved.kind != "echo" and RESERVED not in models:
+        # The model name "echo" routes to the backend of that name: another
+        # kind there would take the name from the echo backend unannounced.
+        raise where.error(
+            f"backends.{RESERVED}",
+            f"the name {RESERVED!r} is reserved for the echo backend (kind: echo), "
+            f"not a {reserved.kind} one, unless a model is named {RESERVED!r}",
+        )
     return RoutingConfig(backends, models)
 
 

@@ -137,14 +137,13 @@ class Server:
 
     async def _report(self) -> None:
         """Each backend under its own health name; the gateway as a whole
-        serves while any backend can."""
-        any_reachable = False
+        serves while a backend of a model other than echo can."""
         for backend in self.registry.backends:
             reachable = self.registry.state(backend.name).reachable
-            any_reachable |= reachable
             await self.health.set(backend_service(backend.name), reachable)
-        await self.health.set(OVERALL, any_reachable)
-        await self.health.set(LAB_SERVICE, any_reachable)
+        serving = self.registry.serving()
+        await self.health.set(OVERALL, serving)
+        await self.health.set(LAB_SERVICE, serving)
 
 
 def build_executions(settings: Settings, runner: Runner) -> Executions:

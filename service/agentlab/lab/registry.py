@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from agentlab.core.errors import AgentLabError, LabUnavailable, ModelNotFound
 from agentlab.core.types import ModelInfo
 from agentlab.lab.base import Backend, Lab, Route
-from agentlab.routing import ModelRoute
+from agentlab.routing import RESERVED, ModelRoute
 
 __all__ = ["ANY_MODEL", "BackendState", "LabRegistry"]
 
@@ -74,6 +74,14 @@ class LabRegistry:
 
     def state(self, backend: str) -> BackendState:
         return self._states[backend]
+
+    def serving(self) -> bool:
+        """Whether the gateway as a whole serves: while any backend of a model
+        other than the reserved echo is reachable. Echo, always reachable,
+        would otherwise keep a gateway whose every real backend is down
+        serving; where it is all there is, it counts."""
+        real = {r.backend for name, r in self._routes.items() if name != RESERVED}
+        return any(self._states[name].reachable for name in real or self._backends)
 
     def models(self) -> list[ModelInfo]:
         """Configured names first, the catch-all last."""
