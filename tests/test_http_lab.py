@@ -24,27 +24,25 @@ import pytest
 from aiohttp import web
 
 from agentlab.core.errors import InvalidArgument, LabFailed, LabUnavailable
-from agentlab.core.runner import Runner
-from agentlab.core.types import ExecutionMode, GenerationOptions, Result, Task
-from agentlab.devstack import LabServiceProcess, free_port
-from agentlab.lab.base import (
-    ChatMessage,
+from agentlab.core.ports import (
     Lab,
     LabEvent,
     LabNodeEnded,
     LabNodeStarted,
     LabOutput,
     LabToken,
-    ModelChunk,
     Route,
-    TextChunk,
-    Usage,
 )
+from agentlab.core.runner import Runner
+from agentlab.core.types import ExecutionMode, GenerationOptions, Result, Task
+from agentlab.devstack import LabServiceProcess, free_port
+from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
 from agentlab.lab.echo import EchoModel
 from agentlab.lab.graph import NODES
 from agentlab.lab.graph_lab import GraphLab
 from agentlab.lab.http_lab import HttpLabBackend
 from agentlab.labservice.app import ANY_MODEL, LabServer, listen
+from tests.helpers.runs import run_to_end
 
 ECHO = {"AGENTLAB_DEFAULT_BACKEND": "echo"}
 PROMPT = "the quick brown fox jumps over the lazy dog"
@@ -122,10 +120,10 @@ async def test_same_result_as_the_embedded_lab(
 ) -> None:
     backend = HttpLabBackend("lab", echo_service.url, stream=stream)
     try:
-        remote = await runner(await started(backend.lab("some-model"))).execute(task(mode=mode))
+        remote = await run_to_end(runner(await started(backend.lab("some-model"))), task(mode=mode))
     finally:
         await backend.close()
-    local = await runner(await started(GraphLab(EchoModel()))).execute(task(mode=mode))
+    local = await run_to_end(runner(await started(GraphLab(EchoModel()))), task(mode=mode))
 
     assert shape(remote) == shape(local)
     nodes = ["inference"] if mode is ExecutionMode.INFERENCE else list(NODES)
@@ -146,7 +144,7 @@ async def test_health_check_and_request_log(
         health = await client.get("/orchestrate/")
     assert health.json() == {"status": "ok", "backend": "echo", "model": "echo"}
 
-    await runner(await started(backend.lab("m"))).execute(task())
+    await run_to_end(runner(await started(backend.lab("m"))), task())
     events = len(PROMPT.split()) + 3  # node started, the tokens, node finished, output
     assert re.search(rf"POST /inference/ -> 200, {events} events in \d+ ms", echo_service.log())
 
@@ -220,11 +218,11 @@ async def test_stopped_lab_service_is_unavailable_until_it_restarts(
     backend = HttpLabBackend("lab", service.url)
     run = runner(await started(backend.lab("m")))
     try:
-        before = await run.execute(task())
+        before = await run_to_end(run, task())
         service.stop()
 
         with pytest.raises(LabUnavailable) as raised:
-            await run.execute(task())
+            await run_to_end(run, task())
         assert raised.value.backend == "lab"
         assert raised.value.address == service.url
         assert f"'lab' at {service.url}" in raised.value.message
@@ -234,7 +232,7 @@ async def test_stopped_lab_service_is_unavailable_until_it_restarts(
 
         service.start()  # the same port; the same client
         await backend.check()
-        assert shape(await run.execute(task())) == shape(before)
+        assert shape(await run_to_end(run, task())) == shape(before)
     finally:
         await backend.close()
 
@@ -367,7 +365,7 @@ async def test_cancelling_a_run_stops_the_model_behind_the_lab_service(
             # A complete answer has nothing to read early: the caller's
             # deadline is what cuts it short.
             with pytest.raises(TimeoutError):
-                await asyncio.wait_for(runner(lab).execute(long_task), 0.2)
+                await asyncio.wait_for(run_to_end(runner(lab), long_task), 0.2)
             stopped = time.monotonic()
         await asyncio.wait_for(model.closed.wait(), 1.0)
     finally:
@@ -398,7 +396,7 @@ async def test_draining_lets_runs_finish_within_the_grace_only(
         with pytest.raises(LabUnavailable, match="stopping"):
             await backend.check()
         with pytest.raises(LabUnavailable, match="stopping"):
-            await runner(lab).execute(task())
+            await run_to_end(runner(lab), task())
         if finishes:
             rest = [event async for event in events]
             assert isinstance(rest[-1], LabOutput)
@@ -432,7 +430,7 @@ async def test_lab_errors_become_domain_errors(
         backend = HttpLabBackend("lab", served.url, stream=stream)
         try:
             with pytest.raises(expected) as raised:
-                await runner(await started(backend.lab("m"))).execute(task())
+                await run_to_end(runner(await started(backend.lab("m"))), task())
         finally:
             await backend.close()
     assert message in str(raised.value)
@@ -450,7 +448,7 @@ async def test_a_lab_service_still_loading_is_unavailable() -> None:
             with pytest.raises(LabUnavailable, match="HTTP 503"):
                 await backend.check()
             with pytest.raises(LabUnavailable, match="starting"):
-                await runner(await started(backend.lab("m"))).execute(task())
+                await run_to_end(runner(await started(backend.lab("m"))), task())
         finally:
             await backend.close()
 
@@ -485,7 +483,7 @@ async def test_a_lab_off_the_wire_format_fails_the_run(
     backend = HttpLabBackend("lab", f"http://127.0.0.1:{port}")
     try:
         with pytest.raises(LabFailed, match=message):
-            await runner(await started(backend.lab("m"))).execute(task())
+            await run_to_end(runner(await started(backend.lab("m"))), task())
     finally:
         await backend.close()
         await app_runner.cleanup()
@@ -507,8 +505,9 @@ def model_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServi
 async def test_orchestration_on_the_real_model(model_service: LabServiceProcess) -> None:
     backend = HttpLabBackend("lab", model_service.url)
     try:
-        result = await runner(await started(backend.lab("smollm2"))).execute(
-            task("What is the capital of France?", ExecutionMode.ORCHESTRATION, max_tokens=24)
+        result = await run_to_end(
+            runner(await started(backend.lab("smollm2"))),
+            task("What is the capital of France?", ExecutionMode.ORCHESTRATION, max_tokens=24),
         )
     finally:
         await backend.close()
@@ -546,7 +545,7 @@ async def test_closing_a_run_stops_the_real_model(model_service: LabServiceProce
         assert int(gone.group(1)) < 20
 
         # The slot it held is free again.
-        after = await runner(lab).execute(task("Say hi.", max_tokens=4))
+        after = await run_to_end(runner(lab), task("Say hi.", max_tokens=4))
         assert after.metrics.completion_tokens > 0
     finally:
         await backend.close()

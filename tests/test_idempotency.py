@@ -28,6 +28,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from agentlab.core.errors import IdempotencyKeyReused, ModelNotFound
+from agentlab.core.ports import Route
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, GenerationOptions, Task
 from agentlab.devstack import Stack
@@ -38,7 +39,6 @@ from agentlab.executions.model import ExecutionStore
 from agentlab.executions.postgres_store import PostgresStore
 from agentlab.executions.service import Executions
 from agentlab.executions.sqlite_store import SqliteStore
-from agentlab.lab.base import Route
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc

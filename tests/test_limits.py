@@ -24,6 +24,7 @@ from grpc_status import rpc_status
 
 from agentlab.config import CONTRACT_MAX_PROMPT_CHARS
 from agentlab.core.errors import ResourceExhausted
+from agentlab.core.ports import LabEvent, LabNodeEnded, LabNodeStarted, LabOutput, LabToken, Route
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, Task
 from agentlab.devstack import Stack
@@ -31,7 +32,6 @@ from agentlab.executions.local_bus import LocalBus
 from agentlab.executions.model import ExecutionState
 from agentlab.executions.service import Executions
 from agentlab.executions.stores import open_store
-from agentlab.lab.base import LabEvent, LabNodeEnded, LabNodeStarted, LabOutput, LabToken, Route
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.helpers.stacks import StackFactory
@@ -152,10 +152,10 @@ async def test_concurrent_submits_never_overshoot_the_limits(
 
     lab.gate.set()
     for submitted in accepted:
-        final = await executions.outcome(submitted.record.id)
+        final = await executions.wait_for_final(submitted.record.id)
         assert final.HasField("execution_completed")
     # Their places are free again.
-    final = await executions.outcome((await executions.submit(_task())).record.id)
+    final = await executions.wait_for_final((await executions.submit(_task())).record.id)
     assert final.HasField("execution_completed")
 
 
@@ -176,7 +176,7 @@ async def test_a_queued_execution_cancelled_never_reaches_the_lab(
     ]
     assert lab.runs == 1
     lab.gate.set()
-    assert (await executions.outcome(running.record.id)).HasField("execution_completed")
+    assert (await executions.wait_for_final(running.record.id)).HasField("execution_completed")
 
 
 async def test_a_stop_starts_nothing_that_waits_and_leaves_background_work_queued(
@@ -213,7 +213,7 @@ async def test_a_watcher_that_falls_behind_still_gets_every_event_once(tmp_path:
         submitted = await executions.submit(_task())
         watcher = executions.watch(submitted.record.id)
         sequences = [(await anext(watcher)).sequence]
-        await executions.outcome(submitted.record.id)  # all produced meanwhile
+        await executions.wait_for_final(submitted.record.id)  # all produced meanwhile
         started = time.monotonic()
         sequences += [event.sequence async for event in watcher]
         assert sequences == list(range(1, 3000 + 5))

@@ -11,12 +11,14 @@ from contextlib import aclosing
 import pytest
 
 from agentlab.core.errors import LabFailed, LabUnavailable
+from agentlab.core.ports import Route
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, GenerationOptions, Result, Task
 from agentlab.devstack import free_port
-from agentlab.lab.base import ChatMessage, ModelChunk, Route, TextChunk, Usage
+from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
 from agentlab.lab.ollama import OllamaBackend
 from tests.helpers.fake_ollama import FakeOllama
+from tests.helpers.runs import run_to_end
 
 MODEL = "llama3.2:1b"
 HELLO = [ChatMessage("user", "Name three colours.")]
@@ -47,7 +49,7 @@ async def execute(backend: OllamaBackend, mode: ExecutionMode) -> Result:
     lab = backend.lab(MODEL)
     await lab.start()
     runner = Runner(lambda model: Route(lab), default_max_tokens=16)
-    return await runner.execute(Task("Name three colours.", "colours", mode))
+    return await run_to_end(runner, Task("Name three colours.", "colours", mode))
 
 
 async def test_streams_text_then_usage(fake: FakeOllama, backend: OllamaBackend) -> None:

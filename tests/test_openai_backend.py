@@ -19,12 +19,14 @@ import xllamacpp
 from aiohttp import web
 
 from agentlab.core.errors import LabFailed, LabUnavailable
+from agentlab.core.ports import Route
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, GenerationOptions, Result, Task
 from agentlab.devstack import free_port
-from agentlab.lab.base import ChatMessage, ModelChunk, Route, TextChunk, Usage
+from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
 from agentlab.lab.llamacpp import bundled_model_path
 from agentlab.lab.openai import OpenAIBackend
+from tests.helpers.runs import run_to_end
 
 pytestmark = pytest.mark.model
 
@@ -89,7 +91,7 @@ async def execute(backend: OpenAIBackend, mode: ExecutionMode) -> Result:
     lab = backend.lab(MODEL)
     await lab.start()
     runner = Runner(lambda model: Route(lab), default_max_tokens=16)
-    return await runner.execute(Task("Name three colours.", "colours", mode))
+    return await run_to_end(runner, Task("Name three colours.", "colours", mode))
 
 
 async def test_streams_text_then_usage(backend: OpenAIBackend) -> None:

@@ -15,6 +15,7 @@ from agentlab.lab.echo import EchoModel
 from agentlab.lab.local import LocalBackend
 from agentlab.lab.registry import LabRegistry
 from agentlab.routing import load_routing
+from tests.helpers.runs import run_to_end
 
 ECHO_X = "backends: {x: {kind: echo}}\n"
 OLLAMA_X = "backends: {x: {kind: ollama, url: 'ftp://h'}}\n"
@@ -104,14 +105,14 @@ async def test_routes_defaults_and_unknown_models(tmp_path: Path) -> None:
     def task(model: str, **options: object) -> Task:
         return Task("a b c d e", model, ExecutionMode.INFERENCE, GenerationOptions(**options))  # type: ignore[arg-type]
 
-    first = await runner.execute(task("first"))
+    first = await run_to_end(runner, task("first"))
     assert (first.metrics.backend, first.metrics.completion_tokens) == ("echo", 2)
     # A request's own option wins over the model's default.
-    assert (await runner.execute(task("first", max_tokens=4))).metrics.completion_tokens == 4
-    assert (await runner.execute(task("second"))).metrics.completion_tokens == 5
+    assert (await run_to_end(runner, task("first", max_tokens=4))).metrics.completion_tokens == 4
+    assert (await run_to_end(runner, task("second"))).metrics.completion_tokens == 5
 
     with pytest.raises(ModelNotFound) as raised:
-        await runner.execute(task("mistral7b"))
+        await run_to_end(runner, task("mistral7b"))
     assert "first, second" in raised.value.message
 
     assert [(m.name, m.backend, m.ready) for m in registry.models()] == [

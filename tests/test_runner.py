@@ -19,13 +19,15 @@ from agentlab.core.events import (
     NodeStarted,
     TokenDelta,
 )
+from agentlab.core.ports import Route
 from agentlab.core.runner import Runner, Stop
 from agentlab.core.types import ExecutionMode, GenerationOptions, StepStatus, Task
-from agentlab.lab.base import ChatMessage, ModelChunk, Route, TextChunk, Usage
+from agentlab.lab.base import ChatMessage, ModelChunk, TextChunk, Usage
 from agentlab.lab.echo import EchoModel
 from agentlab.lab.graph_lab import GraphLab
 from agentlab.lab.local import LocalBackend
 from agentlab.lab.registry import ANY_MODEL, LabRegistry
+from tests.helpers.runs import run_to_end
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def task(prompt: str, mode: ExecutionMode = ExecutionMode.INFERENCE, **options: 
 
 
 async def test_inference_events_and_result(runner: Runner) -> None:
-    events = [event async for event in runner.stream(task("one two three"))]
+    events = [event async for event in runner.stream(runner.prepare(task("one two three")))]
     kinds = [type(event.kind) for event in events]
     assert kinds == [
         ExecutionStarted,
@@ -74,12 +76,12 @@ async def test_inference_events_and_result(runner: Runner) -> None:
 
 
 async def test_the_default_max_tokens_applies(runner: Runner) -> None:
-    result = await runner.execute(task(" ".join(["w"] * 80)))
+    result = await run_to_end(runner, task(" ".join(["w"] * 80)))
     assert result.metrics.completion_tokens == 50
 
 
 async def test_orchestration_runs_plan_answer_review(runner: Runner) -> None:
-    result = await runner.execute(task("Why is the sky blue?", ExecutionMode.ORCHESTRATION))
+    result = await run_to_end(runner, task("Why is the sky blue?", ExecutionMode.ORCHESTRATION))
     assert [step.node for step in result.flow] == ["plan", "answer", "review"]
     assert all(step.status is StepStatus.SUCCEEDED for step in result.flow)
     assert result.output == result.flow[-1].output
@@ -90,7 +92,7 @@ async def test_a_lab_that_is_not_ready_is_unavailable() -> None:
     registry = LabRegistry.serving_everything(LocalBackend("echo", EchoModel()))  # never started
     runner = Runner(registry.route, default_max_tokens=10)
     with pytest.raises(LabUnavailable):
-        await runner.execute(task("hi"))
+        await run_to_end(runner, task("hi"))
     assert registry.models()[-1].name == ANY_MODEL
     assert registry.models()[-1].ready is False
 
@@ -129,7 +131,9 @@ async def test_a_deadline_stops_the_lab_and_keeps_the_partial_flow(mode: Executi
     await lab.start()
     runner = Runner(lambda _: Route(lab, timeout_s=60), default_max_tokens=500)
 
-    events = [e async for e in runner.stream(replace(task("go", mode), timeout_s=0.3))]
+    events = [
+        e async for e in runner.stream(runner.prepare(replace(task("go", mode), timeout_s=0.3)))
+    ]
     final = events[-1].kind
     assert isinstance(final, ExecutionFailed)
     assert isinstance(final.error, DeadlineExceeded)
@@ -147,7 +151,7 @@ async def test_the_shorter_of_the_callers_and_the_models_timeout_wins() -> None:
     await lab.start()
     runner = Runner(lambda _: Route(lab, timeout_s=0.2), default_max_tokens=500)
     with pytest.raises(DeadlineExceeded, match=r"0\.2 s"):
-        await runner.execute(replace(task("go"), timeout_s=30))
+        await run_to_end(runner, replace(task("go"), timeout_s=30))
 
 
 @pytest.mark.parametrize("mode", list(ExecutionMode))
@@ -160,7 +164,9 @@ async def test_a_stop_request_cancels_the_lab_and_keeps_the_partial_flow(
     runner = Runner(lambda _: Route(lab), default_max_tokens=500)
     stop = Stop()
     events = []
-    async for event in runner.stream(task("go", mode), execution_id="e1", stop=stop):
+    async for event in runner.stream(
+        runner.prepare(task("go", mode)), execution_id="e1", stop=stop
+    ):
         events.append(event)
         if isinstance(event.kind, TokenDelta) and len(events) > 4:
             stop.request()

@@ -25,11 +25,11 @@ from agentlab.executions.errors import DuplicateEvent, UnknownExecution
 from agentlab.executions.migrations import POSTGRES, SQLITE, quote_ident
 from agentlab.executions.model import (
     Cursor,
+    Ending,
     ExecutionRecord,
     ExecutionState,
     ExecutionStore,
     NewExecution,
-    Outcome,
     StoredEvent,
 )
 from agentlab.executions.postgres_store import PostgresStore
@@ -130,6 +130,23 @@ def new_execution(**changes: Any) -> NewExecution:
     return NewExecution(**fields)
 
 
+async def start(store: ExecutionStore, execution_id: str, at: datetime) -> None:
+    """Mark a record RUNNING, as the first batch of its events does."""
+    await store.append_events(execution_id, [], started_at=at)
+
+
+async def end(
+    store: ExecutionStore,
+    execution_id: str,
+    state: ExecutionState,
+    at: datetime,
+    result: bytes | None,
+    error: bytes | None,
+) -> None:
+    """Record a record's end, as the last batch of its events does."""
+    await store.append_events(execution_id, [], ending=Ending(state, at, result, error))
+
+
 def assert_utc(*times: datetime | None) -> None:
     for at in times:
         if at is not None:
@@ -180,10 +197,10 @@ async def test_create_and_get_round_trip_every_field(store: ExecutionStore) -> N
 
     started = T0 + timedelta(microseconds=1)
     ended = T0 + timedelta(seconds=3, microseconds=654321)
-    await store.mark_running(new.id, started)
-    await store.append_event(new.id, StoredEvent(1, b"\x00first"))
-    await store.finish(
-        new.id, ExecutionState.SUCCEEDED, ended.astimezone(PLUS_TWO), b"\x00\xffresult", b""
+    await start(store, new.id, started)
+    await store.append_events(new.id, [StoredEvent(1, b"\x00first")])
+    await end(
+        store, new.id, ExecutionState.SUCCEEDED, ended.astimezone(PLUS_TWO), b"\x00\xffresult", b""
     )
 
     final = await store.get(new.id)
@@ -275,9 +292,9 @@ async def test_pages_are_newest_first_without_gaps_or_repeats(store: ExecutionSt
             )
         )
         if i % 5 == 0:
-            await store.mark_running(record.id, T0)
+            await start(store, record.id, T0)
         elif i % 5 == 1:
-            await store.finish(record.id, ExecutionState.SUCCEEDED, T0, b"ok", None)
+            await end(store, record.id, ExecutionState.SUCCEEDED, T0, b"ok", None)
         expected.append((await store.get(record.id)) or record)
     expected.sort(key=lambda r: (r.created_at, r.id.encode()), reverse=True)
 
@@ -330,8 +347,8 @@ async def test_events_come_back_in_order_and_set_last_sequence(store: ExecutionS
     record, _ = await store.create(new_execution())
     other, _ = await store.create(new_execution())
     for sequence in (1, 2, 3, 5, 4):
-        await store.append_event(record.id, StoredEvent(sequence, f"e{sequence}".encode()))
-    await store.append_event(other.id, StoredEvent(1, b"other"))
+        await store.append_events(record.id, [StoredEvent(sequence, f"e{sequence}".encode())])
+    await store.append_events(other.id, [StoredEvent(1, b"other")])
 
     assert await store.events_after(record.id, 0) == [
         StoredEvent(n, f"e{n}".encode()) for n in (1, 2, 3, 4, 5)
@@ -347,11 +364,11 @@ async def test_events_come_back_in_order_and_set_last_sequence(store: ExecutionS
 
 async def test_a_duplicate_event_raises_and_changes_nothing(store: ExecutionStore) -> None:
     record, _ = await store.create(new_execution())
-    await store.append_event(record.id, StoredEvent(1, b"one"))
-    await store.append_event(record.id, StoredEvent(2, b"two"))
+    await store.append_events(record.id, [StoredEvent(1, b"one")])
+    await store.append_events(record.id, [StoredEvent(2, b"two")])
 
     with pytest.raises(DuplicateEvent) as raised:
-        await store.append_event(record.id, StoredEvent(2, b"two again"))
+        await store.append_events(record.id, [StoredEvent(2, b"two again")])
     assert (raised.value.execution_id, raised.value.sequence) == (record.id, 2)
 
     assert await store.events_after(record.id, 0) == [
@@ -362,13 +379,13 @@ async def test_a_duplicate_event_raises_and_changes_nothing(store: ExecutionStor
     assert stored is not None
     assert stored.last_sequence == 2
     # The store still works after the failed transaction.
-    await store.append_event(record.id, StoredEvent(3, b"three"))
+    await store.append_events(record.id, [StoredEvent(3, b"three")])
     assert [e.sequence for e in await store.events_after(record.id, 0)] == [1, 2, 3]
 
 
 async def test_an_event_for_an_unknown_execution_raises(store: ExecutionStore) -> None:
     with pytest.raises(UnknownExecution):
-        await store.append_event("nope", StoredEvent(1, b"x"))
+        await store.append_events("nope", [StoredEvent(1, b"x")])
     assert await store.events_after("nope", 0) == []
 
 
@@ -397,7 +414,7 @@ async def test_cancelled_calls_leave_the_store_consistent_and_usable(backend: Ba
     try:
         record, _ = await store.create(new_execution())
         for n in range(1, 61):
-            await cancel_midway(partial(store.append_event, record.id, StoredEvent(n, b"x")), n)
+            await cancel_midway(partial(store.append_events, record.id, [StoredEvent(n, b"x")]), n)
             await cancel_midway(partial(store.page, page_size=5), n)
 
         # Each event was stored together with its last_sequence, or neither.
@@ -406,7 +423,7 @@ async def test_cancelled_calls_leave_the_store_consistent_and_usable(backend: Ba
         sequences = [e.sequence for e in await store.events_after(record.id, 0)]
         assert stored.last_sequence == max(sequences, default=0)
 
-        await store.append_event(record.id, StoredEvent(1000, b"last"))
+        await store.append_events(record.id, [StoredEvent(1000, b"last")])
         assert await store.events_after(record.id, 999) == [StoredEvent(1000, b"last")]
     finally:
         await store.close()
@@ -419,17 +436,17 @@ async def test_cancelled_calls_leave_the_store_consistent_and_usable(backend: Ba
 # --- state --------------------------------------------------------------------
 
 
-async def test_mark_running_then_finish(store: ExecutionStore) -> None:
+async def test_started_then_ended(store: ExecutionStore) -> None:
     record, _ = await store.create(new_execution())
-    await store.mark_running(record.id, T0 + timedelta(seconds=1))
+    await start(store, record.id, T0 + timedelta(seconds=1))
     running = await store.get(record.id)
     assert running is not None
     assert running.state == ExecutionState.RUNNING
     assert running.started_at == T0 + timedelta(seconds=1)
     assert running.ended_at is None
 
-    await store.finish(
-        record.id, ExecutionState.FAILED, T0 + timedelta(seconds=2), b"partial", b"status"
+    await end(
+        store, record.id, ExecutionState.FAILED, T0 + timedelta(seconds=2), b"partial", b"status"
     )
     failed = await store.get(record.id)
     assert failed is not None
@@ -459,14 +476,14 @@ async def test_events_go_with_the_start_and_the_end(store: ExecutionStore) -> No
     )
 
     ended = T0 + timedelta(seconds=2)
-    outcome = Outcome(ExecutionState.SUCCEEDED, ended, b"result", None)
+    ending = Ending(ExecutionState.SUCCEEDED, ended, b"result", None)
     # All or none: a duplicate fails the events and leaves the state alone.
     with pytest.raises(DuplicateEvent):
-        await store.append_events(record.id, [StoredEvent(2, b"again")], outcome=outcome)
+        await store.append_events(record.id, [StoredEvent(2, b"again")], ending=ending)
     unchanged = await store.get(record.id)
     assert unchanged == running
 
-    await store.append_events(record.id, [StoredEvent(3, b"completed")], outcome=outcome)
+    await store.append_events(record.id, [StoredEvent(3, b"completed")], ending=ending)
     done = await store.get(record.id)
     assert done is not None
     assert (done.state, done.started_at, done.ended_at, done.result, done.last_sequence) == (
@@ -479,11 +496,11 @@ async def test_events_go_with_the_start_and_the_end(store: ExecutionStore) -> No
     assert [e.sequence for e in await store.events_after(record.id, 0)] == [1, 2, 3]
 
 
-async def test_mark_running_does_not_revive_a_finished_record(store: ExecutionStore) -> None:
+async def test_a_start_does_not_revive_a_finished_record(store: ExecutionStore) -> None:
     # A cancel can finish a queued execution before its runner starts it.
     record, _ = await store.create(new_execution())
-    await store.finish(record.id, ExecutionState.CANCELLED, T0, None, b"cancelled")
-    await store.mark_running(record.id, T0 + timedelta(seconds=1))
+    await end(store, record.id, ExecutionState.CANCELLED, T0, None, b"cancelled")
+    await start(store, record.id, T0 + timedelta(seconds=1))
     stored = await store.get(record.id)
     assert stored is not None
     assert stored.state == ExecutionState.CANCELLED
@@ -496,9 +513,9 @@ async def test_mark_running_does_not_revive_a_finished_record(store: ExecutionSt
 async def test_heartbeat_touches_the_owners_active_records_only(store: ExecutionStore) -> None:
     queued, _ = await store.create(new_execution(owner="me"))
     running, _ = await store.create(new_execution(owner="me"))
-    await store.mark_running(running.id, T0)
+    await start(store, running.id, T0)
     done, _ = await store.create(new_execution(owner="me"))
-    await store.finish(done.id, ExecutionState.SUCCEEDED, T0, b"", None)
+    await end(store, done.id, ExecutionState.SUCCEEDED, T0, b"", None)
     theirs, _ = await store.create(new_execution(owner="them"))
 
     later = T0 + timedelta(seconds=30, microseconds=17)
@@ -518,9 +535,9 @@ async def test_heartbeat_touches_the_owners_active_records_only(store: Execution
 async def test_stale_lists_active_records_not_heard_from(store: ExecutionStore) -> None:
     old_queued, _ = await store.create(new_execution(owner="dead"))
     old_running, _ = await store.create(new_execution(owner="dead"))
-    await store.mark_running(old_running.id, T0)
+    await start(store, old_running.id, T0)
     old_done, _ = await store.create(new_execution(owner="dead"))
-    await store.finish(old_done.id, ExecutionState.FAILED, T0, None, b"")
+    await end(store, old_done.id, ExecutionState.FAILED, T0, None, b"")
     fresh, _ = await store.create(new_execution(owner="alive", created_at=T0))
     await store.heartbeat("alive", T0 + timedelta(seconds=10))
 
@@ -533,7 +550,7 @@ async def test_stale_lists_active_records_not_heard_from(store: ExecutionStore) 
 
 async def test_claim_takes_a_stale_record_once(store: ExecutionStore) -> None:
     record, _ = await store.create(new_execution(owner="dead"))
-    await store.mark_running(record.id, T0)
+    await start(store, record.id, T0)
     cutoff = T0 + timedelta(seconds=10)
     now = T0 + timedelta(seconds=20)
 
@@ -553,7 +570,7 @@ async def test_claim_takes_a_stale_record_once(store: ExecutionStore) -> None:
     fresh, _ = await store.create(new_execution(created_at=now))
     assert not await store.claim(fresh.id, "greedy", cutoff, now)
     done, _ = await store.create(new_execution())
-    await store.finish(done.id, ExecutionState.SUCCEEDED, T0, b"", None)
+    await end(store, done.id, ExecutionState.SUCCEEDED, T0, b"", None)
     assert not await store.claim(done.id, "greedy", cutoff, now)
     assert not await store.claim("nope", "greedy", cutoff, now)
 

@@ -1,24 +1,12 @@
-"""Conversions between protobuf messages and domain types."""
+"""The API's side of the conversions: a request as a Task, a record as the
+Execution message a view shows. Events and errors are encoded once, by the
+executions' codec (executions/codec.py)."""
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from google.protobuf import timestamp_pb2
-
 from agentlab.api import sizing
-from agentlab.api.errors import to_rpc_status
-from agentlab.core import events
-from agentlab.core.types import (
-    ExecutionMode,
-    FlowStep,
-    GenerationOptions,
-    Metrics,
-    ModelInfo,
-    Result,
-    StepStatus,
-    Task,
-)
+from agentlab.core.types import ExecutionMode, GenerationOptions, ModelInfo, Task
+from agentlab.executions.codec import MODE_NUMBERS, timestamp
 from agentlab.executions.model import ExecutionRecord, ExecutionState
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
@@ -26,10 +14,10 @@ from agentlab.v1 import lab_service_pb2 as svc
 __all__ = [
     "BASIC_TEXT_CHARS",
     "STATES",
-    "event",
+    "accepted",
+    "completed",
     "execution",
     "models",
-    "result",
     "state",
     "task",
 ]
@@ -38,17 +26,7 @@ BASIC_TEXT_CHARS = 1000
 """How much of the prompt and the output the BASIC view keeps, in characters
 (Unicode code points, as the contract counts a prompt's length)."""
 
-_MODES = {
-    pb.EXECUTION_MODE_INFERENCE: ExecutionMode.INFERENCE,
-    pb.EXECUTION_MODE_ORCHESTRATION: ExecutionMode.ORCHESTRATION,
-}
-_MODES_PB = {mode: number for number, mode in _MODES.items()}
-_STEP_STATUS_PB = {
-    StepStatus.RUNNING: pb.STEP_STATUS_RUNNING,
-    StepStatus.SUCCEEDED: pb.STEP_STATUS_SUCCEEDED,
-    StepStatus.FAILED: pb.STEP_STATUS_FAILED,
-    StepStatus.CANCELLED: pb.STEP_STATUS_CANCELLED,
-}
+_MODES = {number: mode for mode, number in MODE_NUMBERS.items()}
 
 
 def task(request: svc.ExecuteRequest | svc.OrchestrateRequest, default_mode: ExecutionMode) -> Task:
@@ -64,72 +42,17 @@ def task(request: svc.ExecuteRequest | svc.OrchestrateRequest, default_mode: Exe
     )
 
 
-def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
+def accepted(record: ExecutionRecord) -> pb.ExecuteResponse:
+    """A background execution's answer: its id and state, no result yet."""
+    return pb.ExecuteResponse(execution_id=record.id, state=_STATES_PB[record.state])
 
 
-def _metrics(metrics: Metrics) -> pb.Metrics:
-    return pb.Metrics(
-        latency_ms=metrics.latency_ms,
-        time_to_first_token_ms=metrics.time_to_first_token_ms,
-        prompt_tokens=metrics.prompt_tokens,
-        completion_tokens=metrics.completion_tokens,
-        tokens_per_second=metrics.tokens_per_second,
-        backend=metrics.backend,
-        model=metrics.model,
-        requested_model=metrics.requested_model,
-    )
-
-
-def _step(step: FlowStep) -> pb.FlowStep:
-    return pb.FlowStep(
-        node=step.node,
-        status=_STEP_STATUS_PB[step.status],
-        input=step.input,
-        output=step.output,
-        start_time=_timestamp(step.start_time),
-        duration_ms=step.duration_ms,
-        metrics=_metrics(step.metrics),
-    )
-
-
-def result(value: Result) -> pb.ExecuteResponse:
-    return pb.ExecuteResponse(
-        execution_id=value.execution_id,
-        output=value.output,
-        flow=[_step(step) for step in value.flow],
-        metrics=_metrics(value.metrics),
-    )
-
-
-def event(value: events.Event) -> pb.ExecutionEvent:
-    message = pb.ExecutionEvent(
-        sequence=value.sequence,
-        time=_timestamp(value.time),
-        execution_id=value.execution_id,
-    )
-    match value.kind:
-        case events.ExecutionStarted(mode, requested_model):
-            message.execution_started.mode = _MODES_PB[mode]
-            message.execution_started.requested_model = requested_model
-        case events.NodeStarted(node, node_input):
-            message.node_started.node = node
-            message.node_started.input = node_input
-        case events.TokenDelta(node, text):
-            message.token_delta.node = node
-            message.token_delta.text = text
-        case events.NodeFinished(step):
-            message.node_finished.step.CopyFrom(_step(step))
-        case events.ExecutionCompleted(completed):
-            message.execution_completed.result.CopyFrom(result(completed))
-            # The same result Execute and Get show: a completed one SUCCEEDED.
-            message.execution_completed.result.state = pb.EXECUTION_STATE_SUCCEEDED
-        case events.ExecutionFailed(error, flow):
-            message.execution_failed.error.CopyFrom(to_rpc_status(error))
-            message.execution_failed.flow.extend(_step(step) for step in flow)
-    return message
+def completed(final: pb.ExecutionEvent) -> pb.ExecuteResponse:
+    """The result a completed execution's final event carries, SUCCEEDED."""
+    result = pb.ExecuteResponse()
+    result.CopyFrom(final.execution_completed.result)
+    result.state = pb.EXECUTION_STATE_SUCCEEDED
+    return result
 
 
 def models(values: list[ModelInfo]) -> svc.ListModelsResponse:
@@ -170,10 +93,10 @@ def execution(
         state=_STATES_PB[record.state],
         prompt=record.prompt,
         model=record.model,
-        mode=_MODES_PB[ExecutionMode(record.mode)],
+        mode=MODE_NUMBERS[ExecutionMode(record.mode)],
         request_id=record.request_id,
         background=record.background,
-        create_time=_timestamp(record.created_at),
+        create_time=timestamp(record.created_at),
         last_sequence=record.last_sequence,
     )
     options = record.options
@@ -184,9 +107,9 @@ def execution(
     if "seed" in options:
         message.seed = int(options["seed"])
     if record.started_at is not None:
-        message.start_time.CopyFrom(_timestamp(record.started_at))
+        message.start_time.CopyFrom(timestamp(record.started_at))
     if record.ended_at is not None:
-        message.end_time.CopyFrom(_timestamp(record.ended_at))
+        message.end_time.CopyFrom(timestamp(record.ended_at))
     if record.result is not None:
         message.result.ParseFromString(record.result)
         message.result.state = message.state

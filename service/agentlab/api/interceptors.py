@@ -21,10 +21,12 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from agentlab.api.errors import abort, to_rpc_status
+from agentlab.api.errors import abort, abort_with_status
 from agentlab.api.json_fields import unknown_fields
 from agentlab.api.validation import RequestRules
 from agentlab.core.errors import AgentLabError, InternalError, InvalidArgument
+from agentlab.executions.call import StoredFailure
+from agentlab.executions.codec import rpc_status
 from agentlab.v1 import execution_pb2 as pb
 
 __all__ = ["CheckRequests", "MapErrors", "Unary", "UnaryStream", "wrap_handler"]
@@ -119,7 +121,8 @@ class MapErrors(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Every RPC's errors become statuses here, and only here; it is the
     outermost interceptor, so the others raise too.
 
-    An ``AgentLabError`` ends the call with its own status (api/errors.py).
+    An ``AgentLabError`` ends the call with its own status (api/errors.py);
+    a ``StoredFailure`` (an execution that failed) with the status it stored.
     Any other exception is INTERNAL with a new error id, in ErrorInfo
     metadata ``error_id`` and in the message; the exception and its stack go
     to the log under that id, never to the caller. A ``context.abort`` from
@@ -147,6 +150,8 @@ class MapErrors(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     return await behaviour(request, context)
                 except grpc.aio.AbortError:
                     raise
+                except StoredFailure as failure:
+                    await abort_with_status(context, failure.status)
                 except Exception as error:
                     await abort(context, _as_agentlab_error(error, method))
 
@@ -161,6 +166,9 @@ class MapErrors(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         yield response
                 except grpc.aio.AbortError:
                     raise
+                except StoredFailure as stored:
+                    # Raised after its own final event: only the status follows.
+                    await abort_with_status(context, stored.status)
                 except Exception as error:
                     failure = _as_agentlab_error(error, method)
                     if (last := stream.failed(failure)) is not None:
@@ -206,6 +214,6 @@ class _Sent:
         # the stored event that later takes it, and mislead a resume.
         final = pb.ExecutionEvent(sequence=0, execution_id=event.execution_id)
         final.time.GetCurrentTime()
-        final.execution_failed.error.CopyFrom(to_rpc_status(error))
+        final.execution_failed.error.CopyFrom(rpc_status(error))
         final.execution_failed.flow.extend(self._steps)
         return type(self._last)(event=final)

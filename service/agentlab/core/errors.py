@@ -1,5 +1,6 @@
-"""Domain errors. Each has a stable UPPER_SNAKE reason and metadata; the api
-layer is the one place that turns them into gRPC statuses."""
+"""Domain errors. Each has a stable UPPER_SNAKE reason and metadata; the
+executions' codec (executions/codec.py) is the one place that turns them into
+google.rpc statuses."""
 
 from __future__ import annotations
 

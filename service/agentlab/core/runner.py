@@ -22,7 +22,6 @@ from agentlab.core.errors import (
     Cancelled,
     DeadlineExceeded,
     InternalError,
-    new_error_id,
 )
 from agentlab.core.events import (
     Event,
@@ -34,15 +33,7 @@ from agentlab.core.events import (
     NodeStarted,
     TokenDelta,
 )
-from agentlab.core.types import (
-    FlowStep,
-    GenerationOptions,
-    Metrics,
-    Result,
-    StepStatus,
-    Task,
-)
-from agentlab.lab.base import (
+from agentlab.core.ports import (
     Lab,
     LabEvent,
     LabNodeEnded,
@@ -51,8 +42,16 @@ from agentlab.lab.base import (
     LabToken,
     Route,
 )
+from agentlab.core.types import (
+    FlowStep,
+    GenerationOptions,
+    Metrics,
+    Result,
+    StepStatus,
+    Task,
+)
 
-__all__ = ["LabRouter", "Runner", "Stop", "new_execution_id"]
+__all__ = ["LabRouter", "Prepared", "Runner", "Stop", "new_execution_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ class Runner:
         self._route = route
         self._default_max_tokens = default_max_tokens
 
-    def prepare(self, task: Task) -> tuple[Task, Lab]:
+    def prepare(self, task: Task) -> Prepared:
         """Find a task's lab and apply the model's defaults; raises before any
         event exists, so an unknown model fails as a plain error, not as a
         failed stream. The task's fields were held to the contract's rules
@@ -81,24 +80,17 @@ class Runner:
             seed=_first(options.seed, defaults.seed),
         )
         limits = [t for t in (task.timeout_s, route.timeout_s) if t is not None]
-        return replace(task, options=options, timeout_s=min(limits, default=None)), route.lab
-
-    async def execute(self, task: Task) -> Result:
-        """Run to completion; raise the execution's error if it failed."""
-        async with aclosing(self.stream(task)) as events:
-            async for event in events:
-                if isinstance(event.kind, ExecutionCompleted):
-                    return event.kind.result
-                if isinstance(event.kind, ExecutionFailed):
-                    raise event.kind.error
-        raise InternalError(new_error_id())  # a stream always ends with a final event
+        return Prepared(
+            replace(task, options=options, timeout_s=min(limits, default=None)), route.lab
+        )
 
     async def stream(
-        self, task: Task, *, execution_id: str | None = None, stop: Stop | None = None
+        self, prepared: Prepared, *, execution_id: str | None = None, stop: Stop | None = None
     ) -> AsyncGenerator[Event, None]:
         """The execution's events, the last one ExecutionCompleted or
-        ExecutionFailed. Validation errors are raised before the first."""
-        task, lab = self.prepare(task)
+        ExecutionFailed: whatever goes wrong after ``prepare`` is reported
+        as the final event, never raised."""
+        task, lab = prepared.task, prepared.lab
         run = _Run(task, lab, execution_id or new_execution_id())
         yield run.event(ExecutionStarted(task.mode, task.model))
         deadline = None if task.timeout_s is None else time.monotonic() + task.timeout_s
@@ -122,6 +114,15 @@ class Runner:
         result = run.result()
         logger.info("execution %s finished in %.0f ms", run.execution_id, result.metrics.latency_ms)
         yield run.event(ExecutionCompleted(result))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A task bound to the lab that serves its model, with the model's
+    defaults and time limit applied: what ``Runner.stream`` runs."""
+
+    task: Task
+    lab: Lab
 
 
 MAX_DELTA_CHARS = 16_384

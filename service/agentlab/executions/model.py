@@ -2,7 +2,8 @@
 store (SQLite or PostgreSQL) and the bus (in-process or Redis).
 
 Events, results and errors are kept as opaque bytes (serialized protobuf
-messages): storage keeps them exactly, and only the api layer reads them.
+messages): storage keeps them exactly, and only the codec (codec.py) writes
+and reads them.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from typing import Protocol
 __all__ = [
     "ACTIVE_STATES",
     "Cursor",
+    "Ending",
     "EventBus",
     "ExecutionRecord",
     "ExecutionState",
     "ExecutionStore",
     "NewExecution",
-    "Outcome",
     "StoredEvent",
 ]
 
@@ -91,8 +92,9 @@ class StoredEvent:
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """How an execution ended: what ``finish`` records."""
+class Ending:
+    """The store's record of how an execution ended: its state, when (UTC),
+    and the result and error as bytes (see ExecutionRecord)."""
 
     state: ExecutionState
     at: datetime
@@ -139,35 +141,23 @@ class ExecutionStore(Protocol):
         """Newest first; the cursor is None on the last page."""
         ...
 
-    async def mark_running(self, execution_id: str, at: datetime) -> None: ...
-
-    async def append_event(self, execution_id: str, event: StoredEvent) -> None:
-        """Store one event; sequences are unique per execution (a duplicate
-        is an error) and last_sequence follows them."""
-        ...
-
     async def append_events(
         self,
         execution_id: str,
         events: Sequence[StoredEvent],
         *,
         started_at: datetime | None = None,
-        outcome: Outcome | None = None,
+        ending: Ending | None = None,
     ) -> None:
-        """Store several events in one transaction, all or none. In the same
-        transaction, ``started_at`` does what mark_running does and
-        ``outcome`` what finish does: an execution's first events and its
-        RUNNING state, or its last events and its end, are seen together."""
+        """Store events in one transaction, all or none; sequences are unique
+        per execution (a duplicate raises DuplicateEvent, an unknown
+        execution UnknownExecution) and last_sequence follows them. In the
+        same transaction, ``started_at`` marks an active record RUNNING (a
+        finished one stays finished: a cancel that ended it first sticks)
+        and ``ending`` records the end: an execution's first events and its
+        RUNNING state, or its last events and its end, are seen together.
+        No events and neither of the two: nothing happens."""
         ...
-
-    async def finish(
-        self,
-        execution_id: str,
-        state: ExecutionState,
-        at: datetime,
-        result: bytes | None,
-        error: bytes | None,
-    ) -> None: ...
 
     async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
         """Stored events with sequence > after_sequence, in order."""

@@ -22,10 +22,10 @@ from agentlab.executions.migrations import migrate_postgres, quote_ident
 from agentlab.executions.model import (
     ACTIVE_STATES,
     Cursor,
+    Ending,
     ExecutionRecord,
     ExecutionState,
     NewExecution,
-    Outcome,
     StoredEvent,
 )
 from agentlab.executions.rows import encode_options, page_of, record_from_row
@@ -174,21 +174,15 @@ class PostgresStore:
         )
         return page_of([_record(row) for row in rows], page_size)
 
-    async def mark_running(self, execution_id: str, at: datetime) -> None:
-        await self._run(lambda conn: _mark_running(conn, execution_id, at))
-
-    async def append_event(self, execution_id: str, event: StoredEvent) -> None:
-        await self.append_events(execution_id, [event])
-
     async def append_events(
         self,
         execution_id: str,
         events: Sequence[StoredEvent],
         *,
         started_at: datetime | None = None,
-        outcome: Outcome | None = None,
+        ending: Ending | None = None,
     ) -> None:
-        if not events and started_at is None and outcome is None:
+        if not events and started_at is None and ending is None:
             return
 
         async def insert(conn: Any) -> None:
@@ -197,21 +191,10 @@ class PostgresStore:
                     await _mark_running(conn, execution_id, started_at)
                 if events:
                     await _insert_events(conn, execution_id, events)
-                if outcome is not None:
-                    await _finish(conn, execution_id, outcome)
+                if ending is not None:
+                    await _finish(conn, execution_id, ending)
 
         await self._run(insert)
-
-    async def finish(
-        self,
-        execution_id: str,
-        state: ExecutionState,
-        at: datetime,
-        result: bytes | None,
-        error: bytes | None,
-    ) -> None:
-        outcome = Outcome(state, at, result, error)
-        await self._run(lambda conn: _finish(conn, execution_id, outcome))
 
     async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
         rows = await self._fetch(
@@ -332,13 +315,13 @@ async def _insert_events(conn: Any, execution_id: str, events: Sequence[StoredEv
         raise DuplicateEvent(execution_id, events[0].sequence) from error
 
 
-async def _finish(conn: Any, execution_id: str, outcome: Outcome) -> None:
+async def _finish(conn: Any, execution_id: str, ending: Ending) -> None:
     await conn.execute(
         "UPDATE executions SET state = $1, ended_at = $2, result = $3, error = $4 WHERE id = $5",
-        outcome.state.value,
-        _utc(outcome.at),
-        outcome.result,
-        outcome.error,
+        ending.state.value,
+        _utc(ending.at),
+        ending.result,
+        ending.error,
         execution_id,
     )
 

@@ -26,10 +26,10 @@ from agentlab.executions.migrations import migrate_sqlite
 from agentlab.executions.model import (
     ACTIVE_STATES,
     Cursor,
+    Ending,
     ExecutionRecord,
     ExecutionState,
     NewExecution,
-    Outcome,
     StoredEvent,
 )
 from agentlab.executions.rows import encode_options, page_of, record_from_row
@@ -190,21 +190,15 @@ class SqliteStore:
         rows = await self._read(lambda db: db.execute(sql, args).fetchall())
         return page_of([_record(row) for row in rows], page_size)
 
-    async def mark_running(self, execution_id: str, at: datetime) -> None:
-        await self._write(lambda db: _mark_running(db, execution_id, at))
-
-    async def append_event(self, execution_id: str, event: StoredEvent) -> None:
-        await self.append_events(execution_id, [event])
-
     async def append_events(
         self,
         execution_id: str,
         events: Sequence[StoredEvent],
         *,
         started_at: datetime | None = None,
-        outcome: Outcome | None = None,
+        ending: Ending | None = None,
     ) -> None:
-        if not events and started_at is None and outcome is None:
+        if not events and started_at is None and ending is None:
             return
 
         def insert(db: sqlite3.Connection) -> None:
@@ -212,21 +206,10 @@ class SqliteStore:
                 _mark_running(db, execution_id, started_at)
             if events:
                 _insert_events(db, execution_id, events)
-            if outcome is not None:
-                _finish(db, execution_id, outcome)
+            if ending is not None:
+                _finish(db, execution_id, ending)
 
         await self._write(insert)
-
-    async def finish(
-        self,
-        execution_id: str,
-        state: ExecutionState,
-        at: datetime,
-        result: bytes | None,
-        error: bytes | None,
-    ) -> None:
-        outcome = Outcome(state, at, result, error)
-        await self._write(lambda db: _finish(db, execution_id, outcome))
 
     async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
         rows = await self._read(
@@ -327,10 +310,10 @@ def _insert_events(
         raise
 
 
-def _finish(db: sqlite3.Connection, execution_id: str, outcome: Outcome) -> None:
+def _finish(db: sqlite3.Connection, execution_id: str, ending: Ending) -> None:
     db.execute(
         "UPDATE executions SET state = ?, ended_at = ?, result = ?, error = ? WHERE id = ?",
-        (outcome.state.value, _to_us(outcome.at), outcome.result, outcome.error, execution_id),
+        (ending.state.value, _to_us(ending.at), ending.result, ending.error, execution_id),
     )
 
 

@@ -1,30 +1,24 @@
-"""The seam between the use cases and whatever runs the models.
+"""The labs' own seams: a ``Backend`` is a configured place where models
+run, a ``ChatModel`` one model behind a chat-completion call, streamed.
 
-A ``Lab`` runs a task and reports what happens as ``LabEvent`` values; the
-runner in ``core`` times them, numbers them and builds the flow and metrics.
-A ``ChatModel`` is one model behind a chat-completion call, streamed.
+What the use cases need from a lab (``Lab``, ``LabEvent``, ``Route``) is
+declared with them, in ``agentlab.core.ports``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
-from agentlab.core.types import GenerationOptions, Task
+from agentlab.core.ports import Lab
+from agentlab.core.types import GenerationOptions
 
 __all__ = [
     "Backend",
     "ChatMessage",
     "ChatModel",
-    "Lab",
-    "LabEvent",
-    "LabNodeEnded",
-    "LabNodeStarted",
-    "LabOutput",
-    "LabToken",
     "ModelChunk",
-    "Route",
     "TextChunk",
     "Usage",
 ]
@@ -78,59 +72,6 @@ class ChatModel(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class LabNodeStarted:
-    node: str
-    input: str
-
-
-@dataclass(frozen=True)
-class LabToken:
-    node: str
-    text: str
-
-
-@dataclass(frozen=True)
-class LabNodeEnded:
-    node: str
-    output: str
-    prompt_tokens: int
-    completion_tokens: int
-    generation_s: float | None = None
-
-
-@dataclass(frozen=True)
-class LabOutput:
-    """The last event of a run: its final text."""
-
-    output: str
-
-
-LabEvent = LabNodeStarted | LabToken | LabNodeEnded | LabOutput
-
-
-class Lab(Protocol):
-    """Runs tasks. Errors are raised as ``agentlab.core.errors`` types."""
-
-    @property
-    def backend(self) -> str: ...
-
-    @property
-    def model_name(self) -> str: ...
-
-    @property
-    def ready(self) -> bool: ...
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def run(self, task: Task) -> AsyncGenerator[LabEvent, None]:
-        """Yield the run's events, ending with one ``LabOutput``. Closing the
-        iterator early stops the work."""
-        ...
-
-
 class Backend(Protocol):
     """A configured place where models run: the embedded model, an Ollama
     server, an OpenAI-compatible server, or the HTTP lab service."""
@@ -163,13 +104,3 @@ class Backend(Protocol):
         """The lab that runs tasks on ``model``, the backend's own model name
         (for example "mistral:7b"). Its ``backend`` is this backend's name."""
         ...
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where a model name leads: the lab that serves it, and the defaults and
-    time limit configured for it."""
-
-    lab: Lab
-    defaults: GenerationOptions = field(default_factory=GenerationOptions)
-    timeout_s: float | None = None

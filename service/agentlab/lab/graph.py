@@ -15,17 +15,9 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 
+from agentlab.core.ports import LabEvent, LabNodeEnded, LabNodeStarted, LabToken
 from agentlab.core.types import GenerationOptions
-from agentlab.lab.base import (
-    ChatMessage,
-    ChatModel,
-    LabEvent,
-    LabNodeEnded,
-    LabNodeStarted,
-    LabToken,
-    TextChunk,
-    Usage,
-)
+from agentlab.lab.base import ChatMessage, ChatModel, TextChunk, Usage
 
 __all__ = ["NODES", "build_graph", "model_node"]
 

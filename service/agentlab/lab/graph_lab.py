@@ -12,8 +12,9 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
+from agentlab.core.ports import LabEvent, LabNodeEnded, LabOutput
 from agentlab.core.types import ExecutionMode, Task
-from agentlab.lab.base import ChatMessage, ChatModel, LabEvent, LabNodeEnded, LabOutput
+from agentlab.lab.base import ChatMessage, ChatModel
 from agentlab.lab.graph import build_graph, model_node
 
 __all__ = ["GraphLab"]

@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 import httpx
 
 from agentlab.core.errors import AgentLabError, InvalidArgument, LabFailed
+from agentlab.core.ports import LabEvent, LabOutput
 from agentlab.core.types import Task
 from agentlab.lab import wire
-from agentlab.lab.base import LabEvent, LabOutput
 from agentlab.lab.upstream import HttpBackend, Upstream, iter_ndjson
 
 __all__ = ["HttpLab", "HttpLabBackend"]

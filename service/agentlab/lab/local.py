@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from agentlab.config import ConfigError, Settings
 from agentlab.core.errors import LabUnavailable
-from agentlab.lab.base import ChatModel, Lab
+from agentlab.core.ports import Lab
+from agentlab.lab.base import ChatModel
 from agentlab.lab.echo import EchoModel
 from agentlab.lab.graph_lab import GraphLab
 from agentlab.lab.llamacpp import LlamaCppModel, bundled_model_path

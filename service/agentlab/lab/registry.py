@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agentlab.core.errors import AgentLabError, LabUnavailable, ModelNotFound
+from agentlab.core.ports import Lab, Route
 from agentlab.core.types import ModelInfo
-from agentlab.lab.base import Backend, Lab, Route
+from agentlab.lab.base import Backend
 from agentlab.routing import RESERVED, ModelRoute
 
 __all__ = ["ANY_MODEL", "BackendState", "LabRegistry"]

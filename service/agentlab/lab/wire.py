@@ -22,8 +22,8 @@ from agentlab.core.errors import (
     LabFailed,
     LabUnavailable,
 )
+from agentlab.core.ports import LabEvent, LabNodeEnded, LabNodeStarted, LabOutput, LabToken
 from agentlab.core.types import ExecutionMode, GenerationOptions, Task
-from agentlab.lab.base import LabEvent, LabNodeEnded, LabNodeStarted, LabOutput, LabToken
 
 __all__ = [
     "HEALTH_PATH",

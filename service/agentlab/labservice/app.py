@@ -25,10 +25,7 @@ from aiohttp import web
 from agentlab.api.validation import RequestRules
 from agentlab.config import Settings
 from agentlab.core.errors import AgentLabError, InternalError, LabUnavailable
-from agentlab.core.runner import Runner
-from agentlab.core.types import ExecutionMode, Task
-from agentlab.lab import wire
-from agentlab.lab.base import (
+from agentlab.core.ports import (
     Lab,
     LabEvent,
     LabNodeEnded,
@@ -37,6 +34,9 @@ from agentlab.lab.base import (
     LabToken,
     Route,
 )
+from agentlab.core.runner import Runner
+from agentlab.core.types import ExecutionMode, Task
+from agentlab.lab import wire
 from agentlab.lab.echo import EchoModel
 from agentlab.lab.graph_lab import GraphLab
 from agentlab.lab.local import ECHO, local_model
@@ -161,14 +161,14 @@ class LabServer:
         try:
             task, stream = wire.decode_request(await run.request.read(), mode)
             self._rules.check(_as_request(task))
-            task, lab = self._runner.prepare(task)
+            prepared = self._runner.prepare(task)
         except wire.MalformedRequest as error:
             return web.json_response(
                 {"error": {"code": "INVALID_ARGUMENT", "message": str(error)}}, status=422
             )
         except AgentLabError as error:
             return _error_response(error)
-        async with aclosing(lab.run(task)) as events:
+        async with aclosing(prepared.lab.run(prepared.task)) as events:
             if stream:
                 return await _stream(run, events)
             return await _complete(run, events)

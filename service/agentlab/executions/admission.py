@@ -1,0 +1,74 @@
+"""Admission and limits: how many executions this process takes on, and
+their turns at the lab.
+
+A process runs at most ``max_running`` executions' lab work at once; up to
+``max_queued`` more wait for a turn (their records QUEUED). Beyond both,
+``admit`` refuses with ResourceExhausted before anything is recorded.
+Executions taken over from a dead process are recorded already: they are
+counted, never refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from agentlab.core.errors import ResourceExhausted
+from agentlab.core.runner import Stop
+
+__all__ = ["Admission"]
+
+
+class Admission:
+    def __init__(self, *, max_running: int, max_queued: int, retry_after_s: float) -> None:
+        self._max_running = max_running
+        self._max_queued = max_queued
+        self._retry_after_s = retry_after_s
+        # Turns at the lab; an execution waits for one while QUEUED.
+        self._turns = asyncio.Semaphore(max_running)
+        # Executions admitted here and not finished: running, waiting for a
+        # turn, or being recorded (counted before the store is awaited, so
+        # concurrent submits cannot overshoot).
+        self._admitted = 0
+        self.waiting: set[str] = set()
+        """The executions waiting for a turn."""
+
+    def admit(self) -> None:
+        """Count one more execution, or raise ResourceExhausted when the
+        running and the queued are at their limits."""
+        if self._admitted >= self._max_running + self._max_queued:
+            raise ResourceExhausted(self._max_running, self._max_queued, self._retry_after_s)
+        self._admitted += 1
+
+    def count(self) -> None:
+        """Count an execution that may not be refused (one taken over)."""
+        self._admitted += 1
+
+    def release(self) -> None:
+        """An admitted execution finished, or was never recorded."""
+        self._admitted -= 1
+
+    @asynccontextmanager
+    async def turn(self, execution_id: str, stop: Stop) -> AsyncIterator[bool]:
+        """Wait (QUEUED) for a turn at the lab, and hold it while running;
+        False when a stop (a cancel, the shutdown) came first."""
+        waiting = asyncio.timeout(None)
+        acquired = False
+        self.waiting.add(execution_id)
+        try:
+            async with waiting:
+                stop.attach(waiting)
+                await self._turns.acquire()
+                acquired = True
+        except TimeoutError:
+            if not stop.requested:
+                raise
+        finally:
+            stop.detach()
+            self.waiting.discard(execution_id)
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                self._turns.release()

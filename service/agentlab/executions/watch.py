@@ -1,0 +1,107 @@
+"""Watch: an execution's events, each exactly once, by replaying the store
+and then following the bus.
+
+The subscription starts before the store is read, so an event stored after
+the read arrives live. A live event out of order (a gap: the bus dropped
+it, or this watcher's client lagged and its inbox overflowed) sends the
+watcher back to the store, the source of truth; so does a quiet bus, every
+``poll_s`` seconds, which covers a publish that failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+
+from agentlab.executions import codec
+from agentlab.executions.model import ACTIVE_STATES, EventBus, ExecutionStore, StoredEvent
+from agentlab.v1 import execution_pb2 as pb
+
+__all__ = ["watch"]
+
+logger = logging.getLogger(__name__)
+
+# Live events a watcher holds for a client that does not read: beyond them
+# it drops live events and later reads the missing ones from the store, so a
+# slow reader costs a bounded amount of memory.
+_WATCH_BUFFER = 256
+
+
+async def watch(
+    store: ExecutionStore,
+    bus: EventBus,
+    execution_id: str,
+    after_sequence: int,
+    *,
+    poll_s: float,
+) -> AsyncGenerator[pb.ExecutionEvent, None]:
+    """Events after ``after_sequence`` until the final one, each once."""
+    last = after_sequence
+    inbox: asyncio.Queue[StoredEvent | Exception] = asyncio.Queue(_WATCH_BUFFER)
+    dropped = asyncio.Event()
+    async with bus.subscribe(execution_id) as live:
+        pump = asyncio.create_task(_pump(live, inbox, dropped))
+        try:
+            while True:
+                stored_events = await store.events_after(execution_id, last)
+                for stored in stored_events:
+                    event = codec.parsed(stored)
+                    last = stored.sequence
+                    yield event
+                    if codec.is_final(event):
+                        return
+                if not stored_events and await _past_the_end(store, execution_id, last):
+                    return  # resumed after the final event: nothing more will come
+                # Live events, until one is missing: the store has it.
+                while True:
+                    if dropped.is_set() and inbox.empty():
+                        dropped.clear()
+                        break  # the newest were dropped while the client lagged
+                    try:
+                        item = await asyncio.wait_for(inbox.get(), timeout=poll_s)
+                    except TimeoutError:
+                        break
+                    if isinstance(item, Exception):
+                        logger.warning("watching %s: the bus failed (%s)", execution_id, item)
+                        break  # the store alone still serves, at the poll rate
+                    if item.sequence <= last:
+                        continue  # seen already, in the store
+                    if item.sequence != last + 1:
+                        break  # a gap
+                    event = codec.parsed(item)
+                    last = item.sequence
+                    yield event
+                    if codec.is_final(event):
+                        return
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+
+async def _past_the_end(store: ExecutionStore, execution_id: str, last: int) -> bool:
+    record = await store.get(execution_id)
+    return record is not None and record.state not in ACTIVE_STATES and last >= record.last_sequence
+
+
+async def _pump(
+    live: AsyncIterator[StoredEvent],
+    inbox: asyncio.Queue[StoredEvent | Exception],
+    dropped: asyncio.Event,
+) -> None:
+    """Move live events to the watcher. A full inbox means the watcher's
+    client is not reading: the event is dropped (and ``dropped`` set), and
+    the watcher reads it from the store when it gets there."""
+    try:
+        async for event in live:
+            try:
+                inbox.put_nowait(event)
+            except asyncio.QueueFull:
+                dropped.set()
+    except Exception as error:
+        # The bus failed: make room so the watcher hears of it.
+        while inbox.full():
+            inbox.get_nowait()
+        inbox.put_nowait(error)

@@ -1,0 +1,108 @@
+"""The write path: an execution's events stored, then published.
+
+Stored before published, so a watcher that sees a gap on the bus always
+finds the missing events in the store; batched, so a token costs no
+transaction of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime
+
+from agentlab.executions import codec
+from agentlab.executions.model import Ending, EventBus, ExecutionStore, StoredEvent
+from agentlab.v1 import execution_pb2 as pb
+
+__all__ = ["EventWriter", "record_end"]
+
+logger = logging.getLogger(__name__)
+
+
+class EventWriter:
+    """Stores one execution's events, then publishes them, in small batches:
+    the first event after a quiet spell at once, the rest coalesced for up
+    to ``interval_s``, the last at once on close. One transaction per batch
+    instead of one per token; and stored before published, so a watcher that
+    sees a gap on the bus always finds the missing events in the store."""
+
+    def __init__(
+        self, store: ExecutionStore, bus: EventBus, execution_id: str, interval_s: float = 0.05
+    ) -> None:
+        self._store = store
+        self._bus = bus
+        self._execution_id = execution_id
+        self._interval_s = interval_s
+        self._pending: list[StoredEvent] = []
+        self._started_at: datetime | None = None
+        self._ending: Ending | None = None
+        self._wake = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._task = asyncio.create_task(self._loop(), name=f"events-{execution_id}")
+
+    def add(self, message: pb.ExecutionEvent, *, started_at: datetime | None = None) -> None:
+        """Queue an event; ``started_at`` marks the execution RUNNING with it."""
+        if self._task.done():
+            self._task.result()  # raises what stopped the writer
+        self._pending.append(codec.stored(message))
+        if started_at is not None:
+            self._started_at = started_at
+        self._wake.set()
+
+    async def close(self, ending: Ending | None = None) -> None:
+        """Write what is pending, with ``ending`` recording the end in
+        the same transaction, and stop; raises if a write failed."""
+        self._ending = ending
+        self._closed.set()
+        self._wake.set()
+        await self._task
+
+    async def abandon(self) -> None:
+        if not self._task.done():
+            self._closed.set()
+            self._wake.set()
+            with contextlib.suppress(Exception):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush()
+            if self._closed.is_set() and not self._pending and self._ending is None:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), self._interval_s)
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        started_at, self._started_at = self._started_at, None
+        # The ending goes with the last batch, written once closed.
+        ending = self._ending if self._closed.is_set() else None
+        if ending is not None:
+            self._ending = None
+        if not batch and ending is None:
+            return
+        await self._store.append_events(
+            self._execution_id, batch, started_at=started_at, ending=ending
+        )
+        for stored in batch:
+            try:
+                await self._bus.publish(self._execution_id, stored)
+            except Exception as error:  # watchers fall back to the store
+                logger.warning(
+                    "publishing %s #%d failed: %s", self._execution_id, stored.sequence, error
+                )
+                return
+
+
+async def record_end(
+    store: ExecutionStore, bus: EventBus, execution_id: str, final: pb.ExecutionEvent
+) -> None:
+    """Store and publish a final event written outside a run, with the end
+    it means."""
+    writer = EventWriter(store, bus, execution_id)
+    writer.add(final)
+    await writer.close(codec.ending(execution_id, final))
