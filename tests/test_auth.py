@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import httpx
@@ -16,15 +14,14 @@ from agentlab.api.auth import digest
 from agentlab.devstack import Stack
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
-from tests.helpers.callers import ALICE, BOB, start_keyed_stack
+from tests.helpers.callers import ALICE, BOB, CALLERS
+from tests.helpers.stacks import StackFactory
 from tests.helpers.tools import run, tool
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    started = start_keyed_stack(tmp_path)
-    yield started
-    started.stop()
+def stack(start_stack: StackFactory) -> Stack:
+    return start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo"}, keys=CALLERS)
 
 
 def as_caller(key: str | None) -> dict[str, str]:
@@ -109,7 +106,7 @@ def test_a_caller_sees_only_its_own_executions(stack: Stack) -> None:
     assert own.json()["execution"]["prompt"] == "alice's secret"
 
 
-def test_keys_never_reach_a_log(stack: Stack, tmp_path: Path) -> None:
+def test_keys_never_reach_a_log(stack: Stack) -> None:
     execute(stack, ALICE)
     execute(stack, "wrong-" + BOB)
     with grpc.insecure_channel(stack.service_grpc) as channel:
@@ -117,7 +114,7 @@ def test_keys_never_reach_a_log(stack: Stack, tmp_path: Path) -> None:
             svc.ExecuteRequest(prompt="z"), metadata=[("authorization", f"Bearer {BOB}")]
         )
     stack.stop()  # flush and close the logs
-    logs = [path for path in tmp_path.glob("*.log")]
+    logs = [path for path in stack.log_dir.glob("*.log")]
     assert logs
     text = "".join(path.read_text(errors="replace") for path in logs)
     assert "POST /api/v1/execute" in text  # the logs are the real ones
@@ -125,6 +122,7 @@ def test_keys_never_reach_a_log(stack: Stack, tmp_path: Path) -> None:
     assert BOB not in text
 
 
+@pytest.mark.e2e
 def test_the_digest_tool() -> None:
     printed = subprocess.run(
         [sys.executable, "-m", "agentlab.api.auth"],

@@ -19,6 +19,7 @@ from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.helpers.fake_ollama import FakeOllama
 from tests.helpers.sse import aread_events
+from tests.helpers.stacks import StackFactory
 
 OLLAMA_WORDS = ["Blue", ",", " green", " and", " red"]
 
@@ -42,11 +43,9 @@ async def ollama() -> AsyncIterator[FakeOllama]:
 
 @pytest.fixture
 async def stack(
-    tmp_path: Path, lab_service: LabServiceProcess, ollama: FakeOllama
+    start_stack: StackFactory, lab_service: LabServiceProcess, ollama: FakeOllama
 ) -> AsyncIterator[Stack]:
-    models = tmp_path / "models.yaml"
-    models.write_text(
-        f"""
+    models = f"""
 backends:
   lab: {{kind: http_lab, url: "{lab_service.url}"}}
   ollama: {{kind: ollama, url: "{ollama.url}"}}
@@ -56,10 +55,10 @@ models:
   hasty: {{backend: ollama, model: "mistral:7b", timeout_s: 0.5}}
   unpulled: {{backend: ollama, model: "nope:1b"}}
 """
-    )
-    env = {"AGENTLAB_MODELS_FILE": str(models), "AGENTLAB_HEALTH_INTERVAL_S": "0.2"}
-    # In a thread: the fake Ollama answers from this event loop meanwhile.
-    started = await asyncio.to_thread(Stack.start, tmp_path, env)
+    env = {"AGENTLAB_HEALTH_INTERVAL_S": "0.2"}
+    # In a thread: the fake Ollama answers from this event loop meanwhile, at
+    # the start and at the stop (start_stack's own stop would come too late).
+    started = await asyncio.to_thread(start_stack, env, models=models)
     yield started
     await asyncio.to_thread(started.stop)
 

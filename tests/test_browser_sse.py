@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlencode
 
@@ -21,6 +20,7 @@ import pytest
 
 from agentlab.devstack import Stack, free_port
 from tests.helpers.browser import chromium_page
+from tests.helpers.stacks import StackFactory
 
 CUT_AFTER = 4
 # Forty words at 50 ms each: a stream of ~2 s, long enough to cut mid-way.
@@ -28,12 +28,8 @@ PROMPT = " ".join(f"word{i}" for i in range(40))
 
 
 @pytest.fixture
-def slow_echo_stack(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack.start(
-        tmp_path, {"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_ECHO_TOKEN_DELAY_S": "0.05"}
-    )
-    yield stack
-    stack.stop()
+def slow_echo_stack(start_stack: StackFactory) -> Stack:
+    return start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_ECHO_TOKEN_DELAY_S": "0.05"})
 
 
 class CuttingProxy:

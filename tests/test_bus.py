@@ -281,6 +281,7 @@ async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
     await server.stop()
 
 
+@pytest.mark.e2e
 async def test_redis_going_away_fails_subscriptions_and_publishing(
     private_redis: PrivateRedis,
 ) -> None:
@@ -310,6 +311,7 @@ async def test_redis_going_away_fails_subscriptions_and_publishing(
         await bus.close()
 
 
+@pytest.mark.e2e
 async def test_a_redis_that_stops_answering_is_noticed(
     private_redis: PrivateRedis,
 ) -> None:

@@ -63,7 +63,9 @@ def test_bad_values_are_refused_naming_the_variable(name: str, value: str) -> No
 
 def test_the_prompt_limit_agrees_with_the_contract() -> None:
     rules = lab_service_pb2.ExecuteRequest.DESCRIPTOR.fields_by_name["prompt"].GetOptions()
-    field_rules = rules.Extensions[validate_pb2.field]
+    # protoc's .pyi types the extension as a plain FieldDescriptor, not the
+    # extension descriptor that Extensions[] is typed to take.
+    field_rules: validate_pb2.FieldRules = rules.Extensions[validate_pb2.field]  # type: ignore[index]
     assert field_rules.string.max_len == CONTRACT_MAX_PROMPT_CHARS
     limit = Settings.from_env({"AGENTLAB_MAX_PROMPT_CHARS": str(CONTRACT_MAX_PROMPT_CHARS)})
     assert limit.max_prompt_chars == CONTRACT_MAX_PROMPT_CHARS
@@ -155,6 +157,7 @@ def test_docker_compose_passes_every_setting_through() -> None:
     assert "./config:/app/config:ro" in compose["services"]["service"]["volumes"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("env", "message"),
     [
@@ -188,6 +191,7 @@ def test_python_m_agentlab_refuses_what_it_cannot_honour(
     assert not (tmp_path / "data").exists()  # stopped before it opened anything
 
 
+@pytest.mark.e2e
 def test_a_bus_that_cannot_be_reached_stops_start_up_in_one_line(tmp_path: Path) -> None:
     """Redis (or the database) refusing the first connection stops the
     service before it serves, with a message naming the settings, no

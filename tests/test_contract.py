@@ -22,12 +22,14 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import vendor_protovalidate
 
 
+@pytest.mark.e2e
 def test_buf_lint_is_clean() -> None:
     """STANDARD and COMMENTS (buf.yaml): every element of the contract documented."""
     result = run([tool("buf"), "lint"])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 def test_buf_format_is_clean() -> None:
     result = run([tool("buf"), "format", "--diff", "--exit-code"])
     assert result.returncode == 0, result.stdout + result.stderr
@@ -63,6 +65,7 @@ GIT_ENV = {
 }
 
 
+@pytest.mark.e2e
 def test_buf_breaking_compares_with_an_earlier_commit() -> None:
     """What `make lint` runs passes on this repository, and compares with a
     commit before HEAD, not with HEAD (on a clean clone, the work tree)."""
@@ -118,6 +121,7 @@ BREAKING_EDITS = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("where", ["on a branch", "on main"])
 @pytest.mark.parametrize("edit", list(BREAKING_EDITS))
 def test_buf_breaking_catches_a_committed_breaking_edit(
@@ -141,6 +145,7 @@ def test_buf_breaking_catches_a_committed_breaking_edit(
     assert f'"{named}"' in result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 def test_buf_breaking_accepts_an_added_field(contract_repo: Path) -> None:
     proto = contract_repo / EXECUTION
     text = proto.read_text()
@@ -151,6 +156,7 @@ def test_buf_breaking_accepts_an_added_field(contract_repo: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 def test_a_clone_too_shallow_for_a_baseline_fails(contract_repo: Path, tmp_path: Path) -> None:
     """Not a silent pass: with no earlier commit to compare with, the check
     says how to fetch one."""
@@ -188,6 +194,7 @@ def test_vendored_protovalidate_matches_the_installed_wheel(tmp_path: Path) -> N
     assert compiled.SerializeToString() == wheel.SerializeToString()
 
 
+@pytest.mark.e2e
 def test_the_printer_reproduces_the_vendored_file(tmp_path: Path) -> None:
     """Nobody edited the vendored file by hand: printing it again gives it."""
     wheel = vendor_protovalidate.with_options_resolved(vendor_protovalidate.wheel_descriptor())

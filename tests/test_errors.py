@@ -4,6 +4,7 @@ matching HTTP status over REST, and the service goes on serving."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import grpc
 import httpx
@@ -76,9 +77,9 @@ def test_malformed_json_is_400_with_a_json_body(echo_stack: Stack, body: str) ->
     assert gateway_reason(error) == "INVALID_ARGUMENT"
 
 
-def gateway_reason(error: dict[str, object]) -> str:
+def gateway_reason(error: dict[str, Any]) -> str:
     """The reason of the ErrorInfo Envoy adds to a reply of its own."""
-    [info] = error["details"]  # type: ignore[misc]
+    [info] = error["details"]
     assert info["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
     assert (info["domain"], info["metadata"]) == ("agentlab.v1", {"source": "gateway"})
     return str(info["reason"])

@@ -24,6 +24,7 @@ from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.helpers.sse import read_events
+from tests.helpers.stacks import StackFactory
 
 SLOW = {"model": "mistral7b", "max_tokens": 300, "temperature": 0.8}
 
@@ -179,13 +180,10 @@ STORED_BEFORE_RESUME = 5
 
 
 @pytest.fixture
-def slow_echo_stack(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack.start(
-        tmp_path,
-        {"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_ECHO_TOKEN_DELAY_S": str(TOKEN_DELAY_S)},
+def slow_echo_stack(start_stack: StackFactory) -> Stack:
+    return start_stack(
+        {"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_ECHO_TOKEN_DELAY_S": str(TOKEN_DELAY_S)}
     )
-    yield stack
-    stack.stop()
 
 
 def running_with_stored(stub: svc_grpc.LabServiceStub, execution_id: str, at_least: int) -> int:
@@ -193,7 +191,7 @@ def running_with_stored(stub: svc_grpc.LabServiceStub, execution_id: str, at_lea
     be running then. Returns its last sequence."""
     deadline = time.monotonic() + 30
     while True:
-        execution = stub.GetExecution(
+        execution: pb.Execution = stub.GetExecution(
             svc.GetExecutionRequest(execution_id=execution_id), timeout=10
         ).execution
         assert execution.state == pb.EXECUTION_STATE_RUNNING, execution
@@ -205,7 +203,7 @@ def running_with_stored(stub: svc_grpc.LabServiceStub, execution_id: str, at_lea
 
 def still_running(stub: svc_grpc.LabServiceStub, execution_id: str) -> int:
     """The execution's last sequence, asserting it has not finished."""
-    execution = stub.GetExecution(
+    execution: pb.Execution = stub.GetExecution(
         svc.GetExecutionRequest(execution_id=execution_id), timeout=10
     ).execution
     assert execution.state == pb.EXECUTION_STATE_RUNNING, execution
@@ -359,13 +357,8 @@ def test_cancel_stops_a_running_execution(model_stack: Stack) -> None:
 
 
 @pytest.fixture
-def short_lease_stack(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack.start(
-        tmp_path,
-        {"AGENTLAB_EXECUTION_HEARTBEAT_S": "0.2", "AGENTLAB_EXECUTION_LEASE_S": "1"},
-    )
-    yield stack
-    stack.stop()
+def short_lease_stack(start_stack: StackFactory) -> Stack:
+    return start_stack({"AGENTLAB_EXECUTION_HEARTBEAT_S": "0.2", "AGENTLAB_EXECUTION_LEASE_S": "1"})
 
 
 @pytest.mark.model
@@ -401,7 +394,9 @@ def test_a_killed_service_leaves_a_failed_execution_with_a_reason(
     assert answer.status_code == 200, answer.text
 
 
-def test_a_queued_background_execution_left_behind_is_run_at_start(tmp_path: Path) -> None:
+def test_a_queued_background_execution_left_behind_is_run_at_start(
+    tmp_path: Path, start_stack: StackFactory
+) -> None:
     """A process died after accepting a background execution and before
     starting it: the next process runs it."""
     data = tmp_path / "data"
@@ -427,9 +422,6 @@ def test_a_queued_background_execution_left_behind_is_run_at_start(tmp_path: Pat
         await store.close()
 
     asyncio.run(leave_one_behind())
-    stack = Stack.start(tmp_path, {"AGENTLAB_DATA_DIR": str(data)})
-    try:
-        execution = wait_for_state(stack, "a" * 32, {"EXECUTION_STATE_SUCCEEDED"}, timeout_s=10)
-        assert execution["result"]["output"] == "left behind"
-    finally:
-        stack.stop()
+    stack = start_stack({"AGENTLAB_DATA_DIR": str(data)})
+    execution = wait_for_state(stack, "a" * 32, {"EXECUTION_STATE_SUCCEEDED"}, timeout_s=10)
+    assert execution["result"]["output"] == "left behind"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,6 +16,7 @@ import pytest
 from agentlab.devstack import Stack
 from tests.helpers.fake_ollama import FakeOllama
 from tests.helpers.sse import aread_events
+from tests.helpers.stacks import StackFactory
 
 pytestmark = pytest.mark.model
 
@@ -33,10 +33,8 @@ async def ollama() -> AsyncIterator[FakeOllama]:
 
 
 @pytest.fixture
-async def stack(tmp_path: Path, ollama: FakeOllama) -> AsyncIterator[Stack]:
-    models = tmp_path / "models.yaml"
-    models.write_text(
-        f"""
+async def stack(start_stack: StackFactory, ollama: FakeOllama) -> AsyncIterator[Stack]:
+    models = f"""
 backends:
   embedded: {{kind: embedded}}
   flaky: {{kind: ollama, url: "{ollama.url}"}}
@@ -46,8 +44,9 @@ models:
   flaky: {{backend: flaky, model: "flaky:1b", timeout_s: 1}}
   gone: {{backend: gone}}
 """
-    )
-    started = await asyncio.to_thread(Stack.start, tmp_path, {"AGENTLAB_MODELS_FILE": str(models)})
+    # In a thread: the fake Ollama answers from this event loop meanwhile, at
+    # the start and at the stop (start_stack's own stop would come too late).
+    started = await asyncio.to_thread(start_stack, models=models)
     yield started
     await asyncio.to_thread(started.stop)
 
@@ -138,6 +137,7 @@ async def test_service_killed_mid_stream(stack: Stack) -> None:
     assert cut or "execution_failed" in seen[-1]
     assert not any("execution_completed" in event for event in seen)
     execution_id = seen[0]["execution_id"]
+    assert stack.service.proc is not None
     await asyncio.to_thread(stack.service.proc.wait)
     await asyncio.to_thread(stack.service.start)
     async with httpx.AsyncClient(timeout=30) as client:

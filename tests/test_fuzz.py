@@ -16,8 +16,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import httpx
@@ -35,6 +34,7 @@ from agentlab.api.auth import OPEN_PREFIXES
 from agentlab.config import Settings
 from agentlab.devstack import ROOT, Stack
 from agentlab.v1 import execution_pb2, lab_service_pb2, lab_service_pb2_grpc
+from tests.helpers.stacks import StackFactory
 
 # Every REST route of the contract. The served document must list exactly
 # these (test_served_document), so a new route cannot go unfuzzed.
@@ -116,11 +116,9 @@ def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def fuzz_stack(start_module_stack: StackFactory) -> Stack:
     """One echo stack for the module: echo answers at once."""
-    stack = Stack.start(tmp_path_factory.mktemp("fuzz-stack"), {"AGENTLAB_DEFAULT_BACKEND": "echo"})
-    yield stack
-    stack.stop()
+    return start_module_stack({"AGENTLAB_DEFAULT_BACKEND": "echo"})
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +309,7 @@ def execute_requests(draw: st.DrawFn) -> lab_service_pb2.ExecuteRequest:
         prompt=draw(prompts),
         model=draw(names),
         # Unknown enum values included: proto3 enums are open.
-        mode=draw(st.integers(-1, 4)),
+        mode=cast(Any, draw(st.integers(-1, 4))),  # the stubs' enum types are closed
         background=draw(st.booleans()),
         request_id=draw(st.one_of(st.just(""), st.text(max_size=40))),
     )
@@ -331,7 +329,7 @@ def execute_requests(draw: st.DrawFn) -> lab_service_pb2.ExecuteRequest:
 def orchestrate_requests(draw: st.DrawFn) -> lab_service_pb2.OrchestrateRequest:
     execute = draw(execute_requests())
     request = lab_service_pb2.OrchestrateRequest(
-        on_disconnect=draw(st.integers(-1, 3)), request_id=execute.request_id
+        on_disconnect=cast(Any, draw(st.integers(-1, 3))), request_id=execute.request_id
     )
     for name in ("prompt", "model", "mode", "temperature", "max_tokens", "seed"):
         if name in ("prompt", "model", "mode") or execute.HasField(name):

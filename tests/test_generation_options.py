@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +15,7 @@ import pytest
 from agentlab.config import Settings
 from agentlab.devstack import Stack
 from tests.helpers.fake_ollama import FakeOllama
+from tests.helpers.stacks import StackFactory
 
 # (what the request sets, what Ollama's options must then say beside the
 # gateway's default num_predict). Zeros included: an option set to zero is
@@ -39,15 +39,15 @@ async def ollama() -> AsyncIterator[FakeOllama]:
 
 
 @pytest.fixture
-async def stack(tmp_path: Path, ollama: FakeOllama) -> AsyncIterator[Stack]:
+async def stack(start_stack: StackFactory, ollama: FakeOllama) -> AsyncIterator[Stack]:
     # No per-model defaults: what reaches Ollama is the request's alone.
-    models = tmp_path / "models.yaml"
-    models.write_text(
+    models = (
         f"backends:\n  ollama: {{kind: ollama, url: '{ollama.url}'}}\n"
         "models:\n  llama: {backend: ollama, model: 'llama3.2:1b'}\n"
     )
-    # In a thread: the fake Ollama answers from this event loop meanwhile.
-    started = await asyncio.to_thread(Stack.start, tmp_path, {"AGENTLAB_MODELS_FILE": str(models)})
+    # In a thread: the fake Ollama answers from this event loop meanwhile, at
+    # the start and at the stop (start_stack's own stop would come too late).
+    started = await asyncio.to_thread(start_stack, models=models)
     yield started
     await asyncio.to_thread(started.stop)
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agentlab.devstack import Stack
 from tests.helpers.browser import chromium_page
+from tests.helpers.stacks import StackFactory
 from tests.helpers.tools import run
 
 HEALTHY = {"service": "", "status": "SERVING_STATUS_SERVING"}
@@ -94,17 +93,14 @@ def assert_request_id(headers: dict[str, str]) -> None:
 
 
 @pytest.fixture
-def rate_limited(tmp_path: Path) -> Iterator[Stack]:
+def rate_limited(start_stack: StackFactory) -> Stack:
     """Envoy's per-client bucket shrunk to 3 requests, one more every 5 s."""
-    stack = Stack.start(tmp_path, {"AGENTLAB_DEFAULT_BACKEND": "echo"}, rate_limit=(3, 0.2))
-    yield stack
-    stack.stop()
+    return start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo"}, rate_limit=(3, 0.2))
 
 
 @pytest.fixture
-def one_execution_at_a_time(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack.start(
-        tmp_path,
+def one_execution_at_a_time(start_stack: StackFactory) -> Stack:
+    return start_stack(
         {
             "AGENTLAB_DEFAULT_BACKEND": "echo",
             "AGENTLAB_ECHO_TOKEN_DELAY_S": "0.2",
@@ -112,8 +108,6 @@ def one_execution_at_a_time(tmp_path: Path) -> Iterator[Stack]:
             "AGENTLAB_MAX_QUEUED_EXECUTIONS": "1",
         },
     )
-    yield stack
-    stack.stop()
 
 
 async def test_a_browser_reads_the_promised_headers_on_success_and_on_envoys_429(

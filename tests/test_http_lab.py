@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -51,7 +51,7 @@ _L = TypeVar("_L", bound=Lab)
 
 
 def task(
-    prompt: str = PROMPT, mode: ExecutionMode = ExecutionMode.INFERENCE, **options: int
+    prompt: str = PROMPT, mode: ExecutionMode = ExecutionMode.INFERENCE, **options: Any
 ) -> Task:
     return Task(prompt, "requested-model", mode, GenerationOptions(**options))
 
@@ -112,6 +112,7 @@ async def backend(echo_service: LabServiceProcess) -> AsyncIterator[HttpLabBacke
 # The lab service process, on the echo model.
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stream", [True, False], ids=["ndjson", "json"])
 @pytest.mark.parametrize("mode", list(ExecutionMode), ids=lambda m: m.value)
 async def test_same_result_as_the_embedded_lab(
@@ -134,6 +135,7 @@ async def test_same_result_as_the_embedded_lab(
         assert all(step.metrics.tokens_per_second > 0 for step in remote.flow)
 
 
+@pytest.mark.e2e
 async def test_health_check_and_request_log(
     echo_service: LabServiceProcess, backend: HttpLabBackend
 ) -> None:
@@ -147,6 +149,7 @@ async def test_health_check_and_request_log(
     assert re.search(rf"POST /inference/ -> 200, {events} events in \d+ ms", echo_service.log())
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stream", [True, False], ids=["ndjson", "json"])
 async def test_a_task_the_lab_rejects_is_invalid_argument(
     echo_service: LabServiceProcess, stream: bool
@@ -164,6 +167,7 @@ async def test_a_task_the_lab_rejects_is_invalid_argument(
     assert raised.value.description == "must contain at least one non-whitespace character"
 
 
+@pytest.mark.e2e
 async def test_the_lab_names_every_field_it_rejects(echo_service: LabServiceProcess) -> None:
     """The lab service holds tasks to the contract's rules, as the gateway
     does, and its wire error carries each violation."""
@@ -182,6 +186,7 @@ async def test_the_lab_names_every_field_it_rejects(echo_service: LabServiceProc
     ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [
@@ -205,6 +210,7 @@ async def test_bad_requests_get_a_status_and_the_field(
     assert error.get("field") == field
 
 
+@pytest.mark.e2e
 async def test_stopped_lab_service_is_unavailable_until_it_restarts(
     own_echo_service: LabServiceProcess,
 ) -> None:
@@ -494,6 +500,7 @@ def model_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServi
     service.stop()
 
 
+@pytest.mark.e2e
 @pytest.mark.model
 async def test_orchestration_on_the_real_model(model_service: LabServiceProcess) -> None:
     backend = HttpLabBackend("lab", model_service.url)
@@ -510,6 +517,7 @@ async def test_orchestration_on_the_real_model(model_service: LabServiceProcess)
     assert result.metrics.backend == "lab"
 
 
+@pytest.mark.e2e
 @pytest.mark.model
 async def test_closing_a_run_stops_the_real_model(model_service: LabServiceProcess) -> None:
     """The lab service logs "client went away" only after the model's

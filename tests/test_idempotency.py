@@ -42,10 +42,11 @@ from agentlab.executions.sqlite_store import SqliteStore
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
-from tests.helpers.callers import ALICE, BOB, start_keyed_stack
+from tests.helpers.callers import ALICE, BOB, CALLERS
 from tests.helpers.fake_ollama import FakeOllama
 from tests.helpers.services import postgres_schema, postgres_url
 from tests.helpers.sse import aread_events
+from tests.helpers.stacks import StackFactory
 from tests.helpers.statuses import details_of
 
 WORDS = ["Dos", ",", " tres", " y", " cinco", "."]
@@ -80,12 +81,12 @@ def routing_file(path: Path, ollama: FakeOllama, *names: str) -> Path:
     return path
 
 
-async def start_stack(tmp_path: Path, ollama: FakeOllama, env: Mapping[str, str]) -> Stack:
+async def start_routed_stack(
+    start_stack: StackFactory, tmp_path: Path, ollama: FakeOllama, env: Mapping[str, str]
+) -> Stack:
     models = routing_file(tmp_path / "models.yaml", ollama, "mistral7b")
     # In a thread: the fake Ollama answers from this event loop meanwhile.
-    return await asyncio.to_thread(
-        Stack.start, tmp_path, {"AGENTLAB_MODELS_FILE": str(models), **env}
-    )
+    return await asyncio.to_thread(start_stack, {"AGENTLAB_MODELS_FILE": str(models), **env})
 
 
 @pytest.fixture
@@ -105,17 +106,20 @@ def store_env(request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 @pytest.fixture
-async def stack(tmp_path: Path, ollama: FakeOllama) -> AsyncIterator[Stack]:
-    started = await start_stack(tmp_path, ollama, {})
+async def stack(
+    start_stack: StackFactory, tmp_path: Path, ollama: FakeOllama
+) -> AsyncIterator[Stack]:
+    started = await start_routed_stack(start_stack, tmp_path, ollama, {})
     yield started
+    # In a thread, while the fake Ollama still answers from this event loop.
     await asyncio.to_thread(started.stop)
 
 
 @pytest.fixture
 async def any_store_stack(
-    tmp_path: Path, ollama: FakeOllama, store_env: dict[str, str]
+    start_stack: StackFactory, tmp_path: Path, ollama: FakeOllama, store_env: dict[str, str]
 ) -> AsyncIterator[Stack]:
-    started = await start_stack(tmp_path, ollama, store_env)
+    started = await start_routed_stack(start_stack, tmp_path, ollama, store_env)
     yield started
     await asyncio.to_thread(started.stop)
 
@@ -388,7 +392,7 @@ async def test_a_key_reused_for_another_request_is_409(any_store_stack: Stack) -
                 svc.ExecuteRequest(prompt="beta", request_id="k2", model="echo"), timeout=10
             )
     assert refused_grpc.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    status = rpc_status.from_call(refused_grpc.value)  # type: ignore[arg-type]
+    status = rpc_status.from_call(refused_grpc.value)
     assert status is not None
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info)
@@ -397,10 +401,8 @@ async def test_a_key_reused_for_another_request_is_409(any_store_stack: Stack) -
 
 
 @pytest.fixture
-def keyed_stack(tmp_path: Path) -> Iterator[Stack]:
-    started = start_keyed_stack(tmp_path)
-    yield started
-    started.stop()
+def keyed_stack(start_stack: StackFactory) -> Stack:
+    return start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo"}, keys=CALLERS)
 
 
 def test_each_caller_has_its_own_keys(keyed_stack: Stack) -> None:

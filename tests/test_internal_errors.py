@@ -218,6 +218,7 @@ def logged_with_the_exception(caplog: pytest.LogCaptureFixture, error_id: str) -
     return str(record.exc_info[1])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", list(CALLS))
 async def test_unexpected_failure_is_internal_with_an_error_id(
     served: InProcess,
@@ -260,6 +261,7 @@ def breaking_after_first_step(
     return watch
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["Orchestrate", "WatchExecution"])
 async def test_a_stream_failing_after_its_first_event_ends_with_execution_failed(
     served: InProcess, method: str, monkeypatch: pytest.MonkeyPatch

@@ -23,6 +23,9 @@ from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.helpers.in_process import InProcess, serve_in_process
 from tests.helpers.sse import aread_events
 
+# Each test serves its lab behind a real Envoy (serve_in_process).
+pytestmark = pytest.mark.e2e
+
 GENERATED_BEFORE_FAILING = ["partial ", "answer "]
 
 

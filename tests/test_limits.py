@@ -10,7 +10,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from agentlab.executions.service import Executions
 from agentlab.executions.stores import open_store
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
+from tests.helpers.stacks import StackFactory
 from tests.helpers.statuses import details_of
 
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
@@ -223,16 +224,16 @@ async def test_a_watcher_that_falls_behind_still_gets_every_event_once(tmp_path:
 
 
 @pytest.fixture
-def one_at_a_time(tmp_path: Path) -> Iterator[Stack]:
+def one_at_a_time(start_stack: StackFactory) -> Stack:
     """The real model, one execution running and one waiting at most."""
-    stack = Stack.start(
-        tmp_path,
-        {"AGENTLAB_MAX_RUNNING_EXECUTIONS": "1", "AGENTLAB_MAX_QUEUED_EXECUTIONS": "1"},
+    return start_stack(
+        {"AGENTLAB_MAX_RUNNING_EXECUTIONS": "1", "AGENTLAB_MAX_QUEUED_EXECUTIONS": "1"}
     )
-    yield stack
-    stack.stop()
 
 
+# Two long generations on the real model, one after the other: 47 to 116 s
+# measured on a 2-core box busy with other work.
+@pytest.mark.timeout(360)
 @pytest.mark.model
 def test_executions_beyond_the_limits_are_refused_and_the_queued_one_runs_next(
     one_at_a_time: Stack,
@@ -306,12 +307,8 @@ def test_executions_beyond_the_limits_are_refused_and_the_queued_one_runs_next(
 
 
 @pytest.fixture
-def short_prompts(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack.start(
-        tmp_path, {"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_MAX_PROMPT_CHARS": "50"}
-    )
-    yield stack
-    stack.stop()
+def short_prompts(start_stack: StackFactory) -> Stack:
+    return start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_MAX_PROMPT_CHARS": "50"})
 
 
 def test_a_prompt_over_the_limit_is_400_naming_the_prompt(short_prompts: Stack) -> None:
@@ -357,11 +354,9 @@ def test_the_documented_prompt_maximum_is_the_one_the_service_enforces(echo_stac
 
 
 @pytest.fixture
-def tiny_rate_limit(tmp_path: Path) -> Iterator[Stack]:
+def tiny_rate_limit(start_stack: StackFactory) -> Stack:
     """Envoy with a bucket of 5 requests per client address, 1 more a second."""
-    stack = Stack.start(tmp_path, {"AGENTLAB_DEFAULT_BACKEND": "echo"}, rate_limit=(5, 1.0))
-    yield stack
-    stack.stop()
+    return start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo"}, rate_limit=(5, 1.0))
 
 
 def test_each_client_address_has_its_own_rate_limit_and_health_has_none(

@@ -22,6 +22,9 @@ import pytest
 
 from agentlab.devstack import ROOT, Ports, Stack, envoy_binary, free_port, render_envoy_config
 
+# Every test runs `make run` or its supervisor script.
+pytestmark = pytest.mark.e2e
+
 
 def listening(port: int) -> bool:
     with socket.socket() as probe:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from google.api import annotations_pb2, http_pb2
+from google.api import annotations_pb2, http_pb2  # type: ignore[import-untyped]
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
@@ -122,6 +122,7 @@ def test_each_operation_is_its_rpc(route: Route) -> None:
 def json_type(fld: FieldDescriptor) -> dict[str, Any]:
     """What proto3 JSON makes of a scalar or enum field, from the proto type."""
     if fld.type == FieldDescriptor.TYPE_ENUM:
+        assert fld.enum_type is not None  # an enum field has its enum
         return {"type": "string", "enum": [v.name for v in fld.enum_type.values]}
     strings = {FieldDescriptor.TYPE_STRING}
     # 64-bit integers are decimal strings in proto3 JSON.
@@ -253,6 +254,7 @@ def test_documented_limits_are_the_enforced_ones(
             else:
                 assert violated(message_type, name, outside) is False
     elif fld.type == FieldDescriptor.TYPE_ENUM:
+        assert fld.enum_type is not None  # an enum field has its enum
         names = [v.name for v in fld.enum_type.values]
         assert limits.get("enum", names) == names
         for value in fld.enum_type.values:

@@ -30,7 +30,6 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import httpx
 import pytest
 
 from agentlab.devstack import ROOT, Stack
+from tests.helpers.stacks import StackFactory
 
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
@@ -165,22 +165,16 @@ class ReadmeStack:
 
 
 @pytest.fixture(scope="module")
-def readme_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReadmeStack]:
-    logs = tmp_path_factory.mktemp("readme-stack")
-    routing = logs / "models.yaml"
-    routing.write_text(ROUTING)
-    stack = Stack.start(logs, {"AGENTLAB_MODELS_FILE": str(routing)})
-    try:
-        # A real execution for `<id>`, with more events than `after_sequence=3`.
-        answer = httpx.post(
-            f"{stack.url}/api/v1/execute",
-            json={"prompt": "Dime 3 números primos", "model": "mistral7b"},
-            timeout=30,
-        )
-        assert answer.status_code == 200, answer.text
-        yield ReadmeStack(stack, answer.json()["execution_id"])
-    finally:
-        stack.stop()
+def readme_stack(start_module_stack: StackFactory) -> ReadmeStack:
+    stack = start_module_stack(models=ROUTING)
+    # A real execution for `<id>`, with more events than `after_sequence=3`.
+    answer = httpx.post(
+        f"{stack.url}/api/v1/execute",
+        json={"prompt": "Dime 3 números primos", "model": "mistral7b"},
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    return ReadmeStack(stack, answer.json()["execution_id"])
 
 
 def script(command: str, args_file: Path) -> str:

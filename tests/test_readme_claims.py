@@ -47,6 +47,7 @@ from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.helpers.fake_ollama import FakeOllama
 from tests.helpers.services import postgres_schema, postgres_url, redis_url
 from tests.helpers.sse import aread_events
+from tests.helpers.stacks import StackFactory
 from tests.helpers.statuses import details_of
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -256,33 +257,32 @@ async def fake_backend() -> AsyncIterator[FakeBackend]:
 
 
 async def _start_with_models(
-    tmp_path: Path, backend_url: str, models: dict[str, str], *, steady: bool = False
+    start_stack: StackFactory, backend_url: str, models: dict[str, str], *, steady: bool = False
 ) -> Stack:
     """A stack routing each of ``models`` (name -> the backend's model, and
     options) to one Ollama backend at ``backend_url``; with ``steady`` also a
     model "steady" on an echo backend, which keeps the gateway serving while
     that Ollama is down."""
-    routing = tmp_path / "models.yaml"
     backends = f'  fake: {{kind: ollama, url: "{backend_url}"}}\n'
     lines = "".join(f"  {name}: {{backend: fake, {spec}}}\n" for name, spec in models.items())
     if steady:
         backends += "  up: {kind: echo}\n"
         lines += "  steady: {backend: up}\n"
-    routing.write_text(f"backends:\n{backends}models:\n{lines}")
-    env = {"AGENTLAB_MODELS_FILE": str(routing), "AGENTLAB_HEALTH_INTERVAL_S": "3600"}
+    routing = f"backends:\n{backends}models:\n{lines}"
+    env = {"AGENTLAB_HEALTH_INTERVAL_S": "3600"}
     # In a thread: the fake answers from this event loop meanwhile.
-    return await asyncio.to_thread(Stack.start, tmp_path, env)
+    return await asyncio.to_thread(start_stack, env, models=routing)
 
 
 async def test_a_backends_http_status_picks_the_code_the_readme_says(
-    tmp_path: Path, fake_backend: FakeBackend
+    start_stack: StackFactory, fake_backend: FakeBackend
 ) -> None:
     mapping = _upstream_mapping()
     others = mapping.pop("others")
     assert others == "INTERNAL"
     statuses = sorted({*mapping, *_PROBED})
     stack = await _start_with_models(
-        tmp_path,
+        start_stack,
         fake_backend.url,
         {f"s{status}": f'model: "status-{status}"' for status in statuses},
     )
@@ -317,17 +317,17 @@ async def test_a_backends_http_status_picks_the_code_the_readme_says(
 
 
 async def test_a_refused_connection_is_retried_and_the_retry_answers_once(
-    tmp_path: Path,
+    start_stack: StackFactory,
 ) -> None:
     """ "retried with backoff only when the connection was refused (nothing
     was sent)": the backend is down at the first attempt and up before the
     next; the call succeeds, with one request at the backend."""
     port = free_port()
     stack = await _start_with_models(
-        tmp_path, f"http://127.0.0.1:{port}", {"late": 'model: "ok"'}, steady=True
+        start_stack, f"http://127.0.0.1:{port}", {"late": 'model: "ok"'}, steady=True
     )
     fake = FakeBackend()
-    log = tmp_path / f"service-{stack.service.port}.log"
+    log = stack.log_dir / f"service-{stack.service.port}.log"
     retry = f"fake at http://127.0.0.1:{port}: connection refused; retry 1 in"
     try:
         before = log.read_text().count(retry)  # the first health check's
@@ -361,10 +361,14 @@ async def test_a_refused_connection_is_retried_and_the_retry_answers_once(
     ],
 )
 async def test_a_request_the_backend_accepted_is_never_retried(
-    tmp_path: Path, fake_backend: FakeBackend, model: str, options: str, code: grpc.StatusCode
+    start_stack: StackFactory,
+    fake_backend: FakeBackend,
+    model: str,
+    options: str,
+    code: grpc.StatusCode,
 ) -> None:
     stack = await _start_with_models(
-        tmp_path, fake_backend.url, {model: f'model: "{model}", {options}'.rstrip(", ")}
+        start_stack, fake_backend.url, {model: f'model: "{model}", {options}'.rstrip(", ")}
     )
     try:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -386,12 +390,8 @@ _LONG = " ".join(f"w{i}" for i in range(60))
 
 
 @pytest.fixture
-def slow_echo(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack.start(
-        tmp_path, {"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_ECHO_TOKEN_DELAY_S": "0.05"}
-    )
-    yield stack
-    stack.stop()
+def slow_echo(start_stack: StackFactory) -> Stack:
+    return start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_ECHO_TOKEN_DELAY_S": "0.05"})
 
 
 async def _final_state(stack: Stack, execution_id: str, timeout_s: float = 20.0) -> dict[str, Any]:
@@ -471,14 +471,14 @@ async def slow_ollama() -> AsyncIterator[FakeOllama]:
 
 
 async def test_concurrent_streams_with_one_request_id_share_one_execution(
-    tmp_path: Path, slow_ollama: FakeOllama
+    start_stack: StackFactory, slow_ollama: FakeOllama
 ) -> None:
     """ "the same key again ... attaches to it instead of starting another:
     ... Orchestrate streams it from its first event, concurrent calls
     included": REST and gRPC streams racing with one key get one execution,
     one model call, and every event of it from the first, once."""
     stack = await _start_with_models(
-        tmp_path, slow_ollama.url, {"mistral7b": 'model: "mistral:7b"'}
+        start_stack, slow_ollama.url, {"mistral7b": 'model: "mistral:7b"'}
     )
     body = {
         "prompt": "Name three colours.",
@@ -540,11 +540,11 @@ async def test_concurrent_streams_with_one_request_id_share_one_execution(
 
 
 async def test_echo_stays_reserved_with_a_routing_file(
-    tmp_path: Path, fake_backend: FakeBackend
+    start_stack: StackFactory, fake_backend: FakeBackend
 ) -> None:
     """ "`echo` stays reserved unless the file names a model `echo`": a file
     that does not name it still serves it from the echo backend."""
-    stack = await _start_with_models(tmp_path, fake_backend.url, {"mistral7b": 'model: "ok"'})
+    stack = await _start_with_models(start_stack, fake_backend.url, {"mistral7b": 'model: "ok"'})
     try:
         async with httpx.AsyncClient(timeout=30) as client:
             answer = await client.post(
@@ -564,9 +564,9 @@ async def test_echo_stays_reserved_with_a_routing_file(
 
 
 async def test_a_model_the_file_names_echo_is_the_files(
-    tmp_path: Path, fake_backend: FakeBackend
+    start_stack: StackFactory, fake_backend: FakeBackend
 ) -> None:
-    stack = await _start_with_models(tmp_path, fake_backend.url, {"echo": 'model: "ok"'})
+    stack = await _start_with_models(start_stack, fake_backend.url, {"echo": 'model: "ok"'})
     try:
         async with httpx.AsyncClient(timeout=30) as client:
             answer = await client.post(
@@ -580,6 +580,7 @@ async def test_a_model_the_file_names_echo_is_the_files(
     assert fake_backend.requests == Counter({"ok": 1})
 
 
+@pytest.mark.e2e
 def test_a_backend_named_echo_of_another_kind_stops_start_up(tmp_path: Path) -> None:
     """Without a model named "echo", a backend of that name that is not the
     echo backend would take the reserved name from it: start-up stops."""
@@ -647,6 +648,7 @@ def two_replicas(tmp_path: Path) -> Iterator[tuple[ServiceProcess, ServiceProces
                 process.output.close()
 
 
+@pytest.mark.e2e
 async def test_a_killed_replicas_executions_are_taken_over_by_the_survivor(
     two_replicas: tuple[ServiceProcess, ServiceProcess],
 ) -> None:
@@ -796,6 +798,7 @@ async def _unready(tmp_path: Path, env: dict[str, str]) -> AsyncIterator[Unready
             process.output.close()
 
 
+@pytest.mark.e2e
 async def test_the_gateway_is_not_serving_while_every_backend_is_down(tmp_path: Path) -> None:
     """ "the whole gateway ... serves while any backend of a model other than
     echo can": Ollama and an OpenAI server both down is NOT_SERVING (503),
@@ -876,6 +879,7 @@ class FakeLabService:
         return web.json_response({"status": "ok"})
 
 
+@pytest.mark.e2e
 async def test_health_is_503_while_the_lab_service_loads(tmp_path: Path) -> None:
     """ "503 while the lab is loading": the gateway's only lab is a lab
     service still loading its model."""
@@ -908,6 +912,7 @@ async def test_health_is_503_while_the_lab_service_loads(tmp_path: Path) -> None
         await lab.stop()
 
 
+@pytest.mark.e2e
 @pytest.mark.model
 async def test_the_health_never_serves_before_the_embedded_model_has_loaded(
     tmp_path: Path,
@@ -934,13 +939,12 @@ async def test_the_health_never_serves_before_the_embedded_model_has_loaded(
     assert seen[-1][1] == SERVING, seen
 
 
-async def test_health_is_503_while_draining(tmp_path: Path) -> None:
+async def test_health_is_503_while_draining(start_stack: StackFactory) -> None:
     """ "503 while the lab is ... draining": on SIGTERM with an execution
     running and a grace period, a health watcher hears NOT_SERVING and the
     REST route answers 503 while the execution still runs."""
     stack = await asyncio.to_thread(
-        Stack.start,
-        tmp_path,
+        start_stack,
         {
             "AGENTLAB_DEFAULT_BACKEND": "echo",
             "AGENTLAB_ECHO_TOKEN_DELAY_S": "0.05",

@@ -17,6 +17,9 @@ from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.helpers.services import postgres_schema, postgres_url, redis_url
 
+# Two service processes and an Envoy.
+pytestmark = pytest.mark.e2e
+
 
 @dataclass
 class Replicas:
@@ -38,23 +41,28 @@ def replicas(tmp_path: Path, schema: str) -> Iterator[Replicas]:
         "AGENTLAB_DATABASE_URL": f"{postgres_url()}?search_path={schema}",
         "AGENTLAB_REDIS_URL": redis_url(),
     }
-    first = ServiceProcess(port=free_port(), env=env, output=(tmp_path / "a.log").open("wb"))
-    second = ServiceProcess(port=free_port(), env=env, output=(tmp_path / "b.log").open("wb"))
-    envoy = EnvoyProcess(
-        ports=Ports(
-            gateway=free_port(), service=first.port, admin=free_port(), replicas=(second.port,)
-        ),
-        output=(tmp_path / "envoy.log").open("wb"),
-    )
-    try:
-        first.start()
-        second.start()
-        envoy.start()
-        yield Replicas(first, second, envoy)
-    finally:
-        envoy.stop()
-        second.stop()
-        first.stop()
+    with (
+        (tmp_path / "a.log").open("wb") as first_log,
+        (tmp_path / "b.log").open("wb") as second_log,
+        (tmp_path / "envoy.log").open("wb") as envoy_log,
+    ):
+        first = ServiceProcess(port=free_port(), env=env, output=first_log)
+        second = ServiceProcess(port=free_port(), env=env, output=second_log)
+        envoy = EnvoyProcess(
+            ports=Ports(
+                gateway=free_port(), service=first.port, admin=free_port(), replicas=(second.port,)
+            ),
+            output=envoy_log,
+        )
+        try:
+            first.start()
+            second.start()
+            envoy.start()
+            yield Replicas(first, second, envoy)
+        finally:
+            envoy.stop()
+            second.stop()
+            first.stop()
 
 
 async def test_start_on_one_watch_and_cancel_through_the_other(replicas: Replicas) -> None:

@@ -9,7 +9,6 @@ import json
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,16 +19,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agentlab.devstack import Stack
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
+from tests.helpers.stacks import StackFactory
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
+def stack(start_stack: StackFactory) -> Stack:
     # A grace period no busy machine runs out of: see the next test for that.
-    stack = Stack.start(tmp_path, {"AGENTLAB_SHUTDOWN_GRACE_S": "60"})
-    yield stack
-    stack.stop()
+    return start_stack({"AGENTLAB_SHUTDOWN_GRACE_S": "60"})
 
 
 def _events(lines: Iterator[str]) -> list[dict[str, Any]]:
@@ -103,10 +101,8 @@ def test_sigterm_drains_the_stream_in_flight_refuses_new_calls_and_exits_0(stack
 
 
 @pytest.fixture
-def short_grace(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack.start(tmp_path, {"AGENTLAB_SHUTDOWN_GRACE_S": "0.3"})
-    yield stack
-    stack.stop()
+def short_grace(start_stack: StackFactory) -> Stack:
+    return start_stack({"AGENTLAB_SHUTDOWN_GRACE_S": "0.3"})
 
 
 @pytest.mark.model

@@ -187,7 +187,7 @@ def test_a_malformed_last_event_id_is_invalid_argument_naming_it(
         orchestrate_url(echo_stack, request_id="malformed-lei"),
         f"{echo_stack.url}/api/v1/executions/{events[0][1]['execution_id']}:watch",
     ):
-        answer = httpx.get(url, headers={"Last-Event-ID": value.encode()})
+        answer = httpx.get(url, headers=[(b"Last-Event-ID", value.encode())])
         assert answer.status_code == 400, answer.text
         code, violations = error_of(answer.text)
         assert code == 3

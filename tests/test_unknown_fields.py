@@ -8,7 +8,7 @@ import subprocess
 from typing import Any
 
 import pytest
-from google.api import annotations_pb2, http_pb2
+from google.api import annotations_pb2, http_pb2  # type: ignore[import-untyped]
 from google.protobuf import descriptor_pb2, descriptor_pool
 
 from agentlab.api.json_fields import JSON_FIELDS, MAX_NAMED, unknown_fields

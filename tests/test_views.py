@@ -24,6 +24,7 @@ from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.helpers.sse import read_events
+from tests.helpers.stacks import StackFactory
 from tests.helpers.tools import run, tool
 
 GRPC_LIMIT = 4 * 1024 * 1024  # gRPC's default receive limit
@@ -34,16 +35,13 @@ ISSUE_PROMPT_CHARS = 32_000  # AGENTLAB_MAX_PROMPT_CHARS's default
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(start_module_stack: StackFactory) -> Stack:
     """The echo backend serves every model name, so each test lists its own
     executions by the model name it gave them. Prompts may be as long as the
     contract allows."""
-    started = Stack.start(
-        tmp_path_factory.mktemp("views"),
-        {"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_MAX_PROMPT_CHARS": str(PROMPT_MAX)},
+    return start_module_stack(
+        {"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_MAX_PROMPT_CHARS": str(PROMPT_MAX)}
     )
-    yield started
-    started.stop()
 
 
 def stub(address: str) -> Iterator[svc_grpc.LabServiceStub]:

@@ -367,6 +367,7 @@ class Stack:
 
     service: ServiceProcess
     envoy: EnvoyProcess
+    log_dir: Path
 
     @classmethod
     def start(
@@ -387,7 +388,7 @@ class Stack:
             output=(log_dir / f"envoy-{ports.gateway}.log").open("wb"),
             rate_limit=rate_limit,
         )
-        stack = cls(service, envoy)
+        stack = cls(service, envoy, log_dir)
         try:
             service.start()
             envoy.start()

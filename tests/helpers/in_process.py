@@ -37,13 +37,13 @@ async def serve_in_process(registry: LabRegistry, tmp_path: Path) -> AsyncIterat
         Settings(grpc_address=f"127.0.0.1:{port}", data_dir=tmp_path / "data"), registry
     )
     await server.start()
-    envoy = EnvoyProcess(
-        ports=Ports(gateway=free_port(), service=port, admin=free_port()),
-        output=(tmp_path / "envoy.log").open("wb"),
-    )
-    try:
-        envoy.start()
-        yield InProcess(server, envoy)
-    finally:
-        envoy.stop()
-        await server.stop(0)
+    with (tmp_path / "envoy.log").open("wb") as log:
+        envoy = EnvoyProcess(
+            ports=Ports(gateway=free_port(), service=port, admin=free_port()), output=log
+        )
+        try:
+            envoy.start()
+            yield InProcess(server, envoy)
+        finally:
+            envoy.stop()
+            await server.stop(0)

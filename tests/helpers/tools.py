@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ def run(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
-def json_stream(text: str) -> list[dict[str, object]]:
+def json_stream(text: str) -> list[dict[str, Any]]:
     """grpcurl prints one JSON document per message."""
     decoder, documents, position = json.JSONDecoder(), [], 0
     while position < len(text):
