@@ -64,6 +64,17 @@ def until_ready(supervisor: subprocess.Popen[str]) -> str:
     pytest.fail(f"make run ended before it was ready:\n{''.join(printed)}")
 
 
+def refused(supervisor: subprocess.Popen[str]) -> str:
+    """What `make run` printed before it stopped on its own, failing."""
+    try:
+        output, _ = supervisor.communicate(timeout=120)
+    finally:
+        if supervisor.poll() is None:
+            os.killpg(supervisor.pid, signal.SIGKILL)
+    assert supervisor.returncode != 0, output
+    return output
+
+
 def ctrl_c(supervisor: subprocess.Popen[str]) -> str:
     os.killpg(supervisor.pid, signal.SIGINT)
     rest, _ = supervisor.communicate(timeout=60)
@@ -300,12 +311,7 @@ def test_a_setting_that_cannot_be_honoured_stops_make_run(
             env["AGENTLAB_MAX_RUNNING_EXECUTIONS"] = "lots"
     ports = free_ports()
     supervisor = make_run(ports, env)
-    try:
-        output, _ = supervisor.communicate(timeout=120)
-    finally:
-        if supervisor.poll() is None:
-            os.killpg(supervisor.pid, signal.SIGKILL)
-    assert supervisor.returncode != 0, output
+    output = refused(supervisor)
     assert "make run: configuration error: " in output, output
     assert message in output, output
     assert "starting the service" not in output
@@ -350,13 +356,7 @@ def test_a_second_make_run_on_taken_ports_stops_and_says_which(taken: str) -> No
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", ports[taken]))
         holder.listen()
-        supervisor = make_run(ports, {"AGENTLAB_DEFAULT_BACKEND": "echo"})
-        try:
-            output, _ = supervisor.communicate(timeout=120)
-        finally:
-            if supervisor.poll() is None:
-                os.killpg(supervisor.pid, signal.SIGKILL)
-    assert supervisor.returncode != 0, output
+        output = refused(make_run(ports, {"AGENTLAB_DEFAULT_BACKEND": "echo"}))
     assert f"port {ports[taken]} is in use" in output, output
     assert "Ctrl-C stops both" not in output, output
     nothing_listens(ports)

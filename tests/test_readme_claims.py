@@ -45,6 +45,7 @@ from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.helpers.fake_ollama import FakeOllama
+from tests.helpers.fake_server import FakeServer
 from tests.helpers.services import postgres_schema, postgres_url, redis_url
 from tests.helpers.sse import aread_events
 from tests.helpers.stacks import StackFactory
@@ -175,7 +176,7 @@ def test_envoys_ports_and_limits_are_the_readmes() -> None:
 
 
 @dataclass
-class FakeBackend:
+class FakeBackend(FakeServer):
     """An Ollama-compatible server whose /api/chat does what the model name
     says: "status-NNN" answers HTTP NNN with an Ollama error body, "drop"
     reads the request and drops the connection, "hang" never answers, any
@@ -183,22 +184,11 @@ class FakeBackend:
 
     requests: Counter[str] = field(default_factory=Counter)
     url: str = ""
-    _runner: web.AppRunner | None = None
+    handler_cancellation = True
 
-    async def start(self, port: int = 0) -> str:
-        app = web.Application()
+    def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/api/tags", self._tags)
         app.router.add_post("/api/chat", self._chat)
-        self._runner = web.AppRunner(app, handler_cancellation=True)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
-        host, bound = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{bound}"
-        return self.url
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _tags(self, request: web.Request) -> web.Response:
         return web.json_response({"models": []})
@@ -853,25 +843,14 @@ async def test_the_gateway_is_not_serving_while_every_backend_is_down(tmp_path: 
 
 
 @dataclass
-class FakeLabService:
+class FakeLabService(FakeServer):
     """The lab service's health route only: 503 while it loads, then 200."""
 
     loading: bool = True
     url: str = ""
-    _runner: web.AppRunner | None = None
 
-    async def start(self) -> None:
-        app = web.Application()
+    def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/orchestrate/", self._health)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _health(self, request: web.Request) -> web.Response:
         if self.loading:

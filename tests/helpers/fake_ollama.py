@@ -16,11 +16,13 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.helpers.fake_server import FakeServer
+
 __all__ = ["FakeOllama"]
 
 
 @dataclass
-class FakeOllama:
+class FakeOllama(FakeServer):
     models: list[str] = field(default_factory=lambda: ["llama3.2:1b"])
     words: list[str] = field(default_factory=lambda: ["Blue", ",", " green", " and", " red"])
     delay_s: float = 0.0
@@ -39,22 +41,10 @@ class FakeOllama:
     lines_sent: int = 0
     disconnected_at: float | None = None
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
-    _runner: web.AppRunner | None = None
 
-    async def start(self, port: int = 0) -> str:
-        app = web.Application()
+    def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/api/tags", self._tags)
         app.router.add_post("/api/chat", self._chat)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
-        host, bound = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{bound}"
-        return self.url
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _tags(self, request: web.Request) -> web.Response:
         return web.json_response(
