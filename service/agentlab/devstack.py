@@ -88,6 +88,9 @@ def require_free(port: int, what: str) -> None:
     """Raise if something listens on ``port`` already: a readiness probe
     would otherwise find that listener and call ``what`` ready."""
     with socket.socket() as sock:
+        # As servers bind: a port whose last connections are in TIME_WAIT
+        # (a service restarted on it) is free; one with a listener is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
