@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from agentlab import preflight
 from agentlab.config import CONTRACT_MAX_PROMPT_CHARS, ConfigError, Settings, redact_url
 from agentlab.devstack import DESCRIPTOR, ROOT, Ports, free_port, render_envoy_config
 from agentlab.v1 import lab_service_pb2
+from tests.helpers.tools import run_service
 
 
 def test_defaults_serve_the_frontend_port_layout() -> None:
@@ -172,18 +170,13 @@ def test_python_m_agentlab_refuses_what_it_cannot_honour(
 ) -> None:
     (tmp_path / "keys.yaml").write_text("")
     port = free_port()
-    done = subprocess.run(
-        [sys.executable, "-m", "agentlab"],
-        env={
-            **os.environ,
+    done = run_service(
+        {
             "AGENTLAB_GRPC_ADDRESS": f"127.0.0.1:{port}",
             "AGENTLAB_DEFAULT_BACKEND": "echo",
             "AGENTLAB_DATA_DIR": str(tmp_path / "data"),
             **{name: value.format(tmp=tmp_path) for name, value in env.items()},
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
+        }
     )
     assert done.returncode != 0
     assert "agentlab: configuration error: " in done.stderr
@@ -197,18 +190,13 @@ def test_a_bus_that_cannot_be_reached_stops_start_up_in_one_line(tmp_path: Path)
     service before it serves, with a message naming the settings, no
     traceback and no password."""
     closed = free_port()  # nothing listens there
-    done = subprocess.run(
-        [sys.executable, "-m", "agentlab"],
-        env={
-            **os.environ,
+    done = run_service(
+        {
             "AGENTLAB_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
             "AGENTLAB_DEFAULT_BACKEND": "echo",
             "AGENTLAB_DATA_DIR": str(tmp_path / "data"),
             "AGENTLAB_REDIS_URL": f"redis://:hunter2@127.0.0.1:{closed}/0",
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
+        }
     )
     assert done.returncode != 0
     assert "agentlab: cannot open the execution store or the event bus" in done.stderr

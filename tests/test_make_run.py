@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from agentlab.devstack import ROOT, Ports, Stack, envoy_binary, free_port, render_envoy_config
+from tests.helpers.tools import run_service
 
 # Every test runs `make run` or its supervisor script.
 pytestmark = pytest.mark.e2e
@@ -369,18 +370,12 @@ def test_the_service_on_a_taken_port_stops_with_one_line(tmp_path: Path) -> None
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         address = f"127.0.0.1:{holder.getsockname()[1]}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
-        env |= {
-            "AGENTLAB_GRPC_ADDRESS": address,
-            "AGENTLAB_DEFAULT_BACKEND": "echo",
-            "AGENTLAB_DATA_DIR": str(tmp_path),
-        }
-        done = subprocess.run(
-            [sys.executable, "-m", "agentlab"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
+        done = run_service(
+            {
+                "AGENTLAB_GRPC_ADDRESS": address,
+                "AGENTLAB_DEFAULT_BACKEND": "echo",
+                "AGENTLAB_DATA_DIR": str(tmp_path),
+            }
         )
     assert done.returncode != 0
     assert f"cannot listen on {address}" in done.stderr, done.stderr

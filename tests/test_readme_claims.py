@@ -12,8 +12,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -50,6 +48,7 @@ from tests.helpers.services import postgres_schema, postgres_url, redis_url
 from tests.helpers.sse import aread_events
 from tests.helpers.stacks import StackFactory
 from tests.helpers.statuses import details_of
+from tests.helpers.tools import run_service
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -579,17 +578,12 @@ def test_a_backend_named_echo_of_another_kind_stops_start_up(tmp_path: Path) -> 
         'backends:\n  echo: {kind: ollama, url: "http://127.0.0.1:9"}\n'
         "models:\n  mistral7b: {backend: echo}\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "agentlab"],
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")},
+    done = run_service(
+        {
             "AGENTLAB_GRPC_ADDRESS": f"127.0.0.1:{free_port()}",
             "AGENTLAB_DATA_DIR": str(tmp_path / "data"),
             "AGENTLAB_MODELS_FILE": str(routing),
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
+        }
     )
     assert done.returncode != 0
     assert "agentlab: configuration error: " in done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,3 +42,18 @@ def json_stream(text: str) -> list[dict[str, Any]]:
         document, position = decoder.raw_decode(text, position)
         documents.append(document)
     return documents
+
+
+def run_service(
+    settings: dict[str, str], timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """`python -m agentlab` to its exit, configured by ``settings`` alone (no
+    AGENTLAB_* variable of this process): for start-ups that must refuse."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
+    return subprocess.run(
+        [sys.executable, "-m", "agentlab"],
+        env=env | settings,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
