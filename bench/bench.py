@@ -38,8 +38,6 @@ import httpx
 from agentlab.devstack import Stack, envoy_binary
 from agentlab.v1 import lab_service_pb2, lab_service_pb2_grpc
 
-NO_RATE_LIMIT = (10**6, 10**6)
-
 ECHO_EXECUTE = {"prompt": "How much does the gateway itself cost per request?", "model": "echo"}
 MODEL_EXECUTE = {"prompt": "Dime 3 números primos", "model": "mistral7b", "max_tokens": 32}
 ECHO_ORCHESTRATE = {"prompt": "Name a fruit.", "model": "echo", "max_tokens": 24}
@@ -1049,7 +1047,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = True
     try:
         # One client address at full speed: Envoy's per-client rate limit off.
-        stack = Stack.start(log_dir, args.service_env, rate_limit=NO_RATE_LIMIT)
+        stack = Stack.start(log_dir, {**args.service_env, "AGENTLAB_RATE_LIMIT": "off"})
         print(
             f"  stack:   service {stack.service.address}, Envoy {stack.envoy.url} "
             f"(started in {time.perf_counter() - began:.1f} s)"
