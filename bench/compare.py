@@ -392,12 +392,26 @@ class _postgres_schema(AbstractContextManager[str]):
 # Goal 5: the gateway's share of a real model's Execute
 
 
+@dataclass
+class _ModelRun:
+    wall_ms: float  # what the caller waited, connection included
+    lab_ms: float  # the lab's part: metrics.latency_ms, measured by Runner.stream
+    output: str
+
+
 def measure_model_overhead(stack: Stack, runs: int, warmup: int = 2) -> Row:
     """REST Execute via Envoy against the same task run by the embedded lab in
     this process (the registry and Runner the server builds, no gRPC, no
     store), one at a time, alternating; the same prompt, max_tokens and seed,
-    so both generate the same tokens. The overhead is the difference of the
-    medians as a share of the REST median."""
+    so both generate the same tokens.
+
+    Two figures. The difference of the two medians, as the issue states the
+    goal; but a small model on a shared machine varies by tens of percent
+    from run to run, more than the 2 % sought. So the goal is judged per run:
+    each REST answer carries the lab's own time for that very run
+    (metrics.latency_ms, timed by the Runner.stream the in-process call runs
+    too), and the wall time beyond it is what the gateway added. The
+    in-process runs check that latency_ms is the whole in-process cost."""
     from agentlab.config import Settings
     from agentlab.core.events import ExecutionCompleted
     from agentlab.core.runner import Runner
@@ -414,9 +428,10 @@ def measure_model_overhead(stack: Stack, runs: int, warmup: int = 2) -> Row:
         options=GenerationOptions(max_tokens=MODEL_MAX_TOKENS, seed=MODEL_SEED),
     )
 
-    def rest() -> tuple[float, str]:
+    def rest() -> _ModelRun:
         conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=300)
         try:
+            # The connection opens inside the timing, as a new caller's would.
             start = time.perf_counter()
             conn.request(
                 "POST",
@@ -431,40 +446,46 @@ def measure_model_overhead(stack: Stack, runs: int, warmup: int = 2) -> Row:
             conn.close()
         if answer.status != 200:
             raise RuntimeError(f"model Execute: HTTP {answer.status}: {data[:300]!r}")
-        return elapsed, str(json.loads(data)["output"])
+        body = json.loads(data)
+        return _ModelRun(elapsed * 1000, float(body["metrics"]["latency_ms"]), body["output"])
 
-    async def measure() -> tuple[list[float], list[float], bool]:
+    async def measure() -> tuple[list[_ModelRun], list[_ModelRun]]:
         settings = Settings.from_env({})
         registry = build_registry(settings)
         await registry.start()
         runner = Runner(registry.route, default_max_tokens=settings.default_max_tokens)
+        remote: list[_ModelRun] = []
+        local: list[_ModelRun] = []
         try:
-            rest_ms: list[float] = []
-            local_ms: list[float] = []
-            same = True
             for run in range(warmup + runs):
-                # The connection opens inside the timing, as a new caller's would.
-                elapsed, rest_output = await asyncio.to_thread(rest)
+                through = await asyncio.to_thread(rest)
                 start = time.perf_counter()
                 last = None
                 async for event in runner.stream(runner.prepare(task)):
                     last = event
-                local = time.perf_counter() - start
+                elapsed = time.perf_counter() - start
                 if last is None or not isinstance(last.kind, ExecutionCompleted):
                     raise RuntimeError(f"the lab in process did not complete: {last}")
-                same = same and last.kind.result.output == rest_output
+                result = last.kind.result
                 if run >= warmup:
-                    rest_ms.append(elapsed * 1000)
-                    local_ms.append(local * 1000)
-            return rest_ms, local_ms, same
+                    remote.append(through)
+                    local.append(
+                        _ModelRun(elapsed * 1000, result.metrics.latency_ms, result.output)
+                    )
+            return remote, local
         finally:
             await registry.close()
 
     _progress(f"real model: {runs} Executes via Envoy and in process, alternating")
-    rest_ms, local_ms, same = asyncio.run(measure())
-    ours, lab = statistics.median(rest_ms), statistics.median(local_ms)
-    overhead = (ours - lab) / ours
-    spread = statistics.pstdev(local_ms) / lab if lab else math.nan
+    remote, local = asyncio.run(measure())
+    ours = statistics.median(r.wall_ms for r in remote)
+    lab = statistics.median(r.wall_ms for r in local)
+    per_run = [(r.wall_ms - r.lab_ms) / r.wall_ms for r in remote]
+    share = statistics.median(per_run)
+    added_ms = statistics.median(r.wall_ms - r.lab_ms for r in remote)
+    uncounted_ms = statistics.median(r.wall_ms - r.lab_ms for r in local)
+    spread = (max(r.wall_ms for r in local) - min(r.wall_ms for r in local)) / lab
+    same = all(a.output == b.output for a, b in zip(remote, local, strict=True))
     return Row(
         path=path,
         ours=ours,
@@ -473,10 +494,13 @@ def measure_model_overhead(stack: Stack, runs: int, warmup: int = 2) -> Row:
         p50_ms=ours,
         non_2xx=0,
         goal=goal,
-        met=overhead < GOAL5_OVERHEAD,
+        met=share < GOAL5_OVERHEAD,
         note=(
-            f"overhead {overhead:+.2%} of wall time ({ours - lab:+.1f} ms; {runs} runs each; "
-            f"the lab's own spread {spread:.1%}); peer = the embedded lab in this process"
+            f"the gateway's share of each run {share:.2%} p50 ({added_ms:.1f} ms over the lab's "
+            f"own time in that run; worst {max(per_run):.2%}); the two medians differ by "
+            f"{(ours - lab) / ours:+.1%}, but the lab alone varied by {spread:.0%} "
+            f"(max-min)/p50 over {runs} runs; in process, {uncounted_ms:.2f} ms beyond its "
+            "latency_ms; peer = the embedded lab in this process"
             + ("" if same else "; WARNING: the two generated different outputs")
         ),
     )
