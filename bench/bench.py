@@ -47,7 +47,7 @@ import compare
 import grpc
 import httpx
 import wrk
-from table import Row, render, skipped
+from table import COLUMNS, Row, cells, render, skipped
 
 from agentlab.devstack import Stack, envoy_binary
 from agentlab.v1 import lab_service_pb2, lab_service_pb2_grpc
@@ -1058,6 +1058,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="also write the machine and the first table in Markdown here "
+        "(bench/RESULTS.md; README's Performance section takes the table)",
+    )
+    parser.add_argument(
         "--log-dir",
         type=Path,
         default=None,
@@ -1065,6 +1072,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "deleted unless the run fails)",
     )
     args = parser.parse_args(argv)
+    args.argv = None if argv is None else list(argv)
     if args.quick:
         for option, value in QUICK.items():
             setattr(args, option, value)
@@ -1172,6 +1180,46 @@ def wrk_table(details: Sequence[dict[str, Any]]) -> str:
     )
 
 
+def markdown(rows: Sequence[Row]) -> str:
+    """The first table in Markdown (README's Performance section,
+    bench/RESULTS.md), its notes as a list below it."""
+    escape = str.maketrans({"|": "\\|"})
+    head = [f"| {' | '.join(c or 'met' for c in COLUMNS)} |", f"|{' --- |' * len(COLUMNS)}"]
+    body = [f"| {' | '.join(c.translate(escape) for c in cells(r))} |" for r in rows]
+    notes = [f"- {r.path}: {r.note}" for r in rows if r.note]
+    return "\n".join([*head, *body, *(["", *notes] if notes else [])])
+
+
+def results_markdown(
+    args: argparse.Namespace,
+    machine: dict[str, Any],
+    rows: Sequence[Row],
+    details: Sequence[dict[str, Any]],
+) -> str:
+    command = " ".join(["bench/bench.py", *(sys.argv[1:] if args.argv is None else args.argv)])
+    runs = wrk_table(details) if details else "(none)"
+    return (
+        "# Benchmark results\n\n"
+        f"`{command.strip()}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
+        f"wrk, {args.connections} connections, {args.table_warmup:g} s warm-up then "
+        f"{args.table_duration:g} s per run, echo backend; Envoy's rate limit off. "
+        "Ratios are ours / the FastAPI peer's (`bench/peers/fastapi_app.py`), measured back "
+        "to back; p50, p99 and non-2xx are ours; CPU is milliseconds per request or stream of "
+        "each process.\n\n"
+        "## Machine\n\n"
+        f"- CPUs: {machine['cpu_count']} ({machine['cpus_usable']} usable), "
+        f"{machine['cpu_model']}\n"
+        f"- {machine['implementation']} {machine['python']} on {machine['platform']}\n"
+        f"- Envoy {machine['envoy']}, grpcio {machine['grpcio']}, wrk {machine['wrk']}; "
+        f"peer: FastAPI {machine['fastapi']}, uvicorn {machine['uvicorn']} (one worker)\n"
+        f"- load average before the run: {machine['loadavg_start']} (1/5/15 min)\n\n"
+        "## The table\n\n"
+        f"{markdown(rows)}\n\n"
+        "## Each wrk run\n\n"
+        f"```\n{runs}\n```\n"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     machine = machine_info()
@@ -1230,6 +1278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print()
             print("Each wrk run")
             print(wrk_table(details))
+        if args.markdown is not None:
+            args.markdown.write_text(results_markdown(args, machine, rows, details))
         summary["table"] = [asdict(row) for row in rows]
         summary["wrk"] = details
         errors = 0
