@@ -108,6 +108,8 @@ def test_the_rate_limit_is_rendered_into_envoys_bucket_or_removed_when_off() -> 
         ("AGENTLAB_RATE_LIMIT", "100/200/300"),
         ("AGENTLAB_RATE_LIMIT", "nan"),
         ("AGENTLAB_RATE_LIMIT", "1e9"),
+        ("AGENTLAB_RATE_LIMIT", "inf"),
+        ("AGENTLAB_RATE_LIMIT", "5/"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(name: str, value: str) -> None:

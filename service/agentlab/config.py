@@ -77,14 +77,15 @@ class RateLimit:
         )
         try:
             per_second = float(rate)
-            bucket = int(burst) if slash else max(1, math.ceil(2 * per_second))
+            given_burst = int(burst) if slash else None
         except ValueError:
             raise ConfigError(problem) from None
-        if not 0 < per_second <= cls.MAX_PER_SECOND:
+        if not 0 < per_second <= cls.MAX_PER_SECOND:  # NaN and infinity too
             raise ConfigError(
                 f"{problem}: the rate must be above 0 and at most {cls.MAX_PER_SECOND:,} "
                 "(0 is written off)"
             )
+        bucket = max(1, math.ceil(2 * per_second)) if given_burst is None else given_burst
         if not 1 <= bucket <= cls.MAX_BURST:
             raise ConfigError(f"{problem}: the burst must be 1 to {cls.MAX_BURST:,}")
         return cls(per_second, bucket)
