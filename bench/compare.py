@@ -19,6 +19,7 @@ import socket
 import statistics
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -91,12 +92,30 @@ class Side:
     name: str
     url: str
     pids: Mapping[str, int]
+    # Envoy's admin, to count our non-2xx answers by class (wrk counts, but
+    # cannot say which); None for the peer.
+    admin: str | None = None
+
+    def status_classes(self) -> dict[str, int]:
+        """Envoy's running count of downstream answers by class (4xx, 5xx)."""
+        if self.admin is None:
+            return {}
+        with urllib.request.urlopen(
+            f"{self.admin}/stats?filter=^http.lab_http.downstream_rq_[45]xx$", timeout=10
+        ) as answer:
+            text = answer.read().decode()
+        return {
+            name.rsplit("_", 1)[1]: int(value)
+            for name, _, value in (line.partition(": ") for line in text.splitlines())
+            if value.strip().isdigit()
+        }
 
 
 def _stack_side(name: str, stack: Stack) -> Side:
     assert stack.service.proc is not None
     assert stack.envoy.proc is not None
-    return Side(name, stack.url, {"svc": stack.service.proc.pid, "envoy": stack.envoy.proc.pid})
+    pids = {"svc": stack.service.proc.pid, "envoy": stack.envoy.proc.pid}
+    return Side(name, stack.url, pids, f"http://127.0.0.1:{stack.envoy.ports.admin}")
 
 
 def _load(side: Side, path: str, body: Mapping[str, object], opts: Options) -> wrk.WrkResult:
@@ -106,7 +125,13 @@ def _load(side: Side, path: str, body: Mapping[str, object], opts: Options) -> w
     common: dict[str, Any] = {"connections": opts.connections, "threads": opts.wrk_threads}
     if opts.warmup_s > 0:
         wrk.run(side.url + path, body, duration_s=opts.warmup_s, **common)
-    return wrk.run(side.url + path, body, duration_s=opts.duration_s, pids=side.pids, **common)
+    before = side.status_classes()
+    result = wrk.run(side.url + path, body, duration_s=opts.duration_s, pids=side.pids, **common)
+    after = side.status_classes()
+    result.status_classes = {
+        k: after[k] - before.get(k, 0) for k in after if after[k] > before.get(k, 0)
+    }
+    return result
 
 
 def _cpu(ours: wrk.WrkResult, peer: wrk.WrkResult | None, unit: str) -> str:
@@ -229,8 +254,16 @@ def _execute_row(path: str, ours: wrk.WrkResult, peer: wrk.WrkResult, goal: str,
             f"peer p50 {peer.p50_ms:.2f} / p99 {peer.p99_ms:.2f} ms, "
             f"{peer.failures} non-2xx"
             + (f"; ours {ours.socket_errors} socket errors" if ours.socket_errors else "")
+            + _classes(ours)
         ),
     )
+
+
+def _classes(result: wrk.WrkResult) -> str:
+    if not result.status_classes:
+        return ""
+    counted = ", ".join(f"{n} {k}" for k, n in sorted(result.status_classes.items()))
+    return f"; ours answered {counted} (Envoy's counts)"
 
 
 def _goal1(ours: wrk.WrkResult, peer: wrk.WrkResult) -> bool:
@@ -309,7 +342,8 @@ def measure_peer_rows(
                 cpu=_cpu(a, b, "stream"),
                 goal=f">={GOAL3_RATIO}x, 0 non-2xx",
                 met=sse_ratio >= GOAL3_RATIO and a.failures == 0,
-                note=f"peer p50 {b.p50_ms:.2f} / p99 {b.p99_ms:.2f} ms, {b.failures} non-2xx",
+                note=f"peer p50 {b.p50_ms:.2f} / p99 {b.p99_ms:.2f} ms, {b.failures} non-2xx"
+                + _classes(a),
             )
         )
 
@@ -342,6 +376,7 @@ def _detail(label: str, side: str, result: wrk.WrkResult) -> dict[str, Any]:
         "max_ms": result.max_ms,
         "non_2xx": result.non_2xx,
         "socket_errors": result.socket_errors,
+        "status_classes": result.status_classes,
         "cpu_ms": result.cpu_ms,
     }
 

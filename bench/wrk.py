@@ -52,6 +52,8 @@ class WrkResult:
     # CPU milliseconds per completed request: each named server process, and
     # wrk itself.
     cpu_ms: dict[str, float] = field(default_factory=dict)
+    # Answers by status class ("4xx", "5xx") where the server counts them.
+    status_classes: dict[str, int] = field(default_factory=dict)
     output: str = ""
 
     @property
