@@ -2,16 +2,17 @@
 one machine).
 
 Two connections, each owned by a thread of its own. The writer commits in
-groups: it takes every write queued since its last commit (from all
-executions) and runs them in one transaction, each write a savepoint (so
-one write's error fails that write alone), with one COMMIT, and it settles
-the whole group's futures with one wake-up of the event loop. Under load a
-write then costs a fraction of a transaction and of a thread round trip
-rather than one of each; alone, it costs what it did. The reader runs
-queries (queued ones likewise together) on a second connection, which WAL
-lets read while the writer writes. Writes begin IMMEDIATE (taking SQLite's
-write lock up front) so that other processes on the same file wait on the
-busy timeout instead of failing to upgrade a read lock mid-transaction.
+groups: it takes every write handed to it since its last commit (from all
+executions) and runs them in one transaction with one COMMIT (should one
+write fail, the group is done again with a savepoint per write, so that it
+fails alone), then settles the whole group's futures with one wake-up of the
+event loop. Under load a write then costs a fraction of a transaction and
+of a thread round trip rather than one of each; alone, it costs what it
+did. The reader runs queries (queued ones likewise together) on a second
+connection, which WAL lets read while the writer writes. Writes begin
+IMMEDIATE (taking SQLite's write lock up front) so that other processes on
+the same file wait on the busy timeout instead of failing to upgrade a read
+lock mid-transaction.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -72,8 +75,6 @@ class SqliteStore:
         self._writer: _Worker | None = None
         self._reader: _Worker | None = None
         self._closing = False
-        # Writes outlive cancelled callers (see _write): held here until done.
-        self._writes: set[asyncio.Future[Any]] = set()
 
     async def open(self) -> None:
         if self._writer is not None:
@@ -96,15 +97,13 @@ class SqliteStore:
         self._writer, self._reader, self._closing = writer, reader, False
 
     async def close(self) -> None:
-        # Writes already started end first, even those whose callers were
-        # cancelled and are not waiting for them.
-        if self._writes:
-            await asyncio.wait(self._writes)
         writer, reader = self._writer, self._reader
         if writer is None or reader is None:
             return
         self._closing = True
         try:
+            # Each runs what it was handed first: writes whose callers were
+            # cancelled and are not waiting for them end too.
             await reader.stop()
             await writer.stop()
         finally:
@@ -114,6 +113,7 @@ class SqliteStore:
         created_at = _to_us(new.created_at)
 
         def insert(db: sqlite3.Connection) -> tuple[sqlite3.Row | None, bool]:
+            # None for the row when it is the new one: built from ``new``.
             created = (
                 db.execute(
                     f"""
@@ -140,21 +140,44 @@ class SqliteStore:
                 == 1
             )
             if created:
-                row = db.execute(
-                    f"SELECT {_COLUMNS} FROM executions WHERE id = ?", (new.id,)
-                ).fetchone()
-            else:
-                # The write lock is held, so the conflicting row is committed
-                # and stays put until this transaction ends.
-                row = db.execute(
-                    f"SELECT {_COLUMNS} FROM executions WHERE caller = ? AND request_id = ?",
-                    (new.caller, new.request_id),
-                ).fetchone()
-            return row, created
+                return None, True
+            # The write lock is held, so the conflicting row is committed (or
+            # inserted earlier in this group) and stays put until the end.
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM executions WHERE caller = ? AND request_id = ?",
+                (new.caller, new.request_id),
+            ).fetchone()
+            assert row is not None
+            return row, False
 
         row, created = await self._write(insert)
-        assert row is not None
-        return _record(row), created
+        if row is not None:
+            return _record(row), created
+        # What a read of the new row gives back: times to the microsecond.
+        at = _from_us(created_at)
+        return (
+            ExecutionRecord(
+                id=new.id,
+                request_id=new.request_id,
+                caller=new.caller,
+                model=new.model,
+                mode=new.mode,
+                prompt=new.prompt,
+                options=dict(new.options),
+                background=new.background,
+                state=ExecutionState.QUEUED,
+                created_at=at,
+                started_at=None,
+                ended_at=None,
+                owner=new.owner,
+                heartbeat_at=at,
+                last_sequence=0,
+                result=None,
+                error=None,
+                fingerprint=new.fingerprint,
+            ),
+            True,
+        )
 
     async def get(self, execution_id: str) -> ExecutionRecord | None:
         row = await self._read(
@@ -220,15 +243,7 @@ class SqliteStore:
         if not events and started_at is None and ending is None:
             return
 
-        def insert(db: sqlite3.Connection) -> None:
-            if started_at is not None:
-                _mark_running(db, execution_id, started_at)
-            if events:
-                _insert_events(db, execution_id, events)
-            if ending is not None:
-                _finish(db, execution_id, ending)
-
-        await self._write(insert)
+        await self._write(partial(_append, execution_id, events, started_at, ending))
 
     async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
         rows = await self._read(
@@ -292,17 +307,14 @@ class SqliteStore:
 
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """``work`` in the writer's next transaction, as a savepoint of its
-        own: committed with the jobs batched with it, unless it raises (then
+        own: committed with the jobs grouped with it, unless it raises (then
         it alone is undone, and raises here).
 
-        Shielded from cancellation: a cancelled caller stops waiting, but the
-        write still happens (a cancelled execution's last events and state
-        must be kept); close() waits for it.
+        A cancelled caller stops waiting, but the write still happens (a
+        cancelled execution's last events and state must be kept): the
+        writer runs every job handed to it, and close() lets it finish them.
         """
-        done = self._submit(self._writer, work)
-        self._writes.add(done)
-        done.add_done_callback(self._writes.discard)
-        return await asyncio.shield(done)
+        return await self._submit(self._writer, work)
 
 
 class _Job:
@@ -318,11 +330,13 @@ _Outcome = tuple[bool, Any]
 
 
 class _Worker:
-    """A thread that owns one connection and runs the jobs queued for it in
+    """A thread that owns one connection and runs the jobs handed to it in
     batches: on waking it takes every job waiting (up to _MAX_BATCH), runs
     them all with ``run_batch``, then settles their futures with one call
-    into the event loop. Under load the loop and the thread then trade one
-    wake-up per batch, not one per job (as run_in_executor would)."""
+    into the event loop. The loop hands jobs over once per turn, all those
+    submitted in it together. Under load the loop and the thread then trade
+    one wake-up per batch each way, not one per job (as run_in_executor
+    would)."""
 
     def __init__(
         self,
@@ -334,7 +348,9 @@ class _Worker:
     ) -> None:
         self._connect = connect
         self._run_batch = run_batch
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        # Jobs submitted in this turn of the loop, handed over at its end.
+        self._outbox: list[_Job] = []
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
         # A daemon: a process that exits without close() is not held up by
@@ -347,12 +363,21 @@ class _Worker:
         await asyncio.wrap_future(self._ready)
 
     def submit(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put(_Job(work, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        if not self._outbox:
+            loop.call_soon(self._hand_over)
+        self._outbox.append(_Job(work, future))
         return future
 
+    def _hand_over(self) -> None:
+        if self._outbox:
+            jobs, self._outbox = self._outbox, []
+            self._queue.put(jobs)
+
     async def stop(self) -> None:
-        """Run what is queued, close the connection and end the thread."""
+        """Run what was submitted, close the connection, end the thread."""
+        self._hand_over()
         self._queue.put(None)
         await asyncio.wrap_future(self._stopped)
 
@@ -365,21 +390,25 @@ class _Worker:
             return
         self._ready.set_result(None)
         try:
+            waiting: list[_Job] = []
             stopping = False
-            while not stopping:
-                first = self._queue.get()
-                if first is None:
-                    break
-                batch = [first]
-                while len(batch) < _MAX_BATCH:
+            while waiting or not stopping:
+                if not waiting:
+                    jobs = self._queue.get()
+                    if jobs is None:
+                        break
+                    waiting = jobs
+                # Everything handed over since, too.
+                while len(waiting) < _MAX_BATCH:
                     try:
-                        job = self._queue.get_nowait()
+                        jobs = self._queue.get_nowait()
                     except queue.Empty:
                         break
-                    if job is None:
+                    if jobs is None:
                         stopping = True
                         break
-                    batch.append(job)
+                    waiting += jobs
+                batch, waiting = waiting[:_MAX_BATCH], waiting[_MAX_BATCH:]
                 try:
                     outcomes = self._run_batch(db, [job.work for job in batch])
                 except BaseException as error:  # never leave a caller waiting
@@ -392,11 +421,10 @@ class _Worker:
             late: list[_Job] = []
             while True:
                 try:
-                    job = self._queue.get_nowait()
+                    jobs = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if job is not None:
-                    late.append(job)
+                late += jobs or []
             _settle(late, [(False, RuntimeError("the SQLite store is closed"))] * len(late))
             self._stopped.set_result(None)
 
@@ -424,17 +452,37 @@ def _resolve(settled: list[tuple[asyncio.Future[Any], _Outcome]]) -> None:
 def _write_batch(
     db: sqlite3.Connection, works: list[Callable[[sqlite3.Connection], Any]]
 ) -> list[_Outcome]:
-    """Group commit: every job in one transaction, each in a savepoint, so
-    that one job's error (a DuplicateEvent, an UnknownExecution) undoes and
-    fails that job alone; one BEGIN IMMEDIATE and one COMMIT for them all.
-    An error that ends the whole transaction (SQLite does so itself on a full
-    disk, say), or a failed COMMIT, fails every job of the batch: none of
-    them happened."""
+    """Group commit: every job in one transaction, one BEGIN IMMEDIATE and
+    one COMMIT for them all. A job's error (a DuplicateEvent, an
+    UnknownExecution) must fail that job alone: the group is then undone and
+    done again with a savepoint per job (errors are rare, savepoints cost two
+    statements a job, so only then)."""
     if len(works) == 1:
         try:
             return [(True, _transaction(db, works[0]))]
         except Exception as error:
             return [(False, error)]
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except Exception as error:  # the lock stayed taken past the busy timeout
+        return [(False, error)] * len(works)
+    try:
+        outcomes: list[_Outcome] = [(True, work(db)) for work in works]
+        db.execute("COMMIT")
+    except Exception:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        return _write_each_alone(db, works)
+    return outcomes
+
+
+def _write_each_alone(
+    db: sqlite3.Connection, works: list[Callable[[sqlite3.Connection], Any]]
+) -> list[_Outcome]:
+    """The group in one transaction, each job in a savepoint: one job's error
+    undoes and fails that job alone. An error that ends the whole
+    transaction (SQLite does so itself on a full disk, say), or a failed
+    COMMIT, fails every job of the group: none of them happened."""
     outcomes: list[_Outcome] = []
     try:
         db.execute("BEGIN IMMEDIATE")
@@ -471,39 +519,63 @@ def _read_batch(
     return outcomes
 
 
-def _mark_running(db: sqlite3.Connection, execution_id: str, at: datetime) -> None:
-    # Only an active record: a cancel that finished it first must stick.
-    db.execute(
-        f"UPDATE executions SET state = ?, started_at = ? WHERE id = ? AND state IN {_ACTIVE_SQL}",
-        (ExecutionState.RUNNING.value, _to_us(at), execution_id, *_ACTIVE),
-    )
-
-
-def _insert_events(
-    db: sqlite3.Connection, execution_id: str, events: Sequence[StoredEvent]
+def _append(
+    execution_id: str,
+    events: Sequence[StoredEvent],
+    started_at: datetime | None,
+    ending: Ending | None,
+    db: sqlite3.Connection,
 ) -> None:
-    changed = db.execute(
-        "UPDATE executions SET last_sequence = MAX(last_sequence, ?) WHERE id = ?",
-        (max(event.sequence for event in events), execution_id),
-    ).rowcount
+    """append_events' work: one UPDATE of the record (last_sequence, the
+    start, the end, as the arguments say), then the events' INSERT."""
+    sql = _append_sql(bool(events), started_at is not None, ending is not None)
+    args: list[object] = []
+    if events:
+        args.append(max(event.sequence for event in events))
+    if started_at is not None:
+        args.append(_to_us(started_at))
+    if ending is not None:
+        args += [ending.state.value, _to_us(ending.at), ending.result, ending.error]
+    args.append(execution_id)
+    changed = db.execute(sql, args).rowcount
+    if not events:
+        return
     if changed == 0:
         raise UnknownExecution(execution_id)
     try:
-        db.executemany(
-            "INSERT INTO execution_events (execution_id, sequence, payload) VALUES (?, ?, ?)",
-            [(execution_id, event.sequence, event.payload) for event in events],
-        )
+        if len(events) == 1:
+            db.execute(_INSERT_EVENT, (execution_id, events[0].sequence, events[0].payload))
+        else:
+            db.executemany(
+                _INSERT_EVENT, [(execution_id, event.sequence, event.payload) for event in events]
+            )
     except sqlite3.IntegrityError as error:
         if error.sqlite_errorname == "SQLITE_CONSTRAINT_PRIMARYKEY":
             raise DuplicateEvent(execution_id, events[0].sequence) from error
         raise
 
 
-def _finish(db: sqlite3.Connection, execution_id: str, ending: Ending) -> None:
-    db.execute(
-        "UPDATE executions SET state = ?, ended_at = ?, result = ?, error = ? WHERE id = ?",
-        (ending.state.value, _to_us(ending.at), ending.result, ending.error, execution_id),
-    )
+_INSERT_EVENT = "INSERT INTO execution_events (execution_id, sequence, payload) VALUES (?, ?, ?)"
+
+
+@functools.cache
+def _append_sql(events: bool, start: bool, end: bool) -> str:
+    """The record's UPDATE for an append. The right-hand sides read the row
+    as it was, so the start applies only to an active record (a cancel that
+    finished it first sticks), and an end given with it wins, as if the two
+    had been written one after the other."""
+    active = "state IN (" + ", ".join(f"'{state}'" for state in _ACTIVE) + ")"
+    columns = []
+    if events:
+        columns.append("last_sequence = MAX(last_sequence, ?)")
+    if start:
+        columns.append(f"started_at = CASE WHEN {active} THEN ? ELSE started_at END")
+        if not end:
+            running = ExecutionState.RUNNING.value
+            columns.append(f"state = CASE WHEN {active} THEN '{running}' ELSE state END")
+    if end:
+        columns += ["state = ?", "ended_at = ?", "result = ?", "error = ?"]
+    return f"UPDATE executions SET {', '.join(columns)} WHERE id = ?"
 
 
 def _connect(path: Path) -> sqlite3.Connection:
