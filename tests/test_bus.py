@@ -121,6 +121,16 @@ async def test_events_published_after_subscribing_arrive_in_order(kit: Kit) -> N
         await assert_quiet(events)
 
 
+async def test_events_published_together_arrive_in_order(kit: Kit) -> None:
+    bus = await kit.make()
+    runner = await kit.other(bus)
+    async with bus.subscribe("e1") as events:
+        await runner.publish("e1", event(1), event(2), event(3))
+        await runner.publish("e1", event(4))
+        assert await take(events, 4) == [event(s) for s in range(1, 5)]
+        await assert_quiet(events)
+
+
 async def test_events_from_another_process_arrive(kit: Kit) -> None:
     bus = await kit.make()
     runner = await kit.other(bus)

@@ -389,6 +389,96 @@ async def test_an_event_for_an_unknown_execution_raises(store: ExecutionStore) -
     assert await store.events_after("nope", 0) == []
 
 
+async def write_a_mix(
+    store: ExecutionStore,
+    before: Callable[[], Awaitable[None]],
+    hold: Callable[[], Awaitable[None]],
+) -> None:
+    """Good and bad writes to several executions, queued together (after
+    ``before``, then ``hold`` runs while they wait), then checked: each bad
+    write fails alone."""
+    a, _ = await store.create(new_execution())
+    b, _ = await store.create(new_execution())
+    await store.append_events(a.id, [StoredEvent(1, b"a1")])
+    await store.append_events(b.id, [StoredEvent(1, b"b1")], started_at=T0)
+    await before()
+    ending = Ending(ExecutionState.SUCCEEDED, T0 + timedelta(seconds=2), b"result", None)
+    writes = [
+        asyncio.ensure_future(call)
+        for call in (
+            store.append_events(a.id, [StoredEvent(2, b"a2")]),
+            store.append_events(a.id, [StoredEvent(1, b"a1 again"), StoredEvent(3, b"a3")]),
+            store.append_events("nope", [StoredEvent(1, b"x")]),
+            store.append_events(b.id, [StoredEvent(2, b"b2")], ending=ending),
+            store.create(new_execution(id="c", request_id="key")),
+            store.create(new_execution(id="c-again", request_id="key")),
+        )
+    ]
+    await hold()
+    outcomes = await asyncio.gather(*writes, return_exceptions=True)
+
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], DuplicateEvent)
+    assert isinstance(outcomes[2], UnknownExecution)
+    assert outcomes[3] is None
+    # One of the two creates with a key made the record; the other got it.
+    creates = [outcome for outcome in outcomes[4:] if isinstance(outcome, tuple)]
+    assert sorted(created for _, created in creates) == [False, True]
+    assert creates[0][0] == creates[1][0]
+    # The failed write left nothing behind, not even its good event.
+    assert await store.events_after(a.id, 0) == [StoredEvent(1, b"a1"), StoredEvent(2, b"a2")]
+    stored_a = await store.get(a.id)
+    assert stored_a is not None
+    assert stored_a.last_sequence == 2
+    assert [e.payload for e in await store.events_after(b.id, 0)] == [b"b1", b"b2"]
+    stored_b = await store.get(b.id)
+    assert stored_b is not None
+    assert (stored_b.state, stored_b.started_at, stored_b.result) == (
+        ExecutionState.SUCCEEDED,
+        T0,
+        b"result",
+    )
+
+
+async def test_writes_queued_together_fail_only_where_they_are_bad(
+    store: ExecutionStore,
+) -> None:
+    await write_a_mix(store, lambda: asyncio.sleep(0), lambda: asyncio.sleep(0))
+
+
+async def test_sqlite_commits_queued_writes_as_a_group_each_failing_alone(
+    tmp_path: Path,
+) -> None:
+    # Another process holds the write lock while the writes queue: the
+    # writer then takes them all in one transaction (one BEGIN IMMEDIATE
+    # waiting on the lock, one COMMIT), and a bad one must still fail alone.
+    path = tmp_path / "agentlab.db"
+    store = SqliteStore(path)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    blocked: list[asyncio.Future[None]] = []
+
+    async def lock() -> None:
+        other.execute("BEGIN IMMEDIATE")
+        # The writer takes this one alone and waits on the lock with it.
+        blocked.append(asyncio.ensure_future(store.append_events(record.id, [], started_at=T0)))
+        await asyncio.sleep(0.05)
+
+    async def hold() -> None:
+        # Long enough for the writer to be waiting on the lock with all
+        # of them queued; a shorter wait only makes the groups smaller.
+        await asyncio.sleep(0.2)
+        other.execute("COMMIT")
+
+    try:
+        record, _ = await store.create(new_execution())
+        await write_a_mix(store, lock, hold)
+        await blocked[0]
+    finally:
+        other.close()
+        await store.close()
+
+
 async def cancel_midway(call: Callable[[], Awaitable[object]], n: int) -> None:
     """Start ``call`` and cancel it somewhere between before it starts and
     well into its round trips to the database, depending on ``n``."""

@@ -108,14 +108,16 @@ class LocalBus:
     def subscriber_count(self, execution_id: str) -> int:
         return len(self._subscribers.get(execution_id, ()))
 
-    async def publish(self, execution_id: str, event: StoredEvent) -> None:
+    async def publish(self, execution_id: str, *events: StoredEvent) -> None:
         self._check_open()
         inboxes = self._subscribers.get(execution_id)
         if not inboxes:
             return
         for inbox in list(inboxes):
-            if not inbox.put(event):
-                inboxes.discard(inbox)
+            for event in events:
+                if not inbox.put(event):
+                    inboxes.discard(inbox)
+                    break
         if not inboxes:
             del self._subscribers[execution_id]
 

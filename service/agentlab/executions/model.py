@@ -186,7 +186,10 @@ class EventBus(Protocol):
 
     async def close(self) -> None: ...
 
-    async def publish(self, execution_id: str, event: StoredEvent) -> None: ...
+    async def publish(self, execution_id: str, *events: StoredEvent) -> None:
+        """Send ``events`` (stored already) to the execution's subscribers,
+        in order; several at once cost one round trip to a remote bus."""
+        ...
 
     def subscribe(
         self, execution_id: str

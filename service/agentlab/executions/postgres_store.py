@@ -185,16 +185,18 @@ class PostgresStore:
         if not events and started_at is None and ending is None:
             return
 
-        async def insert(conn: Any) -> None:
-            async with conn.transaction():
-                if started_at is not None:
-                    await _mark_running(conn, execution_id, started_at)
-                if events:
-                    await _insert_events(conn, execution_id, events)
-                if ending is not None:
-                    await _finish(conn, execution_id, ending)
+        sql, args = _append(execution_id, events, started_at, ending)
 
-        await self._run(insert)
+        async def append(conn: Any) -> None:
+            try:
+                updated = await conn.fetchval(sql, *args)
+            except asyncpg.UniqueViolationError as error:
+                # One statement: the record's update is undone with it.
+                raise DuplicateEvent(execution_id, events[0].sequence) from error
+            if events and not updated:
+                raise UnknownExecution(execution_id)
+
+        await self._run(append)
 
     async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
         rows = await self._fetch(
@@ -282,47 +284,60 @@ class PostgresStore:
         return self._pool.acquire()
 
 
-async def _mark_running(conn: Any, execution_id: str, at: datetime) -> None:
-    # Only an active record: a cancel that finished it first must stick.
-    await conn.execute(
-        "UPDATE executions SET state = $1, started_at = $2"
-        " WHERE id = $3 AND state = ANY($4::text[])",
-        ExecutionState.RUNNING.value,
-        _utc(at),
-        execution_id,
-        _ACTIVE,
-    )
+def _append(
+    execution_id: str,
+    events: Sequence[StoredEvent],
+    started_at: datetime | None,
+    ending: Ending | None,
+) -> tuple[str, list[object]]:
+    """append_events as one statement, so one round trip and atomic by
+    itself: the record's update (last_sequence, the start, the end, as the
+    arguments say), then the events' insert, only where the update found the
+    record. The update comes first: it locks the execution's row, so appends
+    to one execution take turns. The statement's value is whether the
+    record was found."""
+    args: list[object] = [execution_id]
 
+    def arg(value: object) -> str:
+        args.append(value)
+        return f"${len(args)}"
 
-async def _insert_events(conn: Any, execution_id: str, events: Sequence[StoredEvent]) -> None:
-    """In the caller's transaction. The update first: it locks the
-    execution's row, so appends to one execution take turns, and it tells
-    if the execution exists."""
-    status = await conn.execute(
-        "UPDATE executions SET last_sequence = GREATEST(last_sequence, $2) WHERE id = $1",
-        execution_id,
-        max(event.sequence for event in events),
-    )
-    if _rowcount(status) == 0:
-        raise UnknownExecution(execution_id)
-    try:
-        await conn.executemany(
-            "INSERT INTO execution_events (execution_id, sequence, payload) VALUES ($1, $2, $3)",
-            [(execution_id, event.sequence, event.payload) for event in events],
+    active = f"state = ANY({arg(_ACTIVE)}::text[])" if started_at is not None else ""
+    columns = []
+    if events:
+        columns.append(
+            f"last_sequence = GREATEST(last_sequence, {arg(max(e.sequence for e in events))})"
         )
-    except asyncpg.UniqueViolationError as error:
-        # Raised inside the transaction: last_sequence rolls back too.
-        raise DuplicateEvent(execution_id, events[0].sequence) from error
-
-
-async def _finish(conn: Any, execution_id: str, ending: Ending) -> None:
-    await conn.execute(
-        "UPDATE executions SET state = $1, ended_at = $2, result = $3, error = $4 WHERE id = $5",
-        ending.state.value,
-        _utc(ending.at),
-        ending.result,
-        ending.error,
-        execution_id,
+    if started_at is not None:
+        # The right-hand sides read the row as it was: the start applies to
+        # an active record only (a cancel that finished it first sticks),
+        # and an end given with it wins.
+        columns.append(
+            f"started_at = CASE WHEN {active} THEN {arg(_utc(started_at))} ELSE started_at END"
+        )
+        if ending is None:
+            running = arg(ExecutionState.RUNNING.value)
+            columns.append(f"state = CASE WHEN {active} THEN {running} ELSE state END")
+    if ending is not None:
+        columns += [
+            f"state = {arg(ending.state.value)}",
+            f"ended_at = {arg(_utc(ending.at))}",
+            f"result = {arg(ending.result)}",
+            f"error = {arg(ending.error)}",
+        ]
+    update = f"UPDATE executions SET {', '.join(columns)} WHERE id = $1 RETURNING id"
+    if not events:
+        return f"WITH updated AS ({update}) SELECT EXISTS (SELECT 1 FROM updated)", args
+    sequences = arg([event.sequence for event in events])
+    payloads = arg([event.payload for event in events])
+    return (
+        f"WITH updated AS ({update}),"
+        " inserted AS ("
+        "INSERT INTO execution_events (execution_id, sequence, payload)"
+        f" SELECT $1, sequence, payload FROM unnest({sequences}::bigint[], {payloads}::bytea[])"
+        " AS event(sequence, payload) WHERE EXISTS (SELECT 1 FROM updated))"
+        " SELECT EXISTS (SELECT 1 FROM updated)",
+        args,
     )
 
 

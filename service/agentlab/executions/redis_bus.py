@@ -115,8 +115,20 @@ class RedisBus:
             client, self._client = self._client, None
             await client.aclose()
 
-    async def publish(self, execution_id: str, event: StoredEvent) -> None:
-        await self._publish(self._events_channel(execution_id), _encode_event(event))
+    async def publish(self, execution_id: str, *events: StoredEvent) -> None:
+        channel = self._events_channel(execution_id)
+        if len(events) == 1:
+            await self._publish(channel, _encode_event(events[0]))
+            return
+        # A batch in one round trip: a pipeline (not a transaction; each
+        # PUBLISH stands alone, and a subscriber gets them in order).
+        pipe = self._require_open().pipeline(transaction=False)
+        for event in events:
+            pipe.publish(channel, _encode_event(event))
+        try:
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BusUnavailable(f"could not publish to {channel}: {exc}") from exc
 
     def subscribe(
         self, execution_id: str

@@ -1,23 +1,33 @@
 """ExecutionStore in a SQLite file: the default, for one process (or a few on
 one machine).
 
-One connection, owned by one thread that runs every transaction whole: a
-transaction is one synchronous function, BEGIN to COMMIT, handed to the
-thread in one hop. The thread is what serializes transactions, and the event
-loop pays one thread round trip per transaction rather than one per
-statement. Writes begin IMMEDIATE (taking SQLite's write lock up front) so
-that other processes on the same file wait on the busy timeout instead of
-failing to upgrade a read lock mid-transaction.
+Two connections, each owned by a thread of its own. The writer commits in
+groups: it takes every write handed to it since its last commit (from all
+executions) and runs them in one transaction with one COMMIT (should one
+write fail, the group is done again with a savepoint per write, so that it
+fails alone), then settles the whole group's futures with one wake-up of the
+event loop. Under load a write then costs a fraction of a transaction and
+of a thread round trip rather than one of each; alone, it costs what it
+did. The reader runs queries (queued ones likewise together) on a second
+connection, which WAL lets read while the writer writes. Writes begin
+IMMEDIATE (taking SQLite's write lock up front) so that other processes on
+the same file wait on the busy timeout instead of failing to upgrade a read
+lock mid-transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +54,10 @@ _MIN_SQLITE = (3, 24, 0)
 # Seconds a statement waits for another process's write lock.
 _BUSY_TIMEOUT_S = 10.0
 
+# Jobs one transaction (or one wake-up of the reader) takes at most: bounds
+# how long the write lock is held, and how long the loop spends settling.
+_MAX_BATCH = 512
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -58,13 +72,12 @@ _ACTIVE_SQL = "(" + ", ".join("?" for _ in _ACTIVE) + ")"
 class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: sqlite3.Connection | None = None
-        self._thread: ThreadPoolExecutor | None = None
-        # Writes outlive cancelled callers (see _write): held here until done.
-        self._writes: set[asyncio.Future[Any]] = set()
+        self._writer: _Worker | None = None
+        self._reader: _Worker | None = None
+        self._closing = False
 
     async def open(self) -> None:
-        if self._db is not None:
+        if self._writer is not None:
             return
         if sqlite3.sqlite_version_info < _MIN_SQLITE:
             raise RuntimeError(
@@ -72,29 +85,35 @@ class SqliteStore:
                 f"{'.'.join(map(str, _MIN_SQLITE))} or newer"
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        # The writer first: it migrates the schema the reader then reads.
+        writer = _Worker("sqlite-writer", lambda: _connect(self.path), _write_batch)
+        await writer.start()
+        reader = _Worker("sqlite-reader", lambda: _connect_reader(self.path), _read_batch)
         try:
-            self._db = await asyncio.get_running_loop().run_in_executor(thread, _connect, self.path)
+            await reader.start()
         except BaseException:
-            thread.shutdown(wait=False)
+            await writer.stop()
             raise
-        self._thread = thread
+        self._writer, self._reader, self._closing = writer, reader, False
 
     async def close(self) -> None:
-        # Writes already started end first, even those whose callers were
-        # cancelled and are not waiting for them.
-        if self._writes:
-            await asyncio.wait(self._writes)
-        db, self._db = self._db, None
-        thread, self._thread = self._thread, None
-        if db is not None and thread is not None:
-            await asyncio.get_running_loop().run_in_executor(thread, db.close)
-            thread.shutdown()
+        writer, reader = self._writer, self._reader
+        if writer is None or reader is None:
+            return
+        self._closing = True
+        try:
+            # Each runs what it was handed first: writes whose callers were
+            # cancelled and are not waiting for them end too.
+            await reader.stop()
+            await writer.stop()
+        finally:
+            self._writer = self._reader = None
 
     async def create(self, new: NewExecution) -> tuple[ExecutionRecord, bool]:
         created_at = _to_us(new.created_at)
 
         def insert(db: sqlite3.Connection) -> tuple[sqlite3.Row | None, bool]:
+            # None for the row when it is the new one: built from ``new``.
             created = (
                 db.execute(
                     f"""
@@ -121,21 +140,44 @@ class SqliteStore:
                 == 1
             )
             if created:
-                row = db.execute(
-                    f"SELECT {_COLUMNS} FROM executions WHERE id = ?", (new.id,)
-                ).fetchone()
-            else:
-                # The write lock is held, so the conflicting row is committed
-                # and stays put until this transaction ends.
-                row = db.execute(
-                    f"SELECT {_COLUMNS} FROM executions WHERE caller = ? AND request_id = ?",
-                    (new.caller, new.request_id),
-                ).fetchone()
-            return row, created
+                return None, True
+            # The write lock is held, so the conflicting row is committed (or
+            # inserted earlier in this group) and stays put until the end.
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM executions WHERE caller = ? AND request_id = ?",
+                (new.caller, new.request_id),
+            ).fetchone()
+            assert row is not None
+            return row, False
 
         row, created = await self._write(insert)
-        assert row is not None
-        return _record(row), created
+        if row is not None:
+            return _record(row), created
+        # What a read of the new row gives back: times to the microsecond.
+        at = _from_us(created_at)
+        return (
+            ExecutionRecord(
+                id=new.id,
+                request_id=new.request_id,
+                caller=new.caller,
+                model=new.model,
+                mode=new.mode,
+                prompt=new.prompt,
+                options=dict(new.options),
+                background=new.background,
+                state=ExecutionState.QUEUED,
+                created_at=at,
+                started_at=None,
+                ended_at=None,
+                owner=new.owner,
+                heartbeat_at=at,
+                last_sequence=0,
+                result=None,
+                error=None,
+                fingerprint=new.fingerprint,
+            ),
+            True,
+        )
 
     async def get(self, execution_id: str) -> ExecutionRecord | None:
         row = await self._read(
@@ -201,15 +243,7 @@ class SqliteStore:
         if not events and started_at is None and ending is None:
             return
 
-        def insert(db: sqlite3.Connection) -> None:
-            if started_at is not None:
-                _mark_running(db, execution_id, started_at)
-            if events:
-                _insert_events(db, execution_id, events)
-            if ending is not None:
-                _finish(db, execution_id, ending)
-
-        await self._write(insert)
+        await self._write(partial(_append, execution_id, events, started_at, ending))
 
     async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
         rows = await self._read(
@@ -254,71 +288,299 @@ class SqliteStore:
         )
         return taken == 1
 
-    def _submit(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        db, thread = self._db, self._thread
-        if db is None or thread is None:
+    def _submit(
+        self, worker: _Worker | None, work: Callable[[sqlite3.Connection], T]
+    ) -> asyncio.Future[T]:
+        if worker is None or self._closing:
             raise RuntimeError("the SQLite store is not open")
-        return asyncio.get_running_loop().run_in_executor(thread, work, db)
+        return worker.submit(work)
 
     async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
-        """``query`` on the store's thread; outside a transaction, each
-        statement reads a consistent snapshot of the file."""
-        return await self._submit(query)
+        """``query`` on the reading connection; outside a transaction, each
+        statement reads a consistent snapshot of the file (what was
+        committed when it began: every write whose call has returned)."""
+        return await self._submit(self._reader, query)
 
     async def _update(self, sql: str, *args: object) -> int:
         """One statement in a transaction; the number of rows it changed."""
         return await self._write(lambda db: db.execute(sql, args).rowcount)
 
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """``work`` in a transaction of its own, committed unless it raises.
+        """``work`` in the writer's next transaction, as a savepoint of its
+        own: committed with the jobs grouped with it, unless it raises (then
+        it alone is undone, and raises here).
 
-        Shielded from cancellation: a cancelled caller stops waiting, but the
-        write still happens (a cancelled execution's last events and state
-        must be kept); close() waits for it.
+        A cancelled caller stops waiting, but the write still happens (a
+        cancelled execution's last events and state must be kept): the
+        writer runs every job handed to it, and close() lets it finish them.
         """
-        done = self._submit(lambda db: _transaction(db, work))
-        self._writes.add(done)
-        done.add_done_callback(self._writes.discard)
-        return await asyncio.shield(done)
+        return await self._submit(self._writer, work)
 
 
-def _mark_running(db: sqlite3.Connection, execution_id: str, at: datetime) -> None:
-    # Only an active record: a cancel that finished it first must stick.
-    db.execute(
-        f"UPDATE executions SET state = ?, started_at = ? WHERE id = ? AND state IN {_ACTIVE_SQL}",
-        (ExecutionState.RUNNING.value, _to_us(at), execution_id, *_ACTIVE),
-    )
+class _Job:
+    __slots__ = ("future", "work")
+
+    def __init__(self, work: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any]):
+        self.work = work
+        self.future = future
 
 
-def _insert_events(
-    db: sqlite3.Connection, execution_id: str, events: Sequence[StoredEvent]
+# A job's outcome: (True, its value) or (False, what it raised).
+_Outcome = tuple[bool, Any]
+
+
+class _Worker:
+    """A thread that owns one connection and runs the jobs handed to it in
+    batches: on waking it takes every job waiting (up to _MAX_BATCH), runs
+    them all with ``run_batch``, then settles their futures with one call
+    into the event loop. The loop hands jobs over once per turn, all those
+    submitted in it together. Under load the loop and the thread then trade
+    one wake-up per batch each way, not one per job (as run_in_executor
+    would)."""
+
+    def __init__(
+        self,
+        name: str,
+        connect: Callable[[], sqlite3.Connection],
+        run_batch: Callable[
+            [sqlite3.Connection, list[Callable[[sqlite3.Connection], Any]]], list[_Outcome]
+        ],
+    ) -> None:
+        self._connect = connect
+        self._run_batch = run_batch
+        self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        # Jobs submitted in this turn of the loop, handed over at its end.
+        self._outbox: list[_Job] = []
+        self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
+        # A daemon: a process that exits without close() is not held up by
+        # it, and SQLite undoes a transaction cut short.
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    async def start(self) -> None:
+        """Start the thread; raises what opening the connection raised."""
+        self._thread.start()
+        await asyncio.wrap_future(self._ready)
+
+    def submit(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        if not self._outbox:
+            loop.call_soon(self._hand_over)
+        self._outbox.append(_Job(work, future))
+        return future
+
+    def _hand_over(self) -> None:
+        if self._outbox:
+            jobs, self._outbox = self._outbox, []
+            self._queue.put(jobs)
+
+    async def stop(self) -> None:
+        """Run what was submitted, close the connection, end the thread."""
+        self._hand_over()
+        self._queue.put(None)
+        await asyncio.wrap_future(self._stopped)
+
+    def _main(self) -> None:
+        try:
+            db = self._connect()
+        except BaseException as error:
+            self._ready.set_exception(error)
+            self._stopped.set_result(None)
+            return
+        self._ready.set_result(None)
+        try:
+            waiting: list[_Job] = []
+            stopping = False
+            while waiting or not stopping:
+                if not waiting:
+                    jobs = self._queue.get()
+                    if jobs is None:
+                        break
+                    waiting = jobs
+                # Everything handed over since, too.
+                while len(waiting) < _MAX_BATCH:
+                    try:
+                        jobs = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if jobs is None:
+                        stopping = True
+                        break
+                    waiting += jobs
+                batch, waiting = waiting[:_MAX_BATCH], waiting[_MAX_BATCH:]
+                try:
+                    outcomes = self._run_batch(db, [job.work for job in batch])
+                except BaseException as error:  # never leave a caller waiting
+                    outcomes = [(False, error)] * len(batch)
+                _settle(batch, outcomes)
+        finally:
+            db.close()
+            # Nothing is queued after the stop (the store refuses new jobs
+            # first), but a caller must never wait forever.
+            late: list[_Job] = []
+            while True:
+                try:
+                    jobs = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                late += jobs or []
+            _settle(late, [(False, RuntimeError("the SQLite store is closed"))] * len(late))
+            self._stopped.set_result(None)
+
+
+def _settle(batch: list[_Job], outcomes: list[_Outcome]) -> None:
+    """Hand the outcomes to the futures' loops, one call per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], _Outcome]]] = {}
+    for job, outcome in zip(batch, outcomes, strict=True):
+        by_loop.setdefault(job.future.get_loop(), []).append((job.future, outcome))
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(_resolve, settled)
+
+
+def _resolve(settled: list[tuple[asyncio.Future[Any], _Outcome]]) -> None:
+    for future, (ok, value) in settled:
+        if future.done():  # a read whose caller was cancelled
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def _write_batch(
+    db: sqlite3.Connection, works: list[Callable[[sqlite3.Connection], Any]]
+) -> list[_Outcome]:
+    """Group commit: every job in one transaction, one BEGIN IMMEDIATE and
+    one COMMIT for them all. A job's error (a DuplicateEvent, an
+    UnknownExecution) must fail that job alone: the group is then undone and
+    done again with a savepoint per job (errors are rare, savepoints cost two
+    statements a job, so only then)."""
+    if len(works) == 1:
+        try:
+            return [(True, _transaction(db, works[0]))]
+        except Exception as error:
+            return [(False, error)]
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except Exception as error:  # the lock stayed taken past the busy timeout
+        return [(False, error)] * len(works)
+    try:
+        outcomes: list[_Outcome] = [(True, work(db)) for work in works]
+        db.execute("COMMIT")
+    except Exception:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        return _write_each_alone(db, works)
+    return outcomes
+
+
+def _write_each_alone(
+    db: sqlite3.Connection, works: list[Callable[[sqlite3.Connection], Any]]
+) -> list[_Outcome]:
+    """The group in one transaction, each job in a savepoint: one job's error
+    undoes and fails that job alone. An error that ends the whole
+    transaction (SQLite does so itself on a full disk, say), or a failed
+    COMMIT, fails every job of the group: none of them happened."""
+    outcomes: list[_Outcome] = []
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        for work in works:
+            db.execute("SAVEPOINT job")
+            try:
+                value = work(db)
+            except Exception as error:
+                if not db.in_transaction:
+                    raise
+                db.execute("ROLLBACK TO job")
+                db.execute("RELEASE job")
+                outcomes.append((False, error))
+            else:
+                db.execute("RELEASE job")
+                outcomes.append((True, value))
+        db.execute("COMMIT")
+    except Exception as error:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        return [(False, error)] * len(works)
+    return outcomes
+
+
+def _read_batch(
+    db: sqlite3.Connection, works: list[Callable[[sqlite3.Connection], Any]]
+) -> list[_Outcome]:
+    outcomes: list[_Outcome] = []
+    for work in works:
+        try:
+            outcomes.append((True, work(db)))
+        except Exception as error:
+            outcomes.append((False, error))
+    return outcomes
+
+
+def _append(
+    execution_id: str,
+    events: Sequence[StoredEvent],
+    started_at: datetime | None,
+    ending: Ending | None,
+    db: sqlite3.Connection,
 ) -> None:
-    changed = db.execute(
-        "UPDATE executions SET last_sequence = MAX(last_sequence, ?) WHERE id = ?",
-        (max(event.sequence for event in events), execution_id),
-    ).rowcount
+    """append_events' work: one UPDATE of the record (last_sequence, the
+    start, the end, as the arguments say), then the events' INSERT."""
+    sql = _append_sql(bool(events), started_at is not None, ending is not None)
+    args: list[object] = []
+    if events:
+        args.append(max(event.sequence for event in events))
+    if started_at is not None:
+        args.append(_to_us(started_at))
+    if ending is not None:
+        args += [ending.state.value, _to_us(ending.at), ending.result, ending.error]
+    args.append(execution_id)
+    changed = db.execute(sql, args).rowcount
+    if not events:
+        return
     if changed == 0:
         raise UnknownExecution(execution_id)
     try:
-        db.executemany(
-            "INSERT INTO execution_events (execution_id, sequence, payload) VALUES (?, ?, ?)",
-            [(execution_id, event.sequence, event.payload) for event in events],
-        )
+        if len(events) == 1:
+            db.execute(_INSERT_EVENT, (execution_id, events[0].sequence, events[0].payload))
+        else:
+            db.executemany(
+                _INSERT_EVENT, [(execution_id, event.sequence, event.payload) for event in events]
+            )
     except sqlite3.IntegrityError as error:
         if error.sqlite_errorname == "SQLITE_CONSTRAINT_PRIMARYKEY":
             raise DuplicateEvent(execution_id, events[0].sequence) from error
         raise
 
 
-def _finish(db: sqlite3.Connection, execution_id: str, ending: Ending) -> None:
-    db.execute(
-        "UPDATE executions SET state = ?, ended_at = ?, result = ?, error = ? WHERE id = ?",
-        (ending.state.value, _to_us(ending.at), ending.result, ending.error, execution_id),
-    )
+_INSERT_EVENT = "INSERT INTO execution_events (execution_id, sequence, payload) VALUES (?, ?, ?)"
+
+
+@functools.cache
+def _append_sql(events: bool, start: bool, end: bool) -> str:
+    """The record's UPDATE for an append. The right-hand sides read the row
+    as it was, so the start applies only to an active record (a cancel that
+    finished it first sticks), and an end given with it wins, as if the two
+    had been written one after the other."""
+    active = "state IN (" + ", ".join(f"'{state}'" for state in _ACTIVE) + ")"
+    columns = []
+    if events:
+        columns.append("last_sequence = MAX(last_sequence, ?)")
+    if start:
+        columns.append(f"started_at = CASE WHEN {active} THEN ? ELSE started_at END")
+        if not end:
+            running = ExecutionState.RUNNING.value
+            columns.append(f"state = CASE WHEN {active} THEN '{running}' ELSE state END")
+    if end:
+        columns += ["state = ?", "ended_at = ?", "result = ?", "error = ?"]
+    return f"UPDATE executions SET {', '.join(columns)} WHERE id = ?"
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    """The store's connection, opened on the thread that will use it."""
+    """The writing connection, opened on the thread that will use it; it
+    migrates the schema."""
     db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
     try:
         # WAL: readers (other processes) do not block the writer, nor it them.
@@ -330,6 +592,18 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA foreign_keys = ON")
         db.row_factory = sqlite3.Row
         migrate_sqlite(db)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _connect_reader(path: Path) -> sqlite3.Connection:
+    """The reading connection (the file is in WAL mode and migrated)."""
+    db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        db.execute("PRAGMA query_only = ON")
+        db.row_factory = sqlite3.Row
     except BaseException:
         db.close()
         raise

@@ -88,14 +88,18 @@ class EventWriter:
         await self._store.append_events(
             self._execution_id, batch, started_at=started_at, ending=ending
         )
-        for stored in batch:
-            try:
-                await self._bus.publish(self._execution_id, stored)
-            except Exception as error:  # watchers fall back to the store
-                logger.warning(
-                    "publishing %s #%d failed: %s", self._execution_id, stored.sequence, error
-                )
-                return
+        if not batch:
+            return
+        try:
+            await self._bus.publish(self._execution_id, *batch)
+        except Exception as error:  # watchers fall back to the store
+            logger.warning(
+                "publishing %s #%d-%d failed: %s",
+                self._execution_id,
+                batch[0].sequence,
+                batch[-1].sequence,
+                error,
+            )
 
 
 async def record_end(
