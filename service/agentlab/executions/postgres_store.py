@@ -40,6 +40,10 @@ _COLUMNS = (
 )
 _ACTIVE = [state.value for state in ACTIVE_STATES]
 
+# Writes one group takes at most: bounds how long its row locks are held and
+# how long the loop spends settling it.
+_MAX_GROUP = 512
+
 
 class PostgresStore:
     def __init__(self, url: str, *, schema: str | None = None) -> None:
@@ -50,13 +54,25 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         # Calls outlive cancelled callers (see _run): held here until done.
         self._running: set[asyncio.Task[Any]] = set()
+        # Writes waiting for the next group, and the task writing the groups
+        # (None when nothing waits).
+        self._queued: list[_Write] = []
+        self._writing: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         if self._pool is not None:
             return
         server_settings = {} if self.schema is None else {"search_path": quote_ident(self.schema)}
         pool = await asyncpg.create_pool(
-            self.url, min_size=1, max_size=10, server_settings=server_settings
+            self.url,
+            min_size=1,
+            max_size=10,
+            server_settings=server_settings,
+            # Instead of asyncpg's reset query on every release, a round trip
+            # per call: this store leaves nothing in a session to reset (no
+            # SET, LISTEN, cursors or session advisory locks). An open
+            # transaction is still rolled back by asyncpg itself.
+            reset=_keep_session,
         )
         try:
             async with pool.acquire() as conn:
@@ -68,15 +84,29 @@ class PostgresStore:
 
     async def close(self) -> None:
         # Calls already started end first, even those whose callers were
-        # cancelled and are not waiting for them.
-        if self._running:
-            await asyncio.wait(self._running)
+        # cancelled and are not waiting for them, and queued writes too.
+        while pending := [*self._running, *filter(None, [self._writing])]:
+            await asyncio.wait(pending)
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
 
     async def create(self, new: NewExecution) -> tuple[ExecutionRecord, bool]:
         created_at = _utc(new.created_at)
+        args = (
+            new.id,
+            new.request_id,
+            new.caller,
+            new.model,
+            new.mode,
+            new.prompt,
+            encode_options(new.options),
+            new.background,
+            ExecutionState.QUEUED.value,
+            created_at,
+            new.owner,
+            new.fingerprint,
+        )
 
         async def insert(conn: Any) -> tuple[ExecutionRecord, bool]:
             # Each statement on its own (autocommit): at READ COMMITTED an
@@ -85,27 +115,7 @@ class PostgresStore:
             # is for the conflicting row vanishing in between (a rollback
             # after all, or a delete): the insert is then tried again.
             for _ in range(3):
-                row = await conn.fetchrow(
-                    f"""
-                    INSERT INTO executions ({_COLUMNS})
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, NULL, $11, $10, 0,
-                            NULL, NULL, $12)
-                    ON CONFLICT (caller, request_id) WHERE request_id <> '' DO NOTHING
-                    RETURNING {_COLUMNS}
-                    """,
-                    new.id,
-                    new.request_id,
-                    new.caller,
-                    new.model,
-                    new.mode,
-                    new.prompt,
-                    encode_options(new.options),
-                    new.background,
-                    ExecutionState.QUEUED.value,
-                    created_at,
-                    new.owner,
-                    new.fingerprint,
-                )
+                row = await conn.fetchrow(_INSERT_RETURNING, *args)
                 if row is not None:
                     return _record(row), True
                 row = await conn.fetchrow(
@@ -120,7 +130,41 @@ class PostgresStore:
                 "conflicting with a record that was gone when read"
             )
 
-        return await self._run(insert)
+        async def settle(row: Any, conn: Any) -> tuple[ExecutionRecord, bool]:
+            # In a group: whether the row was inserted. If not, the
+            # conflicting record is read once the group has committed, as
+            # insert() does.
+            if not row[0]:
+                return await insert(conn)
+            at = _from_db(created_at)
+            return (
+                ExecutionRecord(
+                    id=new.id,
+                    request_id=new.request_id,
+                    caller=new.caller,
+                    model=new.model,
+                    mode=new.mode,
+                    prompt=new.prompt,
+                    options=dict(new.options),
+                    background=new.background,
+                    state=ExecutionState.QUEUED,
+                    created_at=at,
+                    started_at=None,
+                    ended_at=None,
+                    owner=new.owner,
+                    heartbeat_at=at,
+                    last_sequence=0,
+                    result=None,
+                    error=None,
+                    fingerprint=new.fingerprint,
+                ),
+                True,
+            )
+
+        result: tuple[ExecutionRecord, bool] = await self._write(
+            _Write(_INSERT_GROUPED, args, insert, settle)
+        )
+        return result
 
     async def get(self, execution_id: str) -> ExecutionRecord | None:
         row = await self._fetchrow(f"SELECT {_COLUMNS} FROM executions WHERE id = $1", execution_id)
@@ -185,18 +229,25 @@ class PostgresStore:
         if not events and started_at is None and ending is None:
             return
 
-        sql, args = _append(execution_id, events, started_at, ending)
+        args = _append_args(execution_id, events, started_at, ending)
+
+        def check(row: Any) -> None:
+            # The statement's value: whether the record was found.
+            if events and not row[0]:
+                raise UnknownExecution(execution_id)
 
         async def append(conn: Any) -> None:
             try:
-                updated = await conn.fetchval(sql, *args)
+                row = await conn.fetchrow(_APPEND, *args)
             except asyncpg.UniqueViolationError as error:
                 # One statement: the record's update is undone with it.
                 raise DuplicateEvent(execution_id, events[0].sequence) from error
-            if events and not updated:
-                raise UnknownExecution(execution_id)
+            check(row)
 
-        await self._run(append)
+        async def settle(row: Any, conn: Any) -> None:
+            check(row)
+
+        await self._write(_Write(_APPEND, args, append, settle, key=execution_id))
 
     async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
         rows = await self._fetch(
@@ -208,12 +259,17 @@ class PostgresStore:
         return [StoredEvent(sequence=row["sequence"], payload=row["payload"]) for row in rows]
 
     async def heartbeat(self, owner: str, at: datetime) -> None:
-        await self._update(
-            "UPDATE executions SET heartbeat_at = $1 WHERE owner = $2 AND state = ANY($3::text[])",
-            _utc(at),
-            owner,
-            _ACTIVE,
-        )
+        sql = "UPDATE executions SET heartbeat_at = $1 WHERE owner = $2 AND state = ANY($3::text[])"
+        args = (_utc(at), owner, _ACTIVE)
+
+        async def update(conn: Any) -> None:
+            await conn.execute(sql, *args)
+
+        # Through the writer, after a group has committed, never beside one:
+        # it locks many of this owner's rows, in an order of its own, which
+        # beside a group's transaction (locking some of them in another
+        # order) could deadlock.
+        await self._write(_Write(None, args, update))
 
     async def stale(self, before: datetime) -> list[ExecutionRecord]:
         rows = await self._fetch(
@@ -238,6 +294,42 @@ class PostgresStore:
             _utc(stale_before),
         )
         return taken == 1
+
+    async def _write(self, write: _Write) -> Any:
+        """``write`` in the next group, its outcome once the group is done.
+
+        A cancelled caller stops waiting, but the write still happens (a
+        cancelled execution's last events and state must be kept): every
+        queued write is written, and close() waits for them."""
+        if self._pool is None:
+            raise RuntimeError("the PostgreSQL store is not open")
+        self._queued.append(write)
+        if self._writing is None:
+            # It starts at the loop's next turn: every write queued in this
+            # one goes in its first group.
+            self._writing = asyncio.create_task(self._write_groups(), name="postgres-writer")
+        return await asyncio.shield(write.future)
+
+    async def _write_groups(self) -> None:
+        """Write the queued writes, a group at a time, until none is left;
+        those queued while a group is in flight make the next one."""
+        group: list[_Write] = []
+        try:
+            while self._queued:
+                group, self._queued = self._queued[:_MAX_GROUP], self._queued[_MAX_GROUP:]
+                try:
+                    async with self._connection() as conn:
+                        await _write_group(conn, group)
+                except Exception as error:  # never leave a caller waiting
+                    for write in group:
+                        write.fail(error)
+                group = []
+        finally:
+            # Cancelled (the loop shuts down): nobody must wait forever.
+            for write in group + self._queued:
+                write.fail(RuntimeError("the PostgreSQL store's writer stopped"))
+            self._queued = []
+            self._writing = None
 
     async def _fetch(self, sql: str, *args: object) -> list[Any]:
         async def run(conn: Any) -> list[Any]:
@@ -284,60 +376,172 @@ class PostgresStore:
         return self._pool.acquire()
 
 
-def _append(
+class _Write:
+    """A write waiting for its group. ``sql`` is its statement in a group,
+    with ``args``, one row back per write, which ``settle`` (given the row
+    and the connection, after the group's commit) turns into the write's
+    value or error. ``alone`` is the write on its own: for a group of one,
+    for a group undone by an error, and for writes with no ``sql``, which
+    never join a group. ``key``: writes with the same key keep their order
+    in a group; the group is sorted by it (see _write_group)."""
+
+    __slots__ = ("alone", "args", "future", "key", "settle", "sql")
+
+    def __init__(
+        self,
+        sql: str | None,
+        args: Sequence[object],
+        alone: Callable[[Any], Awaitable[Any]],
+        settle: Callable[[Any, Any], Awaitable[Any]] | None = None,
+        *,
+        key: str = "",
+    ) -> None:
+        self.sql = sql
+        self.args = args
+        self.alone = alone
+        self.settle = settle
+        self.key = key
+        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def run_alone(self, conn: Any) -> None:
+        try:
+            value = await self.alone(conn)
+        except Exception as error:
+            self.fail(error)
+        else:
+            self.succeed(value)
+
+    async def run_settle(self, row: Any, conn: Any) -> None:
+        assert self.settle is not None
+        try:
+            value = await self.settle(row, conn)
+        except Exception as error:
+            self.fail(error)
+        else:
+            self.succeed(value)
+
+    def succeed(self, value: Any) -> None:
+        if not self.future.done():
+            self.future.set_result(value)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+            # Retrieved here: a caller that stopped waiting must not make
+            # asyncio log "exception was never retrieved".
+            self.future.exception()
+
+
+async def _write_group(conn: Any, group: list[_Write]) -> None:
+    """The group's writes of each statement as one pipelined round trip
+    (fetchmany: atomic, one commit), then the others alone. If one write of
+    a batch fails, PostgreSQL undoes the batch, which is then written again
+    a write at a time, so that the error is that write's alone. An error
+    that is not PostgreSQL's (the connection was lost) leaves the batch's
+    fate unknown: its writes fail with it, rather than risk writing twice.
+
+    Appends are sorted by execution id (a stable sort, so each execution's
+    appends keep their order): groups of several processes lock executions'
+    rows in one order, and cannot deadlock one another."""
+    if len(group) == 1:
+        await group[0].run_alone(conn)
+        return
+    batches: dict[str, list[_Write]] = {}
+    alone: list[_Write] = []
+    for write in group:
+        if write.sql is None:
+            alone.append(write)
+        else:
+            batches.setdefault(write.sql, []).append(write)
+    for sql, writes in batches.items():
+        writes.sort(key=lambda write: write.key)
+        if len(writes) == 1:
+            await writes[0].run_alone(conn)
+            continue
+        try:
+            rows = await conn.fetchmany(sql, [write.args for write in writes])
+        except asyncpg.PostgresError:
+            for write in writes:
+                await write.run_alone(conn)
+            continue
+        except Exception as error:
+            for write in writes:
+                write.fail(error)
+            continue
+        for write, row in zip(writes, rows, strict=True):
+            await write.run_settle(row, conn)
+    for write in alone:
+        await write.run_alone(conn)
+
+
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset on release: nothing to do (see open())."""
+
+
+_INSERT_VALUES = f"""
+    INSERT INTO executions ({_COLUMNS})
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, NULL, $11, $10, 0, NULL, NULL, $12)
+    ON CONFLICT (caller, request_id) WHERE request_id <> '' DO NOTHING
+"""
+_INSERT_RETURNING = f"{_INSERT_VALUES} RETURNING {_COLUMNS}"
+# In a group, one row per create: whether it inserted the record.
+_INSERT_GROUPED = (
+    f"WITH created AS ({_INSERT_VALUES} RETURNING 1) SELECT EXISTS (SELECT 1 FROM created)"
+)
+
+# append_events as one statement, so one round trip and atomic by itself,
+# one shape for every append (a group of them is one batch): the record's
+# update, then the events' insert, only where the update found the record.
+# The update comes first: it locks the execution's row, so appends to one
+# execution take turns. The right-hand sides read the row as it was: the
+# start ($3, or NULL) applies to an active record only (a cancel that
+# finished it first sticks), and an end given with it ($5 its state, or
+# NULL) wins. last_sequence: GREATEST ignores a NULL $2 (no events). The
+# statement's value is whether the record was found.
+_APPEND = """
+    WITH updated AS (
+        UPDATE executions SET
+            last_sequence = GREATEST(last_sequence, $2::bigint),
+            started_at = CASE WHEN $3::timestamptz IS NOT NULL AND state = ANY($4::text[])
+                THEN $3::timestamptz ELSE started_at END,
+            state = CASE WHEN $5::text IS NOT NULL THEN $5::text
+                WHEN $3::timestamptz IS NOT NULL AND state = ANY($4::text[]) THEN $6::text
+                ELSE state END,
+            ended_at = CASE WHEN $5::text IS NOT NULL THEN $7::timestamptz ELSE ended_at END,
+            result = CASE WHEN $5::text IS NOT NULL THEN $8::bytea ELSE result END,
+            error = CASE WHEN $5::text IS NOT NULL THEN $9::bytea ELSE error END
+        WHERE id = $1
+        RETURNING id
+    ),
+    inserted AS (
+        INSERT INTO execution_events (execution_id, sequence, payload)
+        SELECT $1, sequence, payload FROM unnest($10::bigint[], $11::bytea[])
+            AS event(sequence, payload)
+        WHERE EXISTS (SELECT 1 FROM updated)
+    )
+    SELECT EXISTS (SELECT 1 FROM updated)
+"""
+
+
+def _append_args(
     execution_id: str,
     events: Sequence[StoredEvent],
     started_at: datetime | None,
     ending: Ending | None,
-) -> tuple[str, list[object]]:
-    """append_events as one statement, so one round trip and atomic by
-    itself: the record's update (last_sequence, the start, the end, as the
-    arguments say), then the events' insert, only where the update found the
-    record. The update comes first: it locks the execution's row, so appends
-    to one execution take turns. The statement's value is whether the
-    record was found."""
-    args: list[object] = [execution_id]
-
-    def arg(value: object) -> str:
-        args.append(value)
-        return f"${len(args)}"
-
-    active = f"state = ANY({arg(_ACTIVE)}::text[])" if started_at is not None else ""
-    columns = []
-    if events:
-        columns.append(
-            f"last_sequence = GREATEST(last_sequence, {arg(max(e.sequence for e in events))})"
-        )
-    if started_at is not None:
-        # The right-hand sides read the row as it was: the start applies to
-        # an active record only (a cancel that finished it first sticks),
-        # and an end given with it wins.
-        columns.append(
-            f"started_at = CASE WHEN {active} THEN {arg(_utc(started_at))} ELSE started_at END"
-        )
-        if ending is None:
-            running = arg(ExecutionState.RUNNING.value)
-            columns.append(f"state = CASE WHEN {active} THEN {running} ELSE state END")
-    if ending is not None:
-        columns += [
-            f"state = {arg(ending.state.value)}",
-            f"ended_at = {arg(_utc(ending.at))}",
-            f"result = {arg(ending.result)}",
-            f"error = {arg(ending.error)}",
-        ]
-    update = f"UPDATE executions SET {', '.join(columns)} WHERE id = $1 RETURNING id"
-    if not events:
-        return f"WITH updated AS ({update}) SELECT EXISTS (SELECT 1 FROM updated)", args
-    sequences = arg([event.sequence for event in events])
-    payloads = arg([event.payload for event in events])
+) -> tuple[object, ...]:
+    """_APPEND's arguments."""
     return (
-        f"WITH updated AS ({update}),"
-        " inserted AS ("
-        "INSERT INTO execution_events (execution_id, sequence, payload)"
-        f" SELECT $1, sequence, payload FROM unnest({sequences}::bigint[], {payloads}::bytea[])"
-        " AS event(sequence, payload) WHERE EXISTS (SELECT 1 FROM updated))"
-        " SELECT EXISTS (SELECT 1 FROM updated)",
-        args,
+        execution_id,
+        max(event.sequence for event in events) if events else None,
+        None if started_at is None else _utc(started_at),
+        _ACTIVE,
+        None if ending is None else ending.state.value,
+        ExecutionState.RUNNING.value,
+        None if ending is None else _utc(ending.at),
+        None if ending is None else ending.result,
+        None if ending is None else ending.error,
+        [event.sequence for event in events],
+        [event.payload for event in events],
     )
 
 
