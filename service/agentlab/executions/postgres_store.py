@@ -6,6 +6,20 @@ settled by the database rather than by reading first and writing after:
 creates conflict on the unique index, claims are a conditional UPDATE (a
 second claimer waits on the row lock, then re-checks the heartbeat the first
 one just moved), and appends lock the execution's row before inserting.
+
+Writes commit in groups, as in SqliteStore: creates and appends queued in
+one turn of the event loop (or while earlier groups were in flight) go to
+PostgreSQL together, each kind as one pipelined round trip (asyncpg's
+fetchmany: one statement per write, one implicit transaction, one commit).
+Under load a write then costs a fraction of a round trip, of a commit and
+of a pooled connection's acquire rather than one of each; alone, it costs
+what it did. A write that fails (a DuplicateEvent, say) undoes its batch,
+which is then done again one write at a time, so that it fails alone.
+
+Transactions that lock several rows lock them in one order (a group's
+writes sorted by execution id, or by idempotency key for creates; a
+heartbeat's rows by id), so that they cannot deadlock one another, in this
+process or across processes.
 """
 
 from __future__ import annotations
@@ -43,6 +57,11 @@ _ACTIVE = [state.value for state in ACTIVE_STATES]
 # Writes one group takes at most: bounds how long its row locks are held and
 # how long the loop spends settling it.
 _MAX_GROUP = 512
+# Groups in flight at once, each on a pooled connection: more than one, so
+# that writes queued while a group is in flight wait for their own round
+# trip only, not for that group's as well (on a busy loop a round trip takes
+# several of its turns); more would take connections from reads for little.
+_MAX_GROUPS_IN_FLIGHT = 2
 
 
 class PostgresStore:
@@ -54,10 +73,12 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         # Calls outlive cancelled callers (see _run): held here until done.
         self._running: set[asyncio.Task[Any]] = set()
-        # Writes waiting for the next group, and the task writing the groups
-        # (None when nothing waits).
+        # Writes waiting for the next group; the tasks writing groups, and
+        # whether one of them has yet to take its group (it will take those
+        # queued meanwhile).
         self._queued: list[_Write] = []
-        self._writing: asyncio.Task[None] | None = None
+        self._writers: set[asyncio.Task[None]] = set()
+        self._writer_starting = False
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -85,7 +106,7 @@ class PostgresStore:
     async def close(self) -> None:
         # Calls already started end first, even those whose callers were
         # cancelled and are not waiting for them, and queued writes too.
-        while pending := [*self._running, *filter(None, [self._writing])]:
+        while pending := {*self._running, *self._writers}:
             await asyncio.wait(pending)
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -161,8 +182,11 @@ class PostgresStore:
                 True,
             )
 
+        # Sorted by the key, in a group: groups creating records with the
+        # same keys then wait on each other's in one order.
+        key = f"{new.caller}\0{new.request_id}" if new.request_id else ""
         result: tuple[ExecutionRecord, bool] = await self._write(
-            _Write(_INSERT_GROUPED, args, insert, settle)
+            _Write(_INSERT_GROUPED, args, insert, settle, key=key)
         )
         return result
 
@@ -259,17 +283,17 @@ class PostgresStore:
         return [StoredEvent(sequence=row["sequence"], payload=row["payload"]) for row in rows]
 
     async def heartbeat(self, owner: str, at: datetime) -> None:
-        sql = "UPDATE executions SET heartbeat_at = $1 WHERE owner = $2 AND state = ANY($3::text[])"
-        args = (_utc(at), owner, _ACTIVE)
-
-        async def update(conn: Any) -> None:
-            await conn.execute(sql, *args)
-
-        # Through the writer, after a group has committed, never beside one:
-        # it locks many of this owner's rows, in an order of its own, which
-        # beside a group's transaction (locking some of them in another
-        # order) could deadlock.
-        await self._write(_Write(None, args, update))
+        # The rows locked in id order, as a group's appends lock them: in
+        # the UPDATE's own order (the table's), it could deadlock with a
+        # group in flight that holds some of them and waits for another.
+        await self._update(
+            "UPDATE executions SET heartbeat_at = $1 WHERE id IN ("
+            " SELECT id FROM executions WHERE owner = $2 AND state = ANY($3::text[])"
+            " ORDER BY id FOR UPDATE)",
+            _utc(at),
+            owner,
+            _ACTIVE,
+        )
 
     async def stale(self, before: datetime) -> list[ExecutionRecord]:
         rows = await self._fetch(
@@ -304,15 +328,19 @@ class PostgresStore:
         if self._pool is None:
             raise RuntimeError("the PostgreSQL store is not open")
         self._queued.append(write)
-        if self._writing is None:
+        if not self._writer_starting and len(self._writers) < _MAX_GROUPS_IN_FLIGHT:
             # It starts at the loop's next turn: every write queued in this
             # one goes in its first group.
-            self._writing = asyncio.create_task(self._write_groups(), name="postgres-writer")
+            self._writer_starting = True
+            writer = asyncio.create_task(self._write_groups(), name="postgres-writer")
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
         return await asyncio.shield(write.future)
 
     async def _write_groups(self) -> None:
-        """Write the queued writes, a group at a time, until none is left;
-        those queued while a group is in flight make the next one."""
+        """Write the queued writes, a group at a time, until none is left:
+        those queued while groups are in flight make the next one."""
+        self._writer_starting = False
         group: list[_Write] = []
         try:
             while self._queued:
@@ -326,10 +354,13 @@ class PostgresStore:
                 group = []
         finally:
             # Cancelled (the loop shuts down): nobody must wait forever.
-            for write in group + self._queued:
-                write.fail(RuntimeError("the PostgreSQL store's writer stopped"))
-            self._queued = []
-            self._writing = None
+            stopped = RuntimeError("the PostgreSQL store's writer stopped")
+            for write in group:
+                write.fail(stopped)
+            if not self._writers - {asyncio.current_task()}:
+                for write in self._queued:
+                    write.fail(stopped)
+                self._queued = []
 
     async def _fetch(self, sql: str, *args: object) -> list[Any]:
         async def run(conn: Any) -> list[Any]:
@@ -379,20 +410,19 @@ class PostgresStore:
 class _Write:
     """A write waiting for its group. ``sql`` is its statement in a group,
     with ``args``, one row back per write, which ``settle`` (given the row
-    and the connection, after the group's commit) turns into the write's
+    and the connection, after the batch's commit) turns into the write's
     value or error. ``alone`` is the write on its own: for a group of one,
-    for a group undone by an error, and for writes with no ``sql``, which
-    never join a group. ``key``: writes with the same key keep their order
-    in a group; the group is sorted by it (see _write_group)."""
+    and for a batch undone by an error. ``key``: a batch is sorted by it
+    (see _write_group)."""
 
     __slots__ = ("alone", "args", "future", "key", "settle", "sql")
 
     def __init__(
         self,
-        sql: str | None,
+        sql: str,
         args: Sequence[object],
         alone: Callable[[Any], Awaitable[Any]],
-        settle: Callable[[Any, Any], Awaitable[Any]] | None = None,
+        settle: Callable[[Any, Any], Awaitable[Any]],
         *,
         key: str = "",
     ) -> None:
@@ -412,7 +442,6 @@ class _Write:
             self.succeed(value)
 
     async def run_settle(self, row: Any, conn: Any) -> None:
-        assert self.settle is not None
         try:
             value = await self.settle(row, conn)
         except Exception as error:
@@ -433,26 +462,24 @@ class _Write:
 
 
 async def _write_group(conn: Any, group: list[_Write]) -> None:
-    """The group's writes of each statement as one pipelined round trip
-    (fetchmany: atomic, one commit), then the others alone. If one write of
-    a batch fails, PostgreSQL undoes the batch, which is then written again
-    a write at a time, so that the error is that write's alone. An error
-    that is not PostgreSQL's (the connection was lost) leaves the batch's
-    fate unknown: its writes fail with it, rather than risk writing twice.
+    """The group's writes of each statement (creates, appends) as a batch:
+    one pipelined round trip (fetchmany: atomic, one commit). If one write
+    of a batch fails, PostgreSQL undoes the batch, which is then written
+    again a write at a time, so that the error is that write's alone. An
+    error that is not PostgreSQL's (the connection was lost) leaves the
+    batch's fate unknown: its writes fail with it, rather than risk writing
+    twice.
 
-    Appends are sorted by execution id (a stable sort, so each execution's
-    appends keep their order): groups of several processes lock executions'
-    rows in one order, and cannot deadlock one another."""
+    A batch is sorted by its writes' keys (a stable sort: an execution's
+    appends keep their order), so that transactions lock executions' rows,
+    or wait on each other's idempotency keys, in one order: groups in
+    flight together, or in several processes, cannot deadlock."""
     if len(group) == 1:
         await group[0].run_alone(conn)
         return
     batches: dict[str, list[_Write]] = {}
-    alone: list[_Write] = []
     for write in group:
-        if write.sql is None:
-            alone.append(write)
-        else:
-            batches.setdefault(write.sql, []).append(write)
+        batches.setdefault(write.sql, []).append(write)
     for sql, writes in batches.items():
         writes.sort(key=lambda write: write.key)
         if len(writes) == 1:
@@ -470,8 +497,6 @@ async def _write_group(conn: Any, group: list[_Write]) -> None:
             continue
         for write, row in zip(writes, rows, strict=True):
             await write.run_settle(row, conn)
-    for write in alone:
-        await write.run_alone(conn)
 
 
 async def _keep_session(conn: Any) -> None:
