@@ -36,31 +36,50 @@ async def watch(
     after_sequence: int,
     *,
     poll_s: float,
+    replay_first: bool = True,
 ) -> AsyncGenerator[pb.ExecutionEvent, None]:
-    """Events after ``after_sequence`` until the final one, each once."""
+    """Events after ``after_sequence`` until the final one, each once.
+
+    ``replay_first`` False starts with the bus rather than the store: for
+    an execution whose events cannot have been published before the
+    subscription (its call created it and has not waited since), which
+    saves a store read before the first event. It is a hint, never a risk:
+    had events been published before, the first live one shows a gap (or
+    the bus stays quiet for ``poll_s``), and the store is read as usual."""
     last = after_sequence
     inbox: asyncio.Queue[StoredEvent | Exception] = asyncio.Queue(_WATCH_BUFFER)
     dropped = asyncio.Event()
     async with bus.subscribe(execution_id) as live:
         pump = asyncio.create_task(_pump(live, inbox, dropped))
+        skip_replay = not replay_first
         try:
             while True:
-                stored_events = await store.events_after(execution_id, last)
+                if skip_replay:
+                    stored_events = []
+                else:
+                    stored_events = await store.events_after(execution_id, last)
                 for stored in stored_events:
                     event = codec.parsed(stored)
                     last = stored.sequence
                     yield event
                     if codec.is_final(event):
                         return
-                if not stored_events and await _past_the_end(store, execution_id, last):
+                if (
+                    not stored_events
+                    and not skip_replay  # the store was not read: live events first
+                    and await _past_the_end(store, execution_id, last)
+                ):
                     return  # resumed after the final event: nothing more will come
+                skip_replay = False
                 # Live events, until one is missing: the store has it.
                 while True:
                     if dropped.is_set() and inbox.empty():
                         dropped.clear()
                         break  # the newest were dropped while the client lagged
                     try:
-                        item = await asyncio.wait_for(inbox.get(), timeout=poll_s)
+                        # A timeout scope, not wait_for: no task per event.
+                        async with asyncio.timeout(poll_s):
+                            item = await inbox.get()
                     except TimeoutError:
                         break
                     if isinstance(item, Exception):
