@@ -60,7 +60,7 @@ class Plan:
     timeout_s: float = 300.0
 
 
-FULL = Plan(streams=GOAL_STREAMS, words=10, token_delay_s=3.0)
+FULL = Plan(streams=GOAL_STREAMS, words=2, token_delay_s=75.0, timeout_s=600.0)
 QUICK = Plan(streams=300, words=5, token_delay_s=0.4)
 
 

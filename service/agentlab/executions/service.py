@@ -41,9 +41,10 @@ logger = logging.getLogger(__name__)
 
 
 class Executions:
-    """``poll_s``: how often a watcher reads the store while the bus is
-    quiet; ``heartbeat_s`` and ``lease_s``: how often this process says it
-    is alive, and how long an owner may be silent before its executions are
+    """``poll_s``: how soon a watcher reads the store once the bus is
+    quiet (then less often while it stays quiet: executions/watch.py);
+    ``heartbeat_s`` and ``lease_s``: how often this process says it is
+    alive, and how long an owner may be silent before its executions are
     taken over (seconds)."""
 
     def __init__(

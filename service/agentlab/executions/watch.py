@@ -4,8 +4,9 @@ and then following the bus.
 The subscription starts before the store is read, so an event stored after
 the read arrives live. A live event out of order (a gap: the bus dropped
 it, or this watcher's client lagged and its inbox overflowed) sends the
-watcher back to the store, the source of truth; so does a quiet bus, every
-``poll_s`` seconds, which covers a publish that failed.
+watcher back to the store, the source of truth; so does a quiet bus, after
+``poll_s`` seconds and then ever less often (up to 30 times ``poll_s``),
+which covers a publish that failed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ logger = logging.getLogger(__name__)
 # it drops live events and later reads the missing ones from the store, so a
 # slow reader costs a bounded amount of memory.
 _WATCH_BUFFER = 256
+
+# A quiet bus is read past after poll_s, then after twice as long each time
+# it stays quiet, up to this many poll_s: what the poll covers (a publish
+# lost while the subscription stayed up) is rare, and 10,000 open streams
+# polling every second would be 20,000 store reads a second. A failed bus
+# is polled at poll_s, and any live event resets the wait.
+_QUIET_BACKOFF_MAX = 30
 
 
 async def watch(
@@ -52,6 +60,7 @@ async def watch(
     async with bus.subscribe(execution_id) as live:
         pump = asyncio.create_task(_pump(live, inbox, dropped))
         skip_replay = not replay_first
+        quiet_s = poll_s
         try:
             while True:
                 if skip_replay:
@@ -78,10 +87,13 @@ async def watch(
                         break  # the newest were dropped while the client lagged
                     try:
                         # A timeout scope, not wait_for: no task per event.
-                        async with asyncio.timeout(poll_s):
+                        async with asyncio.timeout(quiet_s):
                             item = await inbox.get()
                     except TimeoutError:
+                        if not pump.done():  # else the bus failed: keep poll_s
+                            quiet_s = min(quiet_s * 2, poll_s * _QUIET_BACKOFF_MAX)
                         break
+                    quiet_s = poll_s
                     if isinstance(item, Exception):
                         logger.warning("watching %s: the bus failed (%s)", execution_id, item)
                         break  # the store alone still serves, at the poll rate
