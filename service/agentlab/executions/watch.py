@@ -86,13 +86,18 @@ async def watch(
                         dropped.clear()
                         break  # the newest were dropped while the client lagged
                     try:
-                        # A timeout scope, not wait_for: no task per event.
-                        async with asyncio.timeout(quiet_s):
-                            item = await inbox.get()
-                    except TimeoutError:
-                        if not pump.done():  # else the bus failed: keep poll_s
-                            quiet_s = min(quiet_s * 2, poll_s * _QUIET_BACKOFF_MAX)
-                        break
+                        # What has arrived is taken without a timer: a
+                        # stream's events often come several at a time.
+                        item = inbox.get_nowait()
+                    except asyncio.QueueEmpty:
+                        try:
+                            # A timeout scope, not wait_for: no task per wait.
+                            async with asyncio.timeout(quiet_s):
+                                item = await inbox.get()
+                        except TimeoutError:
+                            if not pump.done():  # else the bus failed: keep poll_s
+                                quiet_s = min(quiet_s * 2, poll_s * _QUIET_BACKOFF_MAX)
+                            break
                     quiet_s = poll_s
                     if isinstance(item, Exception):
                         logger.warning("watching %s: the bus failed (%s)", execution_id, item)
