@@ -1,7 +1,14 @@
 """Benchmark of the Agent Lab Gateway on this machine.
 
-Starts its own service and Envoy on free ports (as the end-to-end tests do)
-and measures, for the echo backend (the gateway's own serving cost) and for
+Starts its own service and Envoy on free ports (as the end-to-end tests do),
+with Envoy's per-client rate limit off, and prints first one table (issue
+11): each path on this gateway against the FastAPI app it replaces
+(bench/peers/fastapi_app.py, one uvicorn worker), HTTP load from wrk, the
+ratio, p50/p99, non-2xx, CPU per request of each side, and each goal met or
+not (bench/compare.py); the real model's Execute through the gateway against
+the lab called in process (goal 5); rows of other modules (EXTRA_ROW_MODULES).
+
+Then, in detail, for the echo backend (the gateway's own serving cost) and for
 the real model:
 
 * Execute under load: REST/JSON through Envoy's transcoder, native gRPC
@@ -11,13 +18,16 @@ the real model:
   token and to the end of the stream, over Server-Sent Events through Envoy
   versus gRPC.
 
-Run it as ``.venv/bin/python bench/bench.py`` (``make bench`` does).
+Run it as ``.venv/bin/python bench/bench.py`` (``make bench`` does);
+``--peer-only`` for the table alone, ``--quick`` for a short run of it all.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import importlib.metadata
 import json
 import math
 import os
@@ -27,18 +37,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import compare
 import grpc
 import httpx
+import wrk
+from table import COLUMNS, Row, cells, render, skipped
 
 from agentlab.devstack import Stack, envoy_binary
 from agentlab.v1 import lab_service_pb2, lab_service_pb2_grpc
-
-NO_RATE_LIMIT = (10**6, 10**6)
 
 ECHO_EXECUTE = {"prompt": "How much does the gateway itself cost per request?", "model": "echo"}
 MODEL_EXECUTE = {"prompt": "Dime 3 números primos", "model": "mistral7b", "max_tokens": 32}
@@ -54,26 +66,32 @@ GRPC_ENVOY = "gRPC via Envoy"
 # sharply when a core it waits on is taken by someone else.
 OTHERS_WARN_CORES = 0.25
 
-# The figures the printed summary keeps; --json writes them all.
-SUMMARY_EXECUTE_KEYS = (
-    "backend",
-    "transport",
-    "concurrency",
-    "ok",
-    "errors",
-    "rps",
-    "p50_ms",
-    "p99_ms",
+# Modules of bench/ whose rows join the table: each has
+# measure(quick: bool) -> list[table.Row] (bench/streams.py: SSE at scale).
+EXTRA_ROW_MODULES = ("streams",)
+
+# The table's paths, for the rows printed as skipped when wrk is missing.
+TABLE_PATHS = (
+    "REST Execute, echo, SQLite (req/s)",
+    "REST Execute, echo, PostgreSQL+Redis (req/s)",
+    "SSE 20 tokens (streams/s)",
+    "TTFT, one stream at a time (ms p50)",
 )
-SUMMARY_ORCHESTRATE_KEYS = (
-    "backend",
-    "transport",
-    "runs",
-    "errors",
-    "first_event_p50_ms",
-    "first_token_p50_ms",
-    "total_p50_ms",
-)
+
+# --quick: a run short enough for a test; its figures only show the parts work.
+QUICK = {
+    "table_warmup": 1.0,
+    "table_duration": 2.0,
+    "connections": 16,
+    "ttft_runs": 10,
+    "model_runs": 2,
+    "requests": 20,
+    "model_requests": 2,
+    "runs": 2,
+    "warmup": 0.0,
+    "warmup_runs": 0,
+    "model_rounds": 1,
+}
 
 # Both clients would otherwise honour http_proxy/HTTPS_PROXY from the
 # environment and could send loopback traffic to a proxy.
@@ -705,19 +723,6 @@ def overhead_lines(loads: Sequence[LoadResult], streams: Sequence[StreamResult])
     return lines
 
 
-def compact_json(summary: dict[str, Any]) -> str:
-    """JSON with one line per top-level entry and per list item: short enough
-    to read in a terminal, still valid JSON to paste."""
-    parts = []
-    for key, value in summary.items():
-        if isinstance(value, list):
-            items = ",\n".join(f"    {json.dumps(v, ensure_ascii=False)}" for v in value)
-            parts.append(f"  {json.dumps(key)}: [\n{items}\n  ]")
-        else:
-            parts.append(f"  {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}")
-    return "{\n" + ",\n".join(parts) + "\n}"
-
-
 def _json_safe(value: Any) -> Any:
     """NaN is not JSON: it becomes null."""
     if isinstance(value, float):
@@ -756,6 +761,22 @@ def _envoy_version() -> str:
     return parts[1] if len(parts) > 1 else out.strip() or "unknown"
 
 
+def _wrk_version() -> str:
+    path = wrk.available()
+    if path is None:
+        return "not installed"
+    # "wrk debian/4.1.0-3+b2 [epoll] Copyright ..." (and it exits 1)
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
+    return out.split()[1] if len(out.split()) > 1 else "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def machine_info() -> dict[str, Any]:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -771,6 +792,9 @@ def machine_info() -> dict[str, Any]:
         "grpcio": grpc.__version__,
         "httpx": httpx.__version__,
         "envoy": _envoy_version(),
+        "wrk": _wrk_version(),
+        "fastapi": _version("fastapi"),
+        "uvicorn": _version("uvicorn"),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -984,8 +1008,62 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="settings for the service, e.g. AGENTLAB_MODEL_THREADS=1",
     )
     parser.add_argument("--skip-model", action="store_true", help="echo backend only")
+    table = parser.add_argument_group("the peer table (first: ours vs the FastAPI peer, wrk)")
+    table.add_argument("--connections", type=int, default=64, help="wrk's connections")
+    table.add_argument(
+        "--table-warmup", type=float, default=3.0, help="seconds of wrk load before each run"
+    )
+    table.add_argument(
+        "--table-duration", type=float, default=10.0, help="seconds of each measured wrk run"
+    )
+    table.add_argument(
+        "--wrk-threads", type=int, default=1, help="wrk's threads (one leaves a core to servers)"
+    )
+    table.add_argument(
+        "--ttft-runs", type=int, default=200, help="streams each side for time to first token"
+    )
+    table.add_argument(
+        "--model-runs",
+        type=int,
+        default=20,
+        help="real-model Executes each way for the gateway's overhead (goal 5)",
+    )
+    table.add_argument(
+        "--database-url",
+        default=os.environ.get("AGENTLAB_DATABASE_URL") or compare.DEFAULT_POSTGRES_URL,
+        help="PostgreSQL for the PostgreSQL+Redis row (a schema of its own, dropped after); "
+        "default AGENTLAB_DATABASE_URL or the local one",
+    )
+    table.add_argument(
+        "--redis-url",
+        default=os.environ.get("AGENTLAB_REDIS_URL") or compare.DEFAULT_REDIS_URL,
+        help="Redis for that row; default AGENTLAB_REDIS_URL or the local one",
+    )
+    table.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL row")
+    table.add_argument(
+        "--peer-only",
+        action="store_true",
+        help="only the peer table: no real model, no detailed sections",
+    )
+    table.add_argument(
+        "--no-extra",
+        action="store_true",
+        help=f"without the rows of {', '.join(EXTRA_ROW_MODULES)} (bench/<module>.py)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run of everything (for a test): figures are not meant to be read",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="also write the machine and the first table in Markdown here "
+        "(bench/RESULTS.md; README's Performance section takes the table)",
+    )
     parser.add_argument(
         "--log-dir",
         type=Path,
@@ -994,6 +1072,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "deleted unless the run fails)",
     )
     args = parser.parse_args(argv)
+    args.argv = None if argv is None else list(argv)
+    if args.quick:
+        for option, value in QUICK.items():
+            setattr(args, option, value)
     names = {"rest": REST_ENVOY, "grpc": GRPC_DIRECT, "grpc-envoy": GRPC_ENVOY}
     args.transports = [names[t] for t in args.transports]
     if args.seed < 0:
@@ -1013,10 +1095,129 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "runs",
         "requests",
         "model_requests",
+        "connections",
+        "wrk_threads",
+        "ttft_runs",
+        "model_runs",
     ):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
     return args
+
+
+def peer_table(
+    args: argparse.Namespace, stack: Stack, env: dict[str, str], log_dir: Path
+) -> tuple[list[Row], list[dict[str, Any]]]:
+    """The table's rows (ours vs the FastAPI peer, the real model's overhead,
+    the extra modules' rows) and every wrk run behind them."""
+    details: list[dict[str, Any]] = []
+    if wrk.available() is None:
+        reason = "wrk is not installed (apt-get install wrk)"
+        rows = [skipped(path, reason) for path in TABLE_PATHS]
+    else:
+        opts = compare.Options(
+            connections=args.connections,
+            warmup_s=args.table_warmup,
+            duration_s=args.table_duration,
+            wrk_threads=args.wrk_threads,
+            ttft_runs=args.ttft_runs,
+            database_url=args.database_url,
+            redis_url=args.redis_url,
+            postgres=not args.no_postgres,
+        )
+
+        @contextmanager
+        def start_stack(extra: Mapping[str, str]) -> Iterator[Stack]:
+            directory = log_dir / "second-stack"
+            directory.mkdir(exist_ok=True)
+            other = Stack.start(directory, {**env, **extra, "AGENTLAB_DEFAULT_BACKEND": "echo"})
+            try:
+                yield other
+            finally:
+                other.stop()
+
+        rows = compare.measure_peer_rows(stack, opts, log_dir, details, start_stack)
+    if not (args.peer_only or args.skip_model):
+        rows.append(compare.measure_model_overhead(stack, args.model_runs))
+    if not args.no_extra:
+        rows += extra_rows(args.quick)
+    return rows, details
+
+
+def extra_rows(quick: bool) -> list[Row]:
+    """Rows other modules measure: each of EXTRA_ROW_MODULES that exists in
+    bench/ has ``measure(quick: bool) -> list[Row]``."""
+    rows: list[Row] = []
+    for name in EXTRA_ROW_MODULES:
+        if not Path(__file__).with_name(f"{name}.py").exists():
+            continue
+        print(f"  ... rows of bench/{name}.py", file=sys.stderr, flush=True)
+        module = importlib.import_module(name)
+        rows += module.measure(quick)
+    return rows
+
+
+def wrk_table(details: Sequence[dict[str, Any]]) -> str:
+    processes = ("svc", "envoy", "uvicorn", "wrk")
+    headers = ["path", "side", "req/s", "p50 ms", "p99 ms", "max ms", "non-2xx", "sock err"]
+    headers += [f"cpu ms/req {p}" if i == 0 else p for i, p in enumerate(processes)]
+    return table(
+        headers,
+        [
+            [
+                d["path"],
+                d["side"],
+                d["rate"],
+                d["p50_ms"],
+                d["p99_ms"],
+                d["max_ms"],
+                d["non_2xx"],
+                d["socket_errors"],
+                *(d["cpu_ms"].get(p, math.nan) for p in processes),
+            ]
+            for d in details
+        ],
+    )
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    """The first table in Markdown (README's Performance section,
+    bench/RESULTS.md), its notes as a list below it."""
+    escape = str.maketrans({"|": "\\|"})
+    head = [f"| {' | '.join(c or 'met' for c in COLUMNS)} |", f"|{' --- |' * len(COLUMNS)}"]
+    body = [f"| {' | '.join(c.translate(escape) for c in cells(r))} |" for r in rows]
+    notes = [f"- {r.path}: {r.note}" for r in rows if r.note]
+    return "\n".join([*head, *body, *(["", *notes] if notes else [])])
+
+
+def results_markdown(
+    args: argparse.Namespace,
+    machine: dict[str, Any],
+    rows: Sequence[Row],
+    details: Sequence[dict[str, Any]],
+) -> str:
+    command = " ".join(["bench/bench.py", *(sys.argv[1:] if args.argv is None else args.argv)])
+    runs = wrk_table(details) if details else "(none)"
+    return (
+        "# Benchmark results\n\n"
+        f"`{command.strip()}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
+        f"wrk, {args.connections} connections, {args.table_warmup:g} s warm-up then "
+        f"{args.table_duration:g} s per run, echo backend; Envoy's rate limit off. "
+        "Ratios are ours / the FastAPI peer's (`bench/peers/fastapi_app.py`), measured back "
+        "to back; p50, p99 and non-2xx are ours; CPU is milliseconds per request or stream of "
+        "each process.\n\n"
+        "## Machine\n\n"
+        f"- CPUs: {machine['cpu_count']} ({machine['cpus_usable']} usable), "
+        f"{machine['cpu_model']}\n"
+        f"- {machine['implementation']} {machine['python']} on {machine['platform']}\n"
+        f"- Envoy {machine['envoy']}, grpcio {machine['grpcio']}, wrk {machine['wrk']}; "
+        f"peer: FastAPI {machine['fastapi']}, uvicorn {machine['uvicorn']} (one worker)\n"
+        f"- load average before the run: {machine['loadavg_start']} (1/5/15 min)\n\n"
+        "## The table\n\n"
+        f"{markdown(rows)}\n\n"
+        "## Each wrk run\n\n"
+        f"```\n{runs}\n```\n"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1032,7 +1233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"  python:  {machine['implementation']} {machine['python']} on {machine['platform']}")
     print(
-        f"  clients: grpcio {machine['grpcio']}, httpx {machine['httpx']}; envoy {machine['envoy']}"
+        f"  clients: wrk {machine['wrk']}, grpcio {machine['grpcio']}, httpx {machine['httpx']}; "
+        f"envoy {machine['envoy']}; peer fastapi {machine['fastapi']}, uvicorn {machine['uvicorn']}"
     )
     print(f"  load:    {machine['loadavg_start']} (1/5/15 min) before start")
     kept = "" if args.log_dir else " (deleted at the end unless something fails)"
@@ -1040,21 +1242,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.service_env:
         print(f"  service: {' '.join(f'{k}={v}' for k, v in args.service_env.items())}")
     print(
-        "  client, Envoy and service share this machine's CPUs: figures include their contention."
+        "  wrk, Envoy and both servers share this machine's CPUs: figures include their "
+        "contention; compare the ratios, measured back to back."
     )
 
     summary: dict[str, Any] = {"machine": machine, "service_env": args.service_env}
     began = time.perf_counter()
     stack: Stack | None = None
     failed = True
+    # One client address at full speed: Envoy's per-client rate limit off
+    # (the default; said here so a changed default cannot skew the figures).
+    env = {**args.service_env, "AGENTLAB_RATE_LIMIT": "off"}
+    if args.peer_only or args.skip_model:
+        env.setdefault("AGENTLAB_DEFAULT_BACKEND", "echo")  # no model to load
     try:
-        # One client address at full speed: Envoy's per-client rate limit off.
-        stack = Stack.start(log_dir, args.service_env, rate_limit=NO_RATE_LIMIT)
+        stack = Stack.start(log_dir, env)
         print(
             f"  stack:   service {stack.service.address}, Envoy {stack.envoy.url} "
-            f"(started in {time.perf_counter() - began:.1f} s)"
+            f"(started in {time.perf_counter() - began:.1f} s)",
+            flush=True,
         )
-        failed = asyncio.run(run(args, stack, summary)) > 0
+        rows, details = peer_table(args, stack, env, log_dir)
+        print()
+        print(
+            f"Ours vs the FastAPI app it replaces: wrk, {args.connections} connections, "
+            f"{args.table_warmup:g} s warm-up then {args.table_duration:g} s per run; echo backend"
+        )
+        print(render(rows))
+        print(
+            "  ours/peer: rates (or p50 times) of this gateway / of the peer; p50, p99 and "
+            "non-2xx (with socket errors) are ours;\n"
+            "  CPU: milliseconds of CPU per request or stream, ours (service + Envoy) | peer."
+        )
+        if details:
+            print()
+            print("Each wrk run")
+            print(wrk_table(details))
+        if args.markdown is not None:
+            args.markdown.write_text(results_markdown(args, machine, rows, details))
+        summary["table"] = [asdict(row) for row in rows]
+        summary["wrk"] = details
+        errors = 0
+        if not args.peer_only:
+            print()
+            errors = asyncio.run(run(args, stack, summary))
+        failed = errors > 0
     finally:
         if stack is not None:
             stack.stop()
@@ -1067,17 +1299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     summary["wall_s"] = round(time.perf_counter() - began, 1)
 
-    small = {
-        "machine": {k: machine[k] for k in ("cpu_count", "python", "envoy", "loadavg_start")},
-        "execute": [{k: r[k] for k in SUMMARY_EXECUTE_KEYS} for r in summary.get("execute", [])],
-        "orchestrate": [
-            {k: r[k] for k in SUMMARY_ORCHESTRATE_KEYS} for r in summary.get("orchestrate", [])
-        ],
-        "wall_s": summary["wall_s"],
-    }
     print()
-    print(f"Summary (finished in {summary['wall_s']} s; load now {machine['loadavg_end']})")
-    print(compact_json(_json_safe(small)))
+    print(f"Finished in {summary['wall_s']} s; load now {machine['loadavg_end']}")
     if args.json is not None:
         args.json.write_text(json.dumps(_json_safe(summary), indent=2, ensure_ascii=False) + "\n")
         print(f"full summary written to {args.json}")

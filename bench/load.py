@@ -25,8 +25,6 @@ import httpx
 
 from agentlab.devstack import Stack
 
-NO_RATE_LIMIT = (10**6, 10**6)
-
 EXPECTED = {200, 429}
 
 
@@ -121,7 +119,7 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory(prefix="agentlab-load-") as logs:
         # One client address at full speed: Envoy's per-client rate limit off.
-        stack = Stack.start(Path(logs), env, rate_limit=NO_RATE_LIMIT)
+        stack = Stack.start(Path(logs), {**env, "AGENTLAB_RATE_LIMIT": "off"})
         try:
             return asyncio.run(run(args, stack))
         finally:

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     service = ServiceProcess(
         port=ports.service, environ=env, env={"AGENTLAB_GRPC_ADDRESS": env["AGENTLAB_GRPC_ADDRESS"]}
     )
-    envoy = EnvoyProcess(ports=ports)
+    envoy = EnvoyProcess(ports=ports, rate_limit=settings.rate_limit)
     try:
         print(f"starting the service on {service.address} ...", flush=True)
         service.start()

@@ -10,7 +10,13 @@ import yaml
 from buf.validate import validate_pb2
 
 from agentlab import preflight
-from agentlab.config import CONTRACT_MAX_PROMPT_CHARS, ConfigError, Settings, redact_url
+from agentlab.config import (
+    CONTRACT_MAX_PROMPT_CHARS,
+    ConfigError,
+    RateLimit,
+    Settings,
+    redact_url,
+)
 from agentlab.devstack import DESCRIPTOR, ROOT, Ports, free_port, render_envoy_config
 from agentlab.v1 import lab_service_pb2
 from tests.helpers.tools import run_service
@@ -38,6 +44,49 @@ def test_values_are_read_and_checked() -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "limit"),
+    [
+        ("off", RateLimit()),
+        (" OFF ", RateLimit()),
+        ("", RateLimit()),  # the default
+        ("100", RateLimit(100, 200)),
+        ("100/150", RateLimit(100, 150)),
+        ("0.2/3", RateLimit(0.2, 3)),
+        ("0.2", RateLimit(0.2, 1)),
+    ],
+)
+def test_the_rate_limit_is_off_or_a_rate_with_a_burst(value: str, limit: RateLimit) -> None:
+    parsed = Settings.from_env({"AGENTLAB_RATE_LIMIT": value}).rate_limit
+    assert parsed == limit
+    # As the README and make run print it, and read back the same.
+    assert RateLimit.parse(str(parsed)) == parsed
+
+
+def _rate_limit_filters(config: str) -> list[object]:
+    return [
+        f
+        for f in yaml.safe_load(config)["static_resources"]["listeners"][0]["filter_chains"][0][
+            "filters"
+        ][0]["typed_config"]["http_filters"]
+        if f["name"] == "envoy.filters.http.local_ratelimit"
+    ]
+
+
+def test_the_rate_limit_is_rendered_into_envoys_bucket_or_removed_when_off() -> None:
+    ports = Ports(gateway=18000, service=15051, admin=19901)
+    [limiter] = _rate_limit_filters(render_envoy_config(ports, rate_limit=RateLimit(0.2, 3)))
+    assert limiter["typed_config"]["descriptors"][0]["token_bucket"] == {  # type: ignore[index]
+        "max_tokens": 3,
+        "tokens_per_fill": 1,
+        "fill_interval": "5.000s",
+    }
+    off = render_envoy_config(ports, rate_limit=RateLimit())
+    assert _rate_limit_filters(off) == []
+    # Nor does any route still configure it (health's exemption).
+    assert "local_ratelimit" not in off
+
+
+@pytest.mark.parametrize(
     ("name", "value"),
     [
         ("AGENTLAB_DEFAULT_BACKEND", "gpt5"),
@@ -51,6 +100,16 @@ def test_values_are_read_and_checked() -> None:
         ("AGENTLAB_DATABASE_URL", "u:hunter2@localhost:5432/db"),
         ("AGENTLAB_DATABASE_URL", "postgresql:/u:hunter2@localhost/db"),
         ("AGENTLAB_DATABASE_URL", "postgresql://u:hunter2@[::1/db"),
+        ("AGENTLAB_RATE_LIMIT", "fast"),
+        ("AGENTLAB_RATE_LIMIT", "0"),
+        ("AGENTLAB_RATE_LIMIT", "-5"),
+        ("AGENTLAB_RATE_LIMIT", "100/0"),
+        ("AGENTLAB_RATE_LIMIT", "100/lots"),
+        ("AGENTLAB_RATE_LIMIT", "100/200/300"),
+        ("AGENTLAB_RATE_LIMIT", "nan"),
+        ("AGENTLAB_RATE_LIMIT", "1e9"),
+        ("AGENTLAB_RATE_LIMIT", "inf"),
+        ("AGENTLAB_RATE_LIMIT", "5/"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(name: str, value: str) -> None:
@@ -163,6 +222,7 @@ def test_docker_compose_passes_every_setting_through() -> None:
         ({"AGENTLAB_API_KEYS_FILE": "{tmp}/missing.yaml"}, "cannot read the API keys file"),
         ({"AGENTLAB_MODELS_FILE": "{tmp}/keys.yaml"}, "models"),
         ({"AGENTLAB_API_KEY_FILE": "{tmp}/keys.yaml"}, "did you mean AGENTLAB_API_KEYS_FILE"),
+        ({"AGENTLAB_RATE_LIMIT": "100/s"}, "AGENTLAB_RATE_LIMIT must be off or"),
     ],
 )
 def test_python_m_agentlab_refuses_what_it_cannot_honour(

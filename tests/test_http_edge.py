@@ -95,7 +95,7 @@ def assert_request_id(headers: dict[str, str]) -> None:
 @pytest.fixture
 def rate_limited(start_stack: StackFactory) -> Stack:
     """Envoy's per-client bucket shrunk to 3 requests, one more every 5 s."""
-    return start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo"}, rate_limit=(3, 0.2))
+    return start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_RATE_LIMIT": "0.2/3"})
 
 
 @pytest.fixture

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import datetime
@@ -27,7 +30,7 @@ from agentlab.core.errors import ResourceExhausted
 from agentlab.core.ports import LabEvent, LabNodeEnded, LabNodeStarted, LabOutput, LabToken, Route
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, Task
-from agentlab.devstack import Stack
+from agentlab.devstack import ROOT, Stack, envoy_binary
 from agentlab.executions import codec
 from agentlab.executions.local_bus import LocalBus
 from agentlab.executions.model import ExecutionState, StoredEvent
@@ -457,7 +460,7 @@ def test_the_documented_prompt_maximum_is_the_one_the_service_enforces(echo_stac
 @pytest.fixture
 def tiny_rate_limit(start_stack: StackFactory) -> Stack:
     """Envoy with a bucket of 5 requests per client address, 1 more a second."""
-    return start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo"}, rate_limit=(5, 1.0))
+    return start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_RATE_LIMIT": "1/5"})
 
 
 def test_each_client_address_has_its_own_rate_limit_and_health_has_none(
@@ -507,10 +510,53 @@ def test_each_client_address_has_its_own_rate_limit_and_health_has_none(
         assert statuses == [200] * 5
 
 
-def test_the_default_rate_limit_lets_a_burst_through(echo_stack: Stack) -> None:
+def test_by_default_no_address_is_rate_limited(echo_stack: Stack) -> None:
+    """Off, the default, is no filter in Envoy at all: a burst beyond any
+    bucket the file ever had (200) passes, and the running configuration has
+    no rate limit in it."""
+    admin = f"http://127.0.0.1:{echo_stack.envoy.ports.admin}"
     with httpx.Client(timeout=10) as client:
-        statuses = {client.get(f"{echo_stack.url}/api/v1/models").status_code for _ in range(150)}
+        statuses = {client.get(f"{echo_stack.url}/api/v1/models").status_code for _ in range(400)}
+        config = client.get(f"{admin}/config_dump", params={"resource": "static_listeners"}).text
     assert statuses == {200}
+    assert "envoy.filters.http.router" in config  # the dump is Envoy's filter chain
+    assert "local_ratelimit" not in config
+
+
+@pytest.mark.e2e
+def test_compose_renders_the_rate_limit_into_envoys_configuration(tmp_path: Path) -> None:
+    """docker-compose's envoy container runs scripts/start_envoy.py from the
+    image's /app: it renders gateway/envoy.yaml with the setting (Envoy
+    accepts the result) and refuses a bad value before Envoy starts."""
+
+    def start_envoy(value: str, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
+        return subprocess.run(
+            [sys.executable, "scripts/start_envoy.py", *args],
+            env={**env, "AGENTLAB_RATE_LIMIT": value},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    for value, bucket in (("5/10", "max_tokens: 10"), ("off", None)):
+        printed = start_envoy(value, "--print")
+        assert printed.returncode == 0, printed.stderr
+        assert ("local_ratelimit" in printed.stdout) == (bucket is not None)
+        assert bucket is None or bucket in printed.stdout
+        config = tmp_path / f"envoy-{value.replace('/', '_')}.yaml"
+        config.write_text(printed.stdout)
+        checked = subprocess.run(
+            [envoy_binary(), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    refused = start_envoy("fast")
+    assert refused.returncode == 2
+    assert "envoy: configuration error: AGENTLAB_RATE_LIMIT must be off or" in refused.stderr
 
 
 def _memory_mib(pid: int) -> dict[str, float]:

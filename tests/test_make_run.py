@@ -220,7 +220,7 @@ models:
 
 @pytest.fixture
 def configured(tmp_path: Path) -> dict[str, str]:
-    """Two API keys and a routing file, written as README.md says."""
+    """Two API keys, a routing file and a rate limit, as README.md says."""
     keys = tmp_path / "keys.yaml"
     keys.write_text(
         "keys:\n"
@@ -233,6 +233,8 @@ def configured(tmp_path: Path) -> dict[str, str]:
         "AGENTLAB_API_KEYS_FILE": str(keys),
         "AGENTLAB_MODELS_FILE": str(models),
         "AGENTLAB_DATA_DIR": str(tmp_path / "data"),
+        # Enough for the calls below, not for a burst after them.
+        "AGENTLAB_RATE_LIMIT": "1/10",
     }
 
 
@@ -273,6 +275,16 @@ def test_the_users_configuration_reaches_the_service(configured: dict[str, str])
         served = {m["name"]: m["backend"] for m in models.json()["models"]}
         assert served == {"echo": "echo", "mistral7b": "lab-echo", "tiny": "lab-echo"}, served
 
+        # The rate limit reached Envoy: its bucket of 10 runs out.
+        assert "Envoy: 1 requests/s per client address, bursts of 10" in output, output
+        statuses = [
+            httpx.get(f"{url}/api/v1/models", headers=bearer(SECOND), timeout=30) for _ in range(20)
+        ]
+        limited = next((a for a in statuses if a.status_code == 429), None)
+        assert limited is not None, [a.status_code for a in statuses]
+        assert limited.json()["details"][0]["reason"] == "RATE_LIMITED"
+        assert limited.headers["retry-after"] == "1"
+
         rest = ctrl_c(supervisor)
         assert "stopped (service exit code 0)" in rest, output + rest
     finally:
@@ -290,6 +302,7 @@ def test_the_users_configuration_reaches_the_service(configured: dict[str, str])
         ("routing file does not parse", "not valid YAML"),
         ("a misspelt variable", "AGENTLAB_API_KEY_FILE is not a setting (did you mean"),
         ("a bad number", "AGENTLAB_MAX_RUNNING_EXECUTIONS must be an integer"),
+        ("a bad rate limit", "AGENTLAB_RATE_LIMIT must be off or <requests per second>"),
     ],
 )
 def test_a_setting_that_cannot_be_honoured_stops_make_run(
@@ -310,6 +323,8 @@ def test_a_setting_that_cannot_be_honoured_stops_make_run(
             env["AGENTLAB_API_KEY_FILE"] = env.pop("AGENTLAB_API_KEYS_FILE")
         case "a bad number":
             env["AGENTLAB_MAX_RUNNING_EXECUTIONS"] = "lots"
+        case "a bad rate limit":
+            env["AGENTLAB_RATE_LIMIT"] = "100 per second"
     ports = free_ports()
     supervisor = make_run(ports, env)
     output = refused(supervisor)

@@ -28,7 +28,7 @@ import yaml
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentlab.config import Settings
+from agentlab.config import RateLimit, Settings
 from agentlab.devstack import (
     DEFAULT_PORTS,
     ENVOY_CONFIG,
@@ -38,6 +38,7 @@ from agentlab.devstack import (
     ServiceProcess,
     Stack,
     free_port,
+    render_envoy_config,
 )
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
@@ -118,8 +119,8 @@ def _find(node: Any, key: str) -> list[Any]:
 def test_envoys_ports_and_limits_are_the_readmes() -> None:
     """ "Envoy's ports (8000 for clients, 9901 for its admin on loopback) and
     the service's address are in gateway/envoy.yaml; Execute may take up to
-    300 s ... request bodies are limited to 1 MiB"; the rate limit's 100
-    requests/s with bursts of 200."""
+    300 s ... request bodies are limited to 1 MiB"; the rate limit off by
+    default, the table's example rendered as that bucket."""
     claim = re.search(
         r"Envoy's ports \((\d+) for clients, (\d+) for its admin on loopback\)", README
     )
@@ -154,21 +155,27 @@ def test_envoys_ports_and_limits_are_the_readmes() -> None:
     assert _find(config, "max_request_bytes") == [1 << 20]
     assert _find(config, "max_request_body_size") == [1 << 20]
 
-    rate = re.search(
-        r"limits each client address to (\d+) requests/s with bursts of\s+(\d+)", README
-    )
-    assert rate
+    # "It is off by default, and off means the filter is removed from
+    # Envoy's configuration"; the table's example is its bucket when set.
+    assert re.search(r"It is off by default, and off\s+means the filter is removed", README)
+    assert str(Settings().rate_limit) == "off"
+    default = render_envoy_config(DEFAULT_PORTS, rate_limit=Settings().rate_limit)
+    assert "local_ratelimit" not in default
+    example = re.search(r"`<requests per second>\[/<burst>\]` \(`(\d+)/(\d+)`", README)
+    assert example, "the settings table no longer gives an example of the rate limit"
+    rate, burst = int(example.group(1)), int(example.group(2))
     [bucket] = [
         d["token_bucket"]
-        for descriptors in _find(config, "descriptors")
+        for descriptors in _find(
+            yaml.safe_load(
+                render_envoy_config(DEFAULT_PORTS, rate_limit=RateLimit.parse(f"{rate}/{burst}"))
+            ),
+            "descriptors",
+        )
         for d in descriptors
         if d["entries"] == [{"key": "remote_address"}]
     ]
-    assert bucket == {
-        "max_tokens": int(rate.group(2)),
-        "tokens_per_fill": int(rate.group(1)),
-        "fill_interval": "1s",
-    }
+    assert bucket == {"max_tokens": burst, "tokens_per_fill": rate, "fill_interval": "1.000s"}
 
 
 # --- Backends: the upstream status mapping and when a request is retried -------

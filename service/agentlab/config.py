@@ -9,13 +9,21 @@ AGENTLAB_API_KEYS_FILE would otherwise leave the API open without a word.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["CONTRACT_MAX_PROMPT_CHARS", "PREFIX", "ConfigError", "Settings", "redact_url"]
+__all__ = [
+    "CONTRACT_MAX_PROMPT_CHARS",
+    "PREFIX",
+    "ConfigError",
+    "RateLimit",
+    "Settings",
+    "redact_url",
+]
 
 PREFIX = "AGENTLAB_"
 _BACKENDS = ("embedded", "echo")
@@ -31,6 +39,56 @@ CONTRACT_MAX_PROMPT_CHARS = 1_000_000
 
 class ConfigError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Envoy's token bucket per client address (AGENTLAB_RATE_LIMIT): on
+    average ``per_second`` requests a second, ``burst`` at once; off (no
+    filter at all) when ``per_second`` is 0. Written "<per second>[/<burst>]"
+    (burst by default twice the rate) or "off"; ``str`` gives it back so."""
+
+    per_second: float = 0.0
+    burst: int = 0
+
+    # Envoy's bucket holds a uint32 of tokens; beyond these a limit is off in
+    # all but name, and "off" says so more clearly (and costs nothing).
+    MAX_PER_SECOND = 1_000_000
+    MAX_BURST = 10_000_000
+
+    @property
+    def off(self) -> bool:
+        return self.per_second == 0
+
+    def __str__(self) -> str:
+        return "off" if self.off else f"{self.per_second:g}/{self.burst}"
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        """Raises ConfigError saying the format for anything but "off",
+        "<per second>" or "<per second>/<burst>" within the bounds."""
+        value = text.strip().lower()
+        if value == "off":
+            return cls()
+        rate, slash, burst = value.partition("/")
+        problem = (
+            f"AGENTLAB_RATE_LIMIT must be off or <requests per second>[/<burst>] "
+            f"(e.g. 100/200), not {text!r}"
+        )
+        try:
+            per_second = float(rate)
+            given_burst = int(burst) if slash else None
+        except ValueError:
+            raise ConfigError(problem) from None
+        if not 0 < per_second <= cls.MAX_PER_SECOND:  # NaN and infinity too
+            raise ConfigError(
+                f"{problem}: the rate must be above 0 and at most {cls.MAX_PER_SECOND:,} "
+                "(0 is written off)"
+            )
+        bucket = max(1, math.ceil(2 * per_second)) if given_burst is None else given_burst
+        if not 1 <= bucket <= cls.MAX_BURST:
+            raise ConfigError(f"{problem}: the burst must be 1 to {cls.MAX_BURST:,}")
+        return cls(per_second, bucket)
 
 
 @dataclass(frozen=True)
@@ -78,6 +136,9 @@ class Settings:
     echo_token_delay_s: float = 0.0
     # Seconds in-flight calls get to finish on SIGTERM.
     shutdown_grace_s: float = 10.0
+    # Envoy's per-client-address limit (not the service's: `make run`, the
+    # tests' stacks and compose render it into Envoy's configuration).
+    rate_limit: RateLimit = RateLimit()
     log_level: str = "INFO"
 
     @classmethod
@@ -183,6 +244,7 @@ class Settings:
             shutdown_grace_s=seconds("SHUTDOWN_GRACE_S", defaults.shutdown_grace_s),
             echo_token_delay_s=seconds("ECHO_TOKEN_DELAY_S", defaults.echo_token_delay_s),
             log_level=log_level,
+            rate_limit=RateLimit.parse(text("RATE_LIMIT", str(defaults.rate_limit))),
         )
 
     def described(self, env: Mapping[str, str]) -> list[tuple[str, str, bool]]:

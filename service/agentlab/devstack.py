@@ -2,7 +2,8 @@
 
 ``make run`` uses it to start the pair on the default ports; the end-to-end
 tests use it to start pairs on free ports. Envoy's configuration is always
-gateway/envoy.yaml: only its ports and the descriptor path are rewritten.
+gateway/envoy.yaml: only its ports, the descriptor path and the rate limit
+(AGENTLAB_RATE_LIMIT) are rewritten.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import IO, Any
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agentlab.config import RateLimit, Settings
 
 __all__ = [
     "DEFAULT_PORTS",
@@ -58,6 +61,7 @@ class Ports:
 
 
 DEFAULT_PORTS = Ports()
+RATE_LIMIT_OFF = RateLimit()
 
 
 def free_port() -> int:
@@ -107,11 +111,16 @@ def _ephemeral_ports_start() -> int:
 
 
 def render_envoy_config(
-    ports: Ports, descriptor: Path = DESCRIPTOR, rate_limit: tuple[int, float] | None = None
+    ports: Ports,
+    descriptor: Path = DESCRIPTOR,
+    rate_limit: RateLimit = RATE_LIMIT_OFF,
+    source: Path = ENVOY_CONFIG,
 ) -> str:
-    """gateway/envoy.yaml with its default ports replaced by ``ports`` and the
-    descriptor path made absolute; ``rate_limit`` (burst, requests per second)
-    replaces the per-client token bucket."""
+    """``source`` (gateway/envoy.yaml) with its default ports replaced by
+    ``ports``, the descriptor path made absolute, and the per-client rate
+    limit set from ``rate_limit`` (AGENTLAB_RATE_LIMIT): its token bucket, or
+    the filter removed when off. Raises ValueError if ``source`` no longer
+    has what is replaced."""
     replacements = {
         DEFAULT_PORTS.gateway: ports.gateway,
         DEFAULT_PORTS.service: ports.service,
@@ -135,10 +144,10 @@ def render_envoy_config(
             return [rewrite(item) for item in node]
         return node
 
-    config = rewrite(yaml.safe_load(ENVOY_CONFIG.read_text()))
+    config = rewrite(yaml.safe_load(source.read_text()))
     missing = set(replacements) - found
     if missing:
-        raise ValueError(f"{ENVOY_CONFIG} no longer has the default ports {sorted(missing)}")
+        raise ValueError(f"{source} no longer has the default ports {sorted(missing)}")
     if ports.replicas:
         [cluster] = config["static_resources"]["clusters"]
         endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
@@ -146,19 +155,25 @@ def render_envoy_config(
             replica = copy.deepcopy(endpoints[0])
             replica["endpoint"]["address"]["socket_address"]["port_value"] = port
             endpoints.append(replica)
-    if rate_limit is not None:
-        _set_rate_limit(config, *rate_limit)
+    if rate_limit.off:
+        _remove_rate_limit(config)
+    else:
+        _set_rate_limit(config, rate_limit.burst, rate_limit.per_second)
     return str(yaml.safe_dump(config, sort_keys=False))
 
 
-def _set_rate_limit(config: Any, burst: int, per_second: float) -> None:
+_RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+
+
+def _http_filters(config: Any) -> list[Any]:
     [listener] = config["static_resources"]["listeners"]
     [manager] = listener["filter_chains"][0]["filters"]
-    [limiter] = [
-        f
-        for f in manager["typed_config"]["http_filters"]
-        if f["name"] == "envoy.filters.http.local_ratelimit"
-    ]
+    filters: list[Any] = manager["typed_config"]["http_filters"]
+    return filters
+
+
+def _set_rate_limit(config: Any, burst: int, per_second: float) -> None:
+    [limiter] = [f for f in _http_filters(config) if f["name"] == _RATE_LIMIT_FILTER]
     # Whole tokens per fill: one token every 1/per_second s below 1/s.
     per_fill = max(1, round(per_second))
     interval_s = per_fill / per_second
@@ -169,6 +184,31 @@ def _set_rate_limit(config: Any, burst: int, per_second: float) -> None:
     }
     [retry_after] = limiter["typed_config"]["response_headers_to_add"]
     retry_after["header"]["value"] = str(math.ceil(interval_s))
+
+
+def _remove_rate_limit(config: Any) -> None:
+    """Off is no filter, so a request pays nothing for it; the routes' own
+    configs of the filter (health's exemption) go with it."""
+    filters = _http_filters(config)
+    kept = [f for f in filters if f["name"] != _RATE_LIMIT_FILTER]
+    if len(kept) != len(filters) - 1:
+        raise ValueError(f"the Envoy configuration no longer has one {_RATE_LIMIT_FILTER}")
+    filters[:] = kept
+
+    def drop(node: Any) -> None:
+        if isinstance(node, dict):
+            per_filter = node.get("typed_per_filter_config")
+            if isinstance(per_filter, dict):
+                per_filter.pop(_RATE_LIMIT_FILTER, None)
+                if not per_filter:
+                    del node["typed_per_filter_config"]
+            for value in node.values():
+                drop(value)
+        elif isinstance(node, list):
+            for item in node:
+                drop(item)
+
+    drop(config)
 
 
 def _wait(check: Any, what: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
@@ -319,8 +359,8 @@ class EnvoyProcess:
 
     ports: Ports = DEFAULT_PORTS
     output: IO[bytes] | None = None
-    # (burst, requests per second) instead of the per-client rate limit's.
-    rate_limit: tuple[int, float] | None = None
+    # The per-client rate limit (AGENTLAB_RATE_LIMIT), off by default.
+    rate_limit: RateLimit = RATE_LIMIT_OFF
     proc: subprocess.Popen[bytes] | None = None
     _config_dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -377,8 +417,13 @@ class Stack:
         cls,
         log_dir: Path,
         env: Mapping[str, str] | None = None,
-        rate_limit: tuple[int, float] | None = None,
     ) -> Stack:
+        """Envoy's rate limit is ``env``'s AGENTLAB_RATE_LIMIT, as for make
+        run (off without it); a bad value raises ConfigError before anything
+        starts."""
+        rate_limit = Settings.from_env(
+            {"AGENTLAB_RATE_LIMIT": (env or {}).get("AGENTLAB_RATE_LIMIT", "")}
+        ).rate_limit
         ports = Ports(gateway=free_port(), service=free_port(), admin=free_port())
         service = ServiceProcess(
             port=ports.service,

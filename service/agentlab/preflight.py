@@ -63,6 +63,12 @@ def check(settings: Settings, env: Mapping[str, str]) -> Applied:
         meaning["AGENTLAB_MODELS_FILE"] = (
             f"no routing file: {settings.default_backend} answers every model name"
         )
+    limit = settings.rate_limit
+    meaning["AGENTLAB_RATE_LIMIT"] = (
+        "Envoy limits no client address"
+        if limit.off
+        else f"Envoy: {limit.per_second:g} requests/s per client address, bursts of {limit.burst}"
+    )
     # The form of the URL only: connecting is the service's first step.
     open_store(settings.database_url, settings.data_dir)
     if settings.model_path is not None and not settings.model_path.is_file():

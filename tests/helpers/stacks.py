@@ -35,13 +35,12 @@ class StackFactory:
         *,
         keys: Mapping[str, str] | None = None,
         models: str | None = None,
-        rate_limit: tuple[int, float] | None = None,
     ) -> Stack:
         """A started stack, ready to serve. ``env``: AGENTLAB_* settings for
         the service; ``keys``: caller name -> API key, written as the keys
         file the README describes (AGENTLAB_API_KEYS_FILE); ``models``: the
-        routing file's YAML (AGENTLAB_MODELS_FILE); ``rate_limit``: Envoy's
-        per-client bucket as (burst, requests per second)."""
+        routing file's YAML (AGENTLAB_MODELS_FILE). AGENTLAB_RATE_LIMIT in
+        ``env`` sets Envoy's per-client limit, as for make run."""
         with self._lock:
             directory = self._directory()
         settings = dict(env or {})
@@ -59,7 +58,7 @@ class StackFactory:
             models_file = directory / "models.yaml"
             models_file.write_text(models)
             settings["AGENTLAB_MODELS_FILE"] = str(models_file)
-        stack = Stack.start(directory, settings, rate_limit=rate_limit)
+        stack = Stack.start(directory, settings)
         with self._lock:
             self._started.append(stack)
         return stack
