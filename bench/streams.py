@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import math
 import re
@@ -35,7 +34,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
 
 from table import Row, render
 
@@ -195,13 +193,8 @@ def _start_stack(log_dir: Path, plan: Plan) -> Stack:
         "AGENTLAB_MAX_QUEUED_EXECUTIONS": str(plan.streams),
         "AGENTLAB_LOG_LEVEL": "WARNING",
     }
-    # Without the per-client rate limit (one address opens every stream).
-    # Where Stack.start takes a rate_limit, it is a token bucket to widen;
-    # where it does not, the rate limit is a setting, off by default.
-    start: Any = Stack.start  # typed either way: the parameter is checked here
-    if "rate_limit" in inspect.signature(start).parameters:
-        return cast(Stack, start(log_dir, env=env, rate_limit=(10**6, 10**6)))
-    return cast(Stack, start(log_dir, env=env))
+    # Envoy's per-client rate limit is off unless AGENTLAB_RATE_LIMIT sets one.
+    return Stack.start(log_dir, env=env)
 
 
 @dataclass(frozen=True)
