@@ -18,8 +18,11 @@ import httpx
 import pytest
 
 from agentlab.devstack import Stack
+from agentlab.executions import codec
+from agentlab.executions.local_bus import LocalBus
 from agentlab.executions.model import NewExecution
 from agentlab.executions.sqlite_store import SqliteStore
+from agentlab.executions.watch import watch as watch_events
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
@@ -425,3 +428,54 @@ def test_a_queued_background_execution_left_behind_is_run_at_start(
     stack = start_stack({"AGENTLAB_DATA_DIR": str(data)})
     execution = wait_for_state(stack, "a" * 32, {"EXECUTION_STATE_SUCCEEDED"}, timeout_s=10)
     assert execution["result"]["output"] == "left behind"
+
+
+@pytest.mark.parametrize("published_before", [2, 4])
+async def test_a_watch_that_starts_on_the_bus_still_gets_events_published_before_it(
+    tmp_path: Path, published_before: int
+) -> None:
+    # replay_first=False is a hint that nothing was published yet; when it
+    # is wrong, the gap (or the quiet bus) sends the watcher to the store,
+    # and every event still arrives once, in order.
+    store = SqliteStore(tmp_path / "agentlab.db")
+    await store.open()
+    bus = LocalBus()
+    execution_id = "b" * 32
+    await store.create(
+        NewExecution(
+            id=execution_id,
+            request_id="",
+            caller="",
+            model="echo",
+            mode="inference",
+            prompt="p",
+            options={},
+            background=False,
+            created_at=datetime.now(UTC),
+            owner="t",
+        )
+    )
+    messages = [
+        pb.ExecutionEvent(sequence=1, execution_id=execution_id, execution_started={}),
+        pb.ExecutionEvent(sequence=2, execution_id=execution_id, node_started={"node": "n"}),
+        pb.ExecutionEvent(sequence=3, execution_id=execution_id, token_delta={"text": "t"}),
+        pb.ExecutionEvent(sequence=4, execution_id=execution_id, execution_completed={}),
+    ]
+
+    async def write(batch: list[pb.ExecutionEvent]) -> None:
+        final = batch[-1] if codec.is_final(batch[-1]) else None
+        ending = codec.ending(execution_id, final) if final else None
+        await store.append_events(execution_id, [codec.stored(m) for m in batch], ending=ending)
+        for message in batch:
+            await bus.publish(execution_id, codec.stored(message))
+
+    try:
+        await write(messages[:published_before])
+        events = watch_events(store, bus, execution_id, 0, poll_s=0.05, replay_first=False)
+        first = await anext(events)
+        if published_before < 4:
+            await write(messages[published_before:])
+        rest = [event async for event in events]
+        assert [e.sequence for e in [first, *rest]] == [1, 2, 3, 4]
+    finally:
+        await store.close()

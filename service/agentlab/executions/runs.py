@@ -34,6 +34,12 @@ class Runs:
         self._bus = bus
         self._admission = admission
         self._running: dict[str, tuple[asyncio.Task[None], Stop]] = {}
+        # The executions counted by admission: until their lab work is over
+        # (their final event is produced) or a stop is asked for, whichever
+        # comes first. Not until their run ends: a client that saw the final
+        # event, or left, may start its next execution at once and must not
+        # be refused because this one is still being written.
+        self._counted: set[str] = set()
         # The final event of each execution run here, for callers in this
         # process: waiting on it costs no store reads.
         self._finals: dict[str, asyncio.Future[pb.ExecutionEvent]] = {}
@@ -51,7 +57,14 @@ class Runs:
             return None
         task, stop = local
         stop.request()
+        self._uncount(execution_id)
         return task
+
+    def _uncount(self, execution_id: str) -> None:
+        """Free the execution's place within the limits (once)."""
+        if execution_id in self._counted:
+            self._counted.discard(execution_id)
+            self._admission.release()
 
     def launch(
         self, execution_id: str, prepared: Prepared, *, background: bool, admitted: bool = False
@@ -61,6 +74,7 @@ class Runs:
         refused: they are recorded already."""
         if not admitted:
             self._admission.count()
+        self._counted.add(execution_id)
         stop = Stop()
         final: asyncio.Future[pb.ExecutionEvent] = asyncio.get_running_loop().create_future()
         run = asyncio.create_task(
@@ -70,7 +84,7 @@ class Runs:
         self._finals[execution_id] = final
 
         def forget(_: object) -> None:
-            self._admission.release()
+            self._uncount(execution_id)
             self._running.pop(execution_id, None)
             self._finals.pop(execution_id, None)
             if not final.done():  # the run could not record its end
@@ -116,6 +130,7 @@ class Runs:
                     await _cancel_queued(execution_id, prepared.task, final, writer)
                     return
                 started = False
+                last: pb.ExecutionEvent | None = None
                 events = self._runner.stream(prepared, execution_id=execution_id, stop=stop)
                 async for event in events:
                     message = codec.event(event)
@@ -124,8 +139,13 @@ class Runs:
                     writer.add(message, started_at=None if started else datetime.now(UTC))
                     started = True
                     if codec.is_final(message):
-                        await writer.close(codec.ending(execution_id, message))
-                        final.set_result(message)
+                        last = message
+            # The lab's work is over: the turn (above) and the place go to
+            # the next execution before the final event is stored and seen.
+            self._uncount(execution_id)
+            if last is not None:
+                await writer.close(codec.ending(execution_id, last))
+                final.set_result(last)
         except Exception:
             # The store itself failed: nothing more can be recorded.
             logger.exception("execution %s could not be recorded", execution_id)
