@@ -172,9 +172,9 @@ class _SlowAfterFinal(LocalBus):
         super().__init__()
         self.gate = asyncio.Event()
 
-    async def publish(self, execution_id: str, event: StoredEvent) -> None:
-        await super().publish(execution_id, event)
-        if codec.is_final(codec.parsed(event)):
+    async def publish(self, execution_id: str, *events: StoredEvent) -> None:
+        await super().publish(execution_id, *events)
+        if any(codec.is_final(codec.parsed(event)) for event in events):
             await self.gate.wait()
 
 

@@ -43,12 +43,19 @@ class Runs:
         # The final event of each execution run here, for callers in this
         # process: waiting on it costs no store reads.
         self._finals: dict[str, asyncio.Future[pb.ExecutionEvent]] = {}
+        self._writers: dict[str, EventWriter] = {}
         # Whether drain() has begun.
         self._stopping = False
 
     def final(self, execution_id: str) -> asyncio.Future[pb.ExecutionEvent] | None:
         """The final event of an execution run here (None if it is not)."""
         return self._finals.get(execution_id)
+
+    def unpublished(self, execution_id: str) -> bool:
+        """Whether the execution runs here and none of its events can have
+        been published yet (none has gone to the store)."""
+        writer = self._writers.get(execution_id)
+        return writer is not None and not writer.storing
 
     def stop(self, execution_id: str) -> asyncio.Task[None] | None:
         """Ask an execution run here to stop; its task, None if not here."""
@@ -77,16 +84,19 @@ class Runs:
         self._counted.add(execution_id)
         stop = Stop()
         final: asyncio.Future[pb.ExecutionEvent] = asyncio.get_running_loop().create_future()
+        writer = EventWriter(self._store, self._bus, execution_id)
         run = asyncio.create_task(
-            self._run(execution_id, prepared, stop, final, background), name=execution_id
+            self._run(execution_id, prepared, stop, final, background, writer), name=execution_id
         )
         self._running[execution_id] = (run, stop)
         self._finals[execution_id] = final
+        self._writers[execution_id] = writer
 
         def forget(_: object) -> None:
             self._uncount(execution_id)
             self._running.pop(execution_id, None)
             self._finals.pop(execution_id, None)
+            self._writers.pop(execution_id, None)
             if not final.done():  # the run could not record its end
                 final.set_exception(InternalError(new_error_id()))
 
@@ -118,8 +128,8 @@ class Runs:
         stop: Stop,
         final: asyncio.Future[pb.ExecutionEvent],
         background: bool,
+        writer: EventWriter,
     ) -> None:
-        writer = EventWriter(self._store, self._bus, execution_id)
         try:
             async with self._admission.turn(execution_id, stop) as turn:
                 if not turn and self._stopping and background:

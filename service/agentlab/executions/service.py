@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from agentlab.core.errors import NotFound
 from agentlab.core.runner import Runner
@@ -159,9 +159,12 @@ class Executions:
 
         def watched(execution_id: str, after: int) -> AsyncGenerator[pb.ExecutionEvent, None]:
             if created and after == 0:
-                # Its own execution, run here, that has not published yet:
-                # no ownership check, and the bus before the store.
-                return self._watch(execution_id, 0, replay_first=False)
+                # Its own execution: no ownership check; and while it has
+                # published nothing (run here, nothing stored yet, checked
+                # once subscribed), the bus before the store.
+                return self._watch(
+                    execution_id, 0, replay_first=lambda: not self._runs.unpublished(execution_id)
+                )
             return self.watch(execution_id, after, caller)
 
         async def cancelled(execution_id: str) -> None:
@@ -222,7 +225,11 @@ class Executions:
                 yield event
 
     def _watch(
-        self, execution_id: str, after_sequence: int, *, replay_first: bool = True
+        self,
+        execution_id: str,
+        after_sequence: int,
+        *,
+        replay_first: bool | Callable[[], bool] = True,
     ) -> AsyncGenerator[pb.ExecutionEvent, None]:
         return watch.watch(
             self._store,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from agentlab.executions import codec
 from agentlab.executions.model import ACTIVE_STATES, EventBus, ExecutionStore, StoredEvent
@@ -44,22 +44,24 @@ async def watch(
     after_sequence: int,
     *,
     poll_s: float,
-    replay_first: bool = True,
+    replay_first: bool | Callable[[], bool] = True,
 ) -> AsyncGenerator[pb.ExecutionEvent, None]:
     """Events after ``after_sequence`` until the final one, each once.
 
-    ``replay_first`` False starts with the bus rather than the store: for
-    an execution whose events cannot have been published before the
-    subscription (its call created it and has not waited since), which
-    saves a store read before the first event. It is a hint, never a risk:
-    had events been published before, the first live one shows a gap (or
-    the bus stays quiet for ``poll_s``), and the store is read as usual."""
+    ``replay_first`` False (or a check, called once the subscription is
+    live, that returns False) starts with the bus rather than the store: for
+    an execution none of whose events can have been published yet, which
+    saves a store read before the first event. A check is what makes it
+    exact on a bus whose subscription takes a round trip (Redis), during
+    which a fast execution may publish everything. Still a hint, never a
+    risk: had events been published before, the first live one shows a gap
+    (or the bus stays quiet for ``poll_s``), and the store is read as usual."""
     last = after_sequence
     inbox: asyncio.Queue[StoredEvent | Exception] = asyncio.Queue(_WATCH_BUFFER)
     dropped = asyncio.Event()
     async with bus.subscribe(execution_id) as live:
         pump = asyncio.create_task(_pump(live, inbox, dropped))
-        skip_replay = not replay_first
+        skip_replay = not (replay_first() if callable(replay_first) else replay_first)
         quiet_s = poll_s
         try:
             while True:
