@@ -8,7 +8,8 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,16 @@ import grpc
 import httpx
 import pytest
 
+from agentlab.core.ports import LabEvent, LabNodeEnded, LabNodeStarted, LabOutput, LabToken, Route
+from agentlab.core.runner import Runner
+from agentlab.core.types import ExecutionMode, Task
 from agentlab.devstack import Stack
-from agentlab.executions.model import NewExecution
+from agentlab.executions import codec
+from agentlab.executions.local_bus import LocalBus
+from agentlab.executions.model import NewExecution, StoredEvent
+from agentlab.executions.service import Executions
 from agentlab.executions.sqlite_store import SqliteStore
+from agentlab.executions.watch import watch as watch_events
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
@@ -425,3 +433,120 @@ def test_a_queued_background_execution_left_behind_is_run_at_start(
     stack = start_stack({"AGENTLAB_DATA_DIR": str(data)})
     execution = wait_for_state(stack, "a" * 32, {"EXECUTION_STATE_SUCCEEDED"}, timeout_s=10)
     assert execution["result"]["output"] == "left behind"
+
+
+@pytest.mark.parametrize("published_before", [2, 4])
+async def test_a_watch_that_starts_on_the_bus_still_gets_events_published_before_it(
+    tmp_path: Path, published_before: int
+) -> None:
+    # replay_first=False is a hint that nothing was published yet; when it
+    # is wrong, the gap (or the quiet bus) sends the watcher to the store,
+    # and every event still arrives once, in order.
+    store = SqliteStore(tmp_path / "agentlab.db")
+    await store.open()
+    bus = LocalBus()
+    execution_id = "b" * 32
+    await store.create(
+        NewExecution(
+            id=execution_id,
+            request_id="",
+            caller="",
+            model="echo",
+            mode="inference",
+            prompt="p",
+            options={},
+            background=False,
+            created_at=datetime.now(UTC),
+            owner="t",
+        )
+    )
+    messages = [
+        pb.ExecutionEvent(sequence=1, execution_id=execution_id, execution_started={}),
+        pb.ExecutionEvent(sequence=2, execution_id=execution_id, node_started={"node": "n"}),
+        pb.ExecutionEvent(sequence=3, execution_id=execution_id, token_delta={"text": "t"}),
+        pb.ExecutionEvent(sequence=4, execution_id=execution_id, execution_completed={}),
+    ]
+
+    async def write(batch: list[pb.ExecutionEvent]) -> None:
+        final = batch[-1] if codec.is_final(batch[-1]) else None
+        ending = codec.ending(execution_id, final) if final else None
+        await store.append_events(execution_id, [codec.stored(m) for m in batch], ending=ending)
+        for message in batch:
+            await bus.publish(execution_id, codec.stored(message))
+
+    try:
+        await write(messages[:published_before])
+        events = watch_events(store, bus, execution_id, 0, poll_s=0.05, replay_first=False)
+        first = await anext(events)
+        if published_before < 4:
+            await write(messages[published_before:])
+        rest = [event async for event in events]
+        assert [e.sequence for e in [first, *rest]] == [1, 2, 3, 4]
+    finally:
+        await store.close()
+
+
+class _QuickLab:
+    """Every event at once, as the echo backend produces them."""
+
+    backend = "quick"
+    model_name = "quick"
+    ready = True
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def run(self, task: Task) -> AsyncGenerator[LabEvent, None]:
+        yield LabNodeStarted("inference", task.prompt)
+        yield LabToken("inference", "quick")
+        yield LabNodeEnded("inference", "quick", 1, 1)
+        yield LabOutput("quick")
+
+
+class _SlowToSubscribe(LocalBus):
+    """A subscription that becomes live only after the execution has
+    published its final event: a bus whose subscribe takes a round trip
+    (Redis), racing an execution that finishes within it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.final_published = asyncio.Event()
+
+    async def publish(self, execution_id: str, *events: StoredEvent) -> None:
+        await super().publish(execution_id, *events)
+        if any(codec.is_final(codec.parsed(event)) for event in events):
+            self.final_published.set()
+
+    @asynccontextmanager
+    async def subscribe(self, execution_id: str) -> AsyncIterator[AsyncIterator[StoredEvent]]:
+        await self.final_published.wait()
+        async with super().subscribe(execution_id) as live:
+            yield live
+
+
+async def test_a_stream_whose_execution_ended_before_it_subscribed_reads_the_store(
+    tmp_path: Path,
+) -> None:
+    # A stream follows its own new execution on the bus first, as long as
+    # nothing was published. Here everything was, while it subscribed: it
+    # must read the store at once, not wait out the quiet bus (poll_s).
+    bus = _SlowToSubscribe()
+    store = SqliteStore(tmp_path / "agentlab.db")
+    runner = Runner(lambda model: Route(_QuickLab()), default_max_tokens=16)
+    executions = Executions(runner, store, bus, owner="t", poll_s=60.0)
+    await executions.start()
+    try:
+        task = Task(prompt="go", model="m", mode=ExecutionMode.INFERENCE)
+
+        async def follow() -> list[pb.ExecutionEvent]:
+            async with executions.call(task, leaving_cancels=True) as call:
+                return [event async for event in call.events()]
+
+        events = await asyncio.wait_for(follow(), timeout=10.0)
+        assert [event.sequence for event in events] == list(range(1, len(events) + 1))
+        assert events[-1].HasField("execution_completed")
+    finally:
+        await executions.stop(5.0)

@@ -31,8 +31,9 @@ from agentlab.core.ports import LabEvent, LabNodeEnded, LabNodeStarted, LabOutpu
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, Task
 from agentlab.devstack import ROOT, Stack, envoy_binary
+from agentlab.executions import codec
 from agentlab.executions.local_bus import LocalBus
-from agentlab.executions.model import ExecutionState
+from agentlab.executions.model import ExecutionState, StoredEvent
 from agentlab.executions.service import Executions
 from agentlab.executions.stores import open_store
 from agentlab.v1 import lab_service_pb2 as svc
@@ -160,6 +161,106 @@ async def test_concurrent_submits_never_overshoot_the_limits(
     # Their places are free again.
     final = await executions.wait_for_final((await executions.submit(_task())).record.id)
     assert final.HasField("execution_completed")
+
+
+class _SlowAfterFinal(LocalBus):
+    """A bus that delivers each final event, then keeps its publisher
+    waiting until ``gate`` opens: the run is still writing its end while
+    the client already has it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def publish(self, execution_id: str, *events: StoredEvent) -> None:
+        await super().publish(execution_id, *events)
+        if any(codec.is_final(codec.parsed(event)) for event in events):
+            await self.gate.wait()
+
+
+async def test_a_stream_s_place_is_free_once_its_final_event_is_seen(tmp_path: Path) -> None:
+    # A client that reads each stream to its end and opens the next one at
+    # once is never refused: the ending, still being written, does not count.
+    lab = _GatedLab()
+    lab.gate.set()
+    runner = Runner(lambda model: Route(lab), default_max_tokens=16)
+    bus = _SlowAfterFinal()
+    executions = Executions(
+        runner, open_store(None, tmp_path), bus, owner="t", max_running=1, max_queued=1
+    )
+    await executions.start()
+    try:
+        for round_ in range(2):
+            async with executions.call(_task(f"r{round_}"), leaving_cancels=True) as call:
+                async for event in call.events():
+                    if event.HasField("execution_completed"):
+                        # Both places (running and queued) are free already.
+                        await executions.submit(_task(f"next{round_}"), background=True)
+                        await executions.submit(_task(f"other{round_}"), background=True)
+            bus.gate.set()
+            await asyncio.sleep(0.1)
+            bus.gate.clear()
+    finally:
+        bus.gate.set()
+        await executions.stop(5.0)
+
+
+class _EndsWait:
+    """A store whose executions' ends are written only once ``gate`` opens:
+    the time between a client leaving and its execution's end recorded,
+    stretched."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.gate = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def append_events(self, execution_id: str, events: Any, **kwargs: Any) -> None:
+        if kwargs.get("ending") is not None:
+            await self.gate.wait()
+        await self._store.append_events(execution_id, events, **kwargs)
+
+
+async def test_a_client_that_leaves_frees_its_place_before_the_end_is_recorded(
+    tmp_path: Path,
+) -> None:
+    # Two streams hold the two places (one at the lab, one queued); their
+    # clients leave and come back at once, while the executions' ends are
+    # still being written: the new calls are taken, not refused.
+    lab = _GatedLab()
+    runner = Runner(lambda model: Route(lab), default_max_tokens=16)
+    store = _EndsWait(open_store(None, tmp_path))
+    executions = Executions(runner, store, LocalBus(), owner="t", max_running=1, max_queued=1)
+    await executions.start()
+
+    async def stream(prompt: str, started: asyncio.Event) -> None:
+        async with executions.call(_task(prompt), leaving_cancels=True) as call:
+            started.set()
+            async for _ in call.events():
+                pass
+
+    try:
+        started = [asyncio.Event(), asyncio.Event()]
+        streams = [asyncio.create_task(stream(f"s{i}", s)) for i, s in enumerate(started)]
+        for event in started:
+            await event.wait()
+        for task in streams:
+            task.cancel()
+        await asyncio.sleep(0.1)
+        assert not any(task.done() for task in streams)  # the ends wait for the gate
+        again = [await executions.submit(_task(f"again{i}"), background=True) for i in range(2)]
+        store.gate.set()
+        lab.gate.set()
+        await asyncio.gather(*streams, return_exceptions=True)
+        for submitted in again:
+            final = await executions.wait_for_final(submitted.record.id)
+            assert final.HasField("execution_completed")
+    finally:
+        store.gate.set()
+        lab.gate.set()
+        await executions.stop(5.0)
 
 
 async def test_a_queued_execution_cancelled_never_reaches_the_lab(

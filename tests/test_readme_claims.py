@@ -964,3 +964,14 @@ async def test_health_is_503_while_draining(start_stack: StackFactory) -> None:
         assert await asyncio.to_thread(stack.service.proc.wait, 30) == 0
     finally:
         await asyncio.to_thread(stack.stop)
+
+
+def test_envoys_circuit_breakers_are_the_readmes() -> None:
+    """ "Envoy passes up to 50,000 requests at once to the service (its
+    cluster's circuit breakers ...)"."""
+    claim = re.search(r"Envoy passes up to ([\d,]+) requests at once to the service", README)
+    assert claim, "the README no longer says the circuit breakers where the test looks"
+    [thresholds] = _find(_envoy(), "thresholds")
+    [default] = [t for t in thresholds if t["priority"] == "DEFAULT"]
+    assert default["max_requests"] == int(claim.group(1).replace(",", ""))
+    assert default["max_pending_requests"] >= default["max_requests"]

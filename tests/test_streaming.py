@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import httpx
 import pytest
 
 from agentlab.devstack import Stack
-from tests.helpers.sse import read_events
+from tests.helpers.sse import aread_events, read_events
+from tests.helpers.stacks import StackFactory
 
 
 def kind(event: dict[str, object]) -> str:
@@ -61,3 +65,63 @@ def test_get_binding_serves_browsers_eventsource(echo_stack: Stack) -> None:
     assert result["metrics"]["backend"] == "echo"
     text = "".join(e["token_delta"]["text"] for e in events if kind(e) == "token_delta")
     assert text == result["output"]
+
+
+# More than a browser tab or two: each stream is an execution, a request
+# through Envoy and an HTTP/1.1 connection of its own. Opened in waves that
+# stay within the default per-client rate limit (100/s, bursts of 200).
+CONCURRENT_STREAMS = 300
+WAVE = 100
+WORDS = 8
+
+
+@pytest.mark.timeout(300)
+async def test_hundreds_of_concurrent_streams_through_envoy_each_get_every_event(
+    start_stack: StackFactory,
+) -> None:
+    stack = start_stack(
+        {
+            "AGENTLAB_DEFAULT_BACKEND": "echo",
+            # Long enough that the first streams are still open when the
+            # last ones open.
+            "AGENTLAB_ECHO_TOKEN_DELAY_S": "0.75",
+            "AGENTLAB_MAX_RUNNING_EXECUTIONS": str(CONCURRENT_STREAMS),
+        }
+    )
+    prompt = " ".join(f"w{i}" for i in range(WORDS))
+    request = {"prompt": prompt, "model": "echo", "mode": "EXECUTION_MODE_INFERENCE"}
+    first_arrivals: list[float] = []
+    last_arrivals: list[float] = []
+
+    async def stream(client: httpx.AsyncClient) -> list[dict[str, Any]]:
+        async with client.stream("POST", f"{stack.url}/api/v1/orchestrate", json=request) as answer:
+            assert answer.status_code == 200, await answer.aread()
+            received = [r async for r in aread_events(answer)]
+        first_arrivals.append(received[0].arrived)
+        last_arrivals.append(received[-1].arrived)
+        return [r.event for r in received]
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+        tasks = []
+        for _ in range(CONCURRENT_STREAMS // WAVE):
+            tasks += [asyncio.create_task(stream(client)) for _ in range(WAVE)]
+            await asyncio.sleep(1.0)
+        streams = await asyncio.gather(*tasks)
+
+    # Every stream open at once: each had begun before any had ended.
+    assert max(first_arrivals) < min(last_arrivals)
+    ids = set()
+    for events in streams:
+        assert [e["sequence"] for e in events] == list(range(1, WORDS + 5))
+        assert [kind(e) for e in events] == [
+            "execution_started",
+            "node_started",
+            *["token_delta"] * WORDS,
+            "node_finished",
+            "execution_completed",
+        ]
+        assert "".join(e["token_delta"]["text"] for e in events[2:-2]) == prompt
+        assert events[-1]["execution_completed"]["result"]["output"] == prompt
+        ids.add(events[0]["execution_id"])
+    assert len(ids) == CONCURRENT_STREAMS

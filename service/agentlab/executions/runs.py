@@ -34,15 +34,28 @@ class Runs:
         self._bus = bus
         self._admission = admission
         self._running: dict[str, tuple[asyncio.Task[None], Stop]] = {}
+        # The executions counted by admission: until their lab work is over
+        # (their final event is produced) or a stop is asked for, whichever
+        # comes first. Not until their run ends: a client that saw the final
+        # event, or left, may start its next execution at once and must not
+        # be refused because this one is still being written.
+        self._counted: set[str] = set()
         # The final event of each execution run here, for callers in this
         # process: waiting on it costs no store reads.
         self._finals: dict[str, asyncio.Future[pb.ExecutionEvent]] = {}
+        self._writers: dict[str, EventWriter] = {}
         # Whether drain() has begun.
         self._stopping = False
 
     def final(self, execution_id: str) -> asyncio.Future[pb.ExecutionEvent] | None:
         """The final event of an execution run here (None if it is not)."""
         return self._finals.get(execution_id)
+
+    def unpublished(self, execution_id: str) -> bool:
+        """Whether the execution runs here and none of its events can have
+        been published yet (none has gone to the store)."""
+        writer = self._writers.get(execution_id)
+        return writer is not None and not writer.storing
 
     def stop(self, execution_id: str) -> asyncio.Task[None] | None:
         """Ask an execution run here to stop; its task, None if not here."""
@@ -51,7 +64,14 @@ class Runs:
             return None
         task, stop = local
         stop.request()
+        self._uncount(execution_id)
         return task
+
+    def _uncount(self, execution_id: str) -> None:
+        """Free the execution's place within the limits (once)."""
+        if execution_id in self._counted:
+            self._counted.discard(execution_id)
+            self._admission.release()
 
     def launch(
         self, execution_id: str, prepared: Prepared, *, background: bool, admitted: bool = False
@@ -61,18 +81,22 @@ class Runs:
         refused: they are recorded already."""
         if not admitted:
             self._admission.count()
+        self._counted.add(execution_id)
         stop = Stop()
         final: asyncio.Future[pb.ExecutionEvent] = asyncio.get_running_loop().create_future()
+        writer = EventWriter(self._store, self._bus, execution_id)
         run = asyncio.create_task(
-            self._run(execution_id, prepared, stop, final, background), name=execution_id
+            self._run(execution_id, prepared, stop, final, background, writer), name=execution_id
         )
         self._running[execution_id] = (run, stop)
         self._finals[execution_id] = final
+        self._writers[execution_id] = writer
 
         def forget(_: object) -> None:
-            self._admission.release()
+            self._uncount(execution_id)
             self._running.pop(execution_id, None)
             self._finals.pop(execution_id, None)
+            self._writers.pop(execution_id, None)
             if not final.done():  # the run could not record its end
                 final.set_exception(InternalError(new_error_id()))
 
@@ -104,8 +128,8 @@ class Runs:
         stop: Stop,
         final: asyncio.Future[pb.ExecutionEvent],
         background: bool,
+        writer: EventWriter,
     ) -> None:
-        writer = EventWriter(self._store, self._bus, execution_id)
         try:
             async with self._admission.turn(execution_id, stop) as turn:
                 if not turn and self._stopping and background:
@@ -116,6 +140,7 @@ class Runs:
                     await _cancel_queued(execution_id, prepared.task, final, writer)
                     return
                 started = False
+                last: pb.ExecutionEvent | None = None
                 events = self._runner.stream(prepared, execution_id=execution_id, stop=stop)
                 async for event in events:
                     message = codec.event(event)
@@ -124,8 +149,13 @@ class Runs:
                     writer.add(message, started_at=None if started else datetime.now(UTC))
                     started = True
                     if codec.is_final(message):
-                        await writer.close(codec.ending(execution_id, message))
-                        final.set_result(message)
+                        last = message
+            # The lab's work is over: the turn (above) and the place go to
+            # the next execution before the final event is stored and seen.
+            self._uncount(execution_id)
+            if last is not None:
+                await writer.close(codec.ending(execution_id, last))
+                final.set_result(last)
         except Exception:
             # The store itself failed: nothing more can be recorded.
             logger.exception("execution %s could not be recorded", execution_id)

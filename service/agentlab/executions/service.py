@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from agentlab.core.errors import NotFound
 from agentlab.core.runner import Runner
@@ -41,9 +41,10 @@ logger = logging.getLogger(__name__)
 
 
 class Executions:
-    """``poll_s``: how often a watcher reads the store while the bus is
-    quiet; ``heartbeat_s`` and ``lease_s``: how often this process says it
-    is alive, and how long an owner may be silent before its executions are
+    """``poll_s``: how soon a watcher reads the store once the bus is
+    quiet (then less often while it stays quiet: executions/watch.py);
+    ``heartbeat_s`` and ``lease_s``: how often this process says it is
+    alive, and how long an owner may be silent before its executions are
     taken over (seconds)."""
 
     def __init__(
@@ -154,11 +155,26 @@ class Executions:
             task, caller=caller, request_id=request_id, background=background
         )
 
+        created = submitted.created
+
         def watched(execution_id: str, after: int) -> AsyncGenerator[pb.ExecutionEvent, None]:
+            if created and after == 0:
+                # Its own execution: no ownership check; and while it has
+                # published nothing (run here, nothing stored yet, checked
+                # once subscribed), the bus before the store.
+                return self._watch(
+                    execution_id, 0, replay_first=lambda: not self._runs.unpublished(execution_id)
+                )
             return self.watch(execution_id, after, caller)
 
         async def cancelled(execution_id: str) -> None:
-            await self.cancel(execution_id, caller)
+            # Run here (this call created it): stopped before anything is
+            # awaited, so its place is free as soon as the caller has left.
+            task = self._runs.stop(execution_id)
+            if task is not None:
+                await asyncio.wait({task}, timeout=10.0)
+            else:
+                await self.cancel(execution_id, caller)
 
         call = Call(submitted.record, submitted.created, self.wait_for_final, watched)
         async with held(call, leaving_cancels=leaving_cancels, cancel=cancelled):
@@ -204,11 +220,25 @@ class Executions:
     ) -> AsyncGenerator[pb.ExecutionEvent, None]:
         """Events after ``after_sequence`` until the final one, each once."""
         await self.get(execution_id, caller)
-        async with contextlib.aclosing(
-            watch.watch(self._store, self._bus, execution_id, after_sequence, poll_s=self._poll_s)
-        ) as events:
+        async with contextlib.aclosing(self._watch(execution_id, after_sequence)) as events:
             async for event in events:
                 yield event
+
+    def _watch(
+        self,
+        execution_id: str,
+        after_sequence: int,
+        *,
+        replay_first: bool | Callable[[], bool] = True,
+    ) -> AsyncGenerator[pb.ExecutionEvent, None]:
+        return watch.watch(
+            self._store,
+            self._bus,
+            execution_id,
+            after_sequence,
+            poll_s=self._poll_s,
+            replay_first=replay_first,
+        )
 
     async def wait_for_final(self, execution_id: str) -> pb.ExecutionEvent:
         """The execution's final event, once there is one."""

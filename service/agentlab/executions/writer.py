@@ -40,6 +40,9 @@ class EventWriter:
         self._ending: Ending | None = None
         self._wake = asyncio.Event()
         self._closed = asyncio.Event()
+        self.storing = False
+        """Whether a batch of events has gone to the store: until then none
+        can have been published (stored before published)."""
         self._task = asyncio.create_task(self._loop(), name=f"events-{execution_id}")
 
     def add(self, message: pb.ExecutionEvent, *, started_at: datetime | None = None) -> None:
@@ -85,6 +88,8 @@ class EventWriter:
             self._ending = None
         if not batch and ending is None:
             return
+        if batch:
+            self.storing = True
         await self._store.append_events(
             self._execution_id, batch, started_at=started_at, ending=ending
         )
