@@ -131,6 +131,32 @@ async def test_events_published_together_arrive_in_order(kit: Kit) -> None:
         await assert_quiet(events)
 
 
+async def test_publishes_of_several_executions_at_once_each_arrive_in_order(kit: Kit) -> None:
+    # Executions publish at the same time (the Redis bus sends what one turn
+    # of the loop published as one pipeline): each subscriber gets its
+    # execution's events, in order, even those of a publisher that stopped
+    # waiting.
+    bus = await kit.make()
+    runner = await kit.other(bus)
+    async with (
+        bus.subscribe("e1") as first,
+        bus.subscribe("e2") as second,
+        bus.subscribe("e3") as third,
+    ):
+        gone = asyncio.ensure_future(runner.publish("e3", event(7)))
+        await asyncio.sleep(0)  # under way: then its caller stops waiting
+        gone.cancel()
+        await asyncio.gather(
+            runner.publish("e1", event(1), event(2)),
+            runner.publish("e2", event(10), event(11), event(12)),
+        )
+        await runner.publish("e2", event(13))
+        assert await take(first, 2) == [event(1), event(2)]
+        assert await take(second, 4) == [event(s) for s in range(10, 14)]
+        assert await take(third, 1) == [event(7)]
+        await assert_quiet(first)
+
+
 async def test_events_from_another_process_arrive(kit: Kit) -> None:
     bus = await kit.make()
     runner = await kit.other(bus)

@@ -479,6 +479,103 @@ async def test_sqlite_commits_queued_writes_as_a_group_each_failing_alone(
         await store.close()
 
 
+@pytest.fixture
+async def postgres_schema_url() -> AsyncIterator[tuple[str, str]]:
+    """A PostgreSQL URL and a schema of this test's own, dropped after."""
+    url = postgres_url()
+    schema = f"test_store_{secrets.token_hex(6)}"
+    yield url, schema
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(schema)} CASCADE")
+    finally:
+        await conn.close()
+
+
+async def test_postgres_commits_queued_writes_as_a_group_each_failing_alone(
+    postgres_schema_url: tuple[str, str],
+) -> None:
+    # Another connection holds a record's row lock, so the group in flight
+    # (one append to it) waits while the mix queues: the next group takes
+    # the mix together, and a bad write must still fail alone.
+    url, schema = postgres_schema_url
+    store = PostgresStore(url, schema=schema)
+    await store.open()
+    other = await asyncpg.connect(url, server_settings={"search_path": quote_ident(schema)})
+    blocked: list[asyncio.Future[None]] = []
+
+    async def lock() -> None:
+        await other.execute("BEGIN")
+        await other.execute("SELECT 1 FROM executions WHERE id = $1 FOR UPDATE", record.id)
+        blocked.append(asyncio.ensure_future(store.append_events(record.id, [], started_at=T0)))
+        await asyncio.sleep(0.05)
+
+    async def hold() -> None:
+        await asyncio.sleep(0.2)
+        await other.execute("COMMIT")
+
+    try:
+        record, _ = await store.create(new_execution())
+        await write_a_mix(store, lock, hold)
+        await blocked[0]
+        stored = await store.get(record.id)
+        assert stored is not None
+        assert stored.state is ExecutionState.RUNNING
+    finally:
+        await other.close()
+        await store.close()
+
+
+async def test_postgres_writes_queued_together_commit_in_one_transaction(
+    postgres_schema_url: tuple[str, str],
+) -> None:
+    # Group commit, seen in the rows: those written by one transaction carry
+    # its id (xmin). Appends to three executions queued in one turn of the
+    # loop are one transaction, and so are two creates.
+    url, schema = postgres_schema_url
+    store = PostgresStore(url, schema=schema)
+    await store.open()
+    try:
+        records = [(await store.create(new_execution()))[0] for _ in range(3)]
+        ending = Ending(ExecutionState.SUCCEEDED, T0 + timedelta(seconds=1), b"done", None)
+        outcomes = await asyncio.gather(
+            store.append_events(records[0].id, [StoredEvent(1, b"a")]),
+            store.append_events(records[1].id, [StoredEvent(1, b"b")], started_at=T0),
+            store.append_events(records[2].id, [StoredEvent(1, b"c")], ending=ending),
+            store.create(new_execution(id="d", request_id="d")),
+            store.create(new_execution(id="e", request_id="e")),
+        )
+        assert list(outcomes[:3]) == [None, None, None]
+        assert [(record.id, created) for record, created in outcomes[3:]] == [
+            ("d", True),
+            ("e", True),
+        ]
+        # What create answered is what a read gives.
+        assert [await store.get(id) for id in ("d", "e")] == [r for r, _ in outcomes[3:]]
+        finished = await store.get(records[2].id)
+        assert finished is not None
+        assert (finished.state, finished.result, finished.last_sequence) == (
+            ExecutionState.SUCCEEDED,
+            b"done",
+            1,
+        )
+        conn = await asyncpg.connect(url, server_settings={"search_path": quote_ident(schema)})
+        try:
+            appended = await conn.fetch(
+                "SELECT DISTINCT xmin::text FROM execution_events WHERE execution_id = ANY($1)",
+                [record.id for record in records],
+            )
+            created = await conn.fetch(
+                "SELECT DISTINCT xmin::text FROM executions WHERE id IN ('d', 'e')"
+            )
+        finally:
+            await conn.close()
+        assert len(appended) == 1
+        assert len(created) == 1
+    finally:
+        await store.close()
+
+
 async def cancel_midway(call: Callable[[], Awaitable[object]], n: int) -> None:
     """Start ``call`` and cancel it somewhere between before it starts and
     well into its round trips to the database, depending on ``n``."""

@@ -6,6 +6,20 @@ settled by the database rather than by reading first and writing after:
 creates conflict on the unique index, claims are a conditional UPDATE (a
 second claimer waits on the row lock, then re-checks the heartbeat the first
 one just moved), and appends lock the execution's row before inserting.
+
+Writes commit in groups, as in SqliteStore: creates and appends queued in
+one turn of the event loop (or while earlier groups were in flight) go to
+PostgreSQL together, each kind as one pipelined round trip (asyncpg's
+fetchmany: one statement per write, one implicit transaction, one commit).
+Under load a write then costs a fraction of a round trip, of a commit and
+of a pooled connection's acquire rather than one of each; alone, it costs
+what it did. A write that fails (a DuplicateEvent, say) undoes its batch,
+which is then done again one write at a time, so that it fails alone.
+
+Transactions that lock several rows lock them in one order (a group's
+writes sorted by execution id, or by idempotency key for creates; a
+heartbeat's rows by id), so that they cannot deadlock one another, in this
+process or across processes.
 """
 
 from __future__ import annotations
@@ -40,6 +54,15 @@ _COLUMNS = (
 )
 _ACTIVE = [state.value for state in ACTIVE_STATES]
 
+# Writes one group takes at most: bounds how long its row locks are held and
+# how long the loop spends settling it.
+_MAX_GROUP = 512
+# Groups in flight at once, each on a pooled connection: more than one, so
+# that writes queued while a group is in flight wait for their own round
+# trip only, not for that group's as well (on a busy loop a round trip takes
+# several of its turns); more would take connections from reads for little.
+_MAX_GROUPS_IN_FLIGHT = 2
+
 
 class PostgresStore:
     def __init__(self, url: str, *, schema: str | None = None) -> None:
@@ -50,13 +73,27 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         # Calls outlive cancelled callers (see _run): held here until done.
         self._running: set[asyncio.Task[Any]] = set()
+        # Writes waiting for the next group; the tasks writing groups, and
+        # whether one of them has yet to take its group (it will take those
+        # queued meanwhile).
+        self._queued: list[_Write] = []
+        self._writers: set[asyncio.Task[None]] = set()
+        self._writer_starting = False
 
     async def open(self) -> None:
         if self._pool is not None:
             return
         server_settings = {} if self.schema is None else {"search_path": quote_ident(self.schema)}
         pool = await asyncpg.create_pool(
-            self.url, min_size=1, max_size=10, server_settings=server_settings
+            self.url,
+            min_size=1,
+            max_size=10,
+            server_settings=server_settings,
+            # Instead of asyncpg's reset query on every release, a round trip
+            # per call: this store leaves nothing in a session to reset (no
+            # SET, LISTEN, cursors or session advisory locks). An open
+            # transaction is still rolled back by asyncpg itself.
+            reset=_keep_session,
         )
         try:
             async with pool.acquire() as conn:
@@ -68,15 +105,29 @@ class PostgresStore:
 
     async def close(self) -> None:
         # Calls already started end first, even those whose callers were
-        # cancelled and are not waiting for them.
-        if self._running:
-            await asyncio.wait(self._running)
+        # cancelled and are not waiting for them, and queued writes too.
+        while pending := {*self._running, *self._writers}:
+            await asyncio.wait(pending)
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
 
     async def create(self, new: NewExecution) -> tuple[ExecutionRecord, bool]:
         created_at = _utc(new.created_at)
+        args = (
+            new.id,
+            new.request_id,
+            new.caller,
+            new.model,
+            new.mode,
+            new.prompt,
+            encode_options(new.options),
+            new.background,
+            ExecutionState.QUEUED.value,
+            created_at,
+            new.owner,
+            new.fingerprint,
+        )
 
         async def insert(conn: Any) -> tuple[ExecutionRecord, bool]:
             # Each statement on its own (autocommit): at READ COMMITTED an
@@ -85,27 +136,7 @@ class PostgresStore:
             # is for the conflicting row vanishing in between (a rollback
             # after all, or a delete): the insert is then tried again.
             for _ in range(3):
-                row = await conn.fetchrow(
-                    f"""
-                    INSERT INTO executions ({_COLUMNS})
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, NULL, $11, $10, 0,
-                            NULL, NULL, $12)
-                    ON CONFLICT (caller, request_id) WHERE request_id <> '' DO NOTHING
-                    RETURNING {_COLUMNS}
-                    """,
-                    new.id,
-                    new.request_id,
-                    new.caller,
-                    new.model,
-                    new.mode,
-                    new.prompt,
-                    encode_options(new.options),
-                    new.background,
-                    ExecutionState.QUEUED.value,
-                    created_at,
-                    new.owner,
-                    new.fingerprint,
-                )
+                row = await conn.fetchrow(_INSERT_RETURNING, *args)
                 if row is not None:
                     return _record(row), True
                 row = await conn.fetchrow(
@@ -120,7 +151,44 @@ class PostgresStore:
                 "conflicting with a record that was gone when read"
             )
 
-        return await self._run(insert)
+        async def settle(row: Any, conn: Any) -> tuple[ExecutionRecord, bool]:
+            # In a group: whether the row was inserted. If not, the
+            # conflicting record is read once the group has committed, as
+            # insert() does.
+            if not row[0]:
+                return await insert(conn)
+            at = _from_db(created_at)
+            return (
+                ExecutionRecord(
+                    id=new.id,
+                    request_id=new.request_id,
+                    caller=new.caller,
+                    model=new.model,
+                    mode=new.mode,
+                    prompt=new.prompt,
+                    options=dict(new.options),
+                    background=new.background,
+                    state=ExecutionState.QUEUED,
+                    created_at=at,
+                    started_at=None,
+                    ended_at=None,
+                    owner=new.owner,
+                    heartbeat_at=at,
+                    last_sequence=0,
+                    result=None,
+                    error=None,
+                    fingerprint=new.fingerprint,
+                ),
+                True,
+            )
+
+        # Sorted by the key, in a group: groups creating records with the
+        # same keys then wait on each other's in one order.
+        key = f"{new.caller}\0{new.request_id}" if new.request_id else ""
+        result: tuple[ExecutionRecord, bool] = await self._write(
+            _Write(_INSERT_GROUPED, args, insert, settle, key=key)
+        )
+        return result
 
     async def get(self, execution_id: str) -> ExecutionRecord | None:
         row = await self._fetchrow(f"SELECT {_COLUMNS} FROM executions WHERE id = $1", execution_id)
@@ -185,18 +253,25 @@ class PostgresStore:
         if not events and started_at is None and ending is None:
             return
 
-        sql, args = _append(execution_id, events, started_at, ending)
+        args = _append_args(execution_id, events, started_at, ending)
+
+        def check(row: Any) -> None:
+            # The statement's value: whether the record was found.
+            if events and not row[0]:
+                raise UnknownExecution(execution_id)
 
         async def append(conn: Any) -> None:
             try:
-                updated = await conn.fetchval(sql, *args)
+                row = await conn.fetchrow(_APPEND, *args)
             except asyncpg.UniqueViolationError as error:
                 # One statement: the record's update is undone with it.
                 raise DuplicateEvent(execution_id, events[0].sequence) from error
-            if events and not updated:
-                raise UnknownExecution(execution_id)
+            check(row)
 
-        await self._run(append)
+        async def settle(row: Any, conn: Any) -> None:
+            check(row)
+
+        await self._write(_Write(_APPEND, args, append, settle, key=execution_id))
 
     async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
         rows = await self._fetch(
@@ -208,8 +283,13 @@ class PostgresStore:
         return [StoredEvent(sequence=row["sequence"], payload=row["payload"]) for row in rows]
 
     async def heartbeat(self, owner: str, at: datetime) -> None:
+        # The rows locked in id order, as a group's appends lock them: in
+        # the UPDATE's own order (the table's), it could deadlock with a
+        # group in flight that holds some of them and waits for another.
         await self._update(
-            "UPDATE executions SET heartbeat_at = $1 WHERE owner = $2 AND state = ANY($3::text[])",
+            "UPDATE executions SET heartbeat_at = $1 WHERE id IN ("
+            " SELECT id FROM executions WHERE owner = $2 AND state = ANY($3::text[])"
+            " ORDER BY id FOR UPDATE)",
             _utc(at),
             owner,
             _ACTIVE,
@@ -238,6 +318,49 @@ class PostgresStore:
             _utc(stale_before),
         )
         return taken == 1
+
+    async def _write(self, write: _Write) -> Any:
+        """``write`` in the next group, its outcome once the group is done.
+
+        A cancelled caller stops waiting, but the write still happens (a
+        cancelled execution's last events and state must be kept): every
+        queued write is written, and close() waits for them."""
+        if self._pool is None:
+            raise RuntimeError("the PostgreSQL store is not open")
+        self._queued.append(write)
+        if not self._writer_starting and len(self._writers) < _MAX_GROUPS_IN_FLIGHT:
+            # It starts at the loop's next turn: every write queued in this
+            # one goes in its first group.
+            self._writer_starting = True
+            writer = asyncio.create_task(self._write_groups(), name="postgres-writer")
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
+        return await asyncio.shield(write.future)
+
+    async def _write_groups(self) -> None:
+        """Write the queued writes, a group at a time, until none is left:
+        those queued while groups are in flight make the next one."""
+        self._writer_starting = False
+        group: list[_Write] = []
+        try:
+            while self._queued:
+                group, self._queued = self._queued[:_MAX_GROUP], self._queued[_MAX_GROUP:]
+                try:
+                    async with self._connection() as conn:
+                        await _write_group(conn, group)
+                except Exception as error:  # never leave a caller waiting
+                    for write in group:
+                        write.fail(error)
+                group = []
+        finally:
+            # Cancelled (the loop shuts down): nobody must wait forever.
+            stopped = RuntimeError("the PostgreSQL store's writer stopped")
+            for write in group:
+                write.fail(stopped)
+            if not self._writers - {asyncio.current_task()}:
+                for write in self._queued:
+                    write.fail(stopped)
+                self._queued = []
 
     async def _fetch(self, sql: str, *args: object) -> list[Any]:
         async def run(conn: Any) -> list[Any]:
@@ -284,60 +407,166 @@ class PostgresStore:
         return self._pool.acquire()
 
 
-def _append(
+class _Write:
+    """A write waiting for its group. ``sql`` is its statement in a group,
+    with ``args``, one row back per write, which ``settle`` (given the row
+    and the connection, after the batch's commit) turns into the write's
+    value or error. ``alone`` is the write on its own: for a group of one,
+    and for a batch undone by an error. ``key``: a batch is sorted by it
+    (see _write_group)."""
+
+    __slots__ = ("alone", "args", "future", "key", "settle", "sql")
+
+    def __init__(
+        self,
+        sql: str,
+        args: Sequence[object],
+        alone: Callable[[Any], Awaitable[Any]],
+        settle: Callable[[Any, Any], Awaitable[Any]],
+        *,
+        key: str = "",
+    ) -> None:
+        self.sql = sql
+        self.args = args
+        self.alone = alone
+        self.settle = settle
+        self.key = key
+        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def run_alone(self, conn: Any) -> None:
+        try:
+            value = await self.alone(conn)
+        except Exception as error:
+            self.fail(error)
+        else:
+            self.succeed(value)
+
+    async def run_settle(self, row: Any, conn: Any) -> None:
+        try:
+            value = await self.settle(row, conn)
+        except Exception as error:
+            self.fail(error)
+        else:
+            self.succeed(value)
+
+    def succeed(self, value: Any) -> None:
+        if not self.future.done():
+            self.future.set_result(value)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+            # Retrieved here: a caller that stopped waiting must not make
+            # asyncio log "exception was never retrieved".
+            self.future.exception()
+
+
+async def _write_group(conn: Any, group: list[_Write]) -> None:
+    """The group's writes of each statement (creates, appends) as a batch:
+    one pipelined round trip (fetchmany: atomic, one commit). If one write
+    of a batch fails, PostgreSQL undoes the batch, which is then written
+    again a write at a time, so that the error is that write's alone. An
+    error that is not PostgreSQL's (the connection was lost) leaves the
+    batch's fate unknown: its writes fail with it, rather than risk writing
+    twice.
+
+    A batch is sorted by its writes' keys (a stable sort: an execution's
+    appends keep their order), so that transactions lock executions' rows,
+    or wait on each other's idempotency keys, in one order: groups in
+    flight together, or in several processes, cannot deadlock."""
+    if len(group) == 1:
+        await group[0].run_alone(conn)
+        return
+    batches: dict[str, list[_Write]] = {}
+    for write in group:
+        batches.setdefault(write.sql, []).append(write)
+    for sql, writes in batches.items():
+        writes.sort(key=lambda write: write.key)
+        if len(writes) == 1:
+            await writes[0].run_alone(conn)
+            continue
+        try:
+            rows = await conn.fetchmany(sql, [write.args for write in writes])
+        except asyncpg.PostgresError:
+            for write in writes:
+                await write.run_alone(conn)
+            continue
+        except Exception as error:
+            for write in writes:
+                write.fail(error)
+            continue
+        for write, row in zip(writes, rows, strict=True):
+            await write.run_settle(row, conn)
+
+
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset on release: nothing to do (see open())."""
+
+
+_INSERT_VALUES = f"""
+    INSERT INTO executions ({_COLUMNS})
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, NULL, $11, $10, 0, NULL, NULL, $12)
+    ON CONFLICT (caller, request_id) WHERE request_id <> '' DO NOTHING
+"""
+_INSERT_RETURNING = f"{_INSERT_VALUES} RETURNING {_COLUMNS}"
+# In a group, one row per create: whether it inserted the record.
+_INSERT_GROUPED = (
+    f"WITH created AS ({_INSERT_VALUES} RETURNING 1) SELECT EXISTS (SELECT 1 FROM created)"
+)
+
+# append_events as one statement, so one round trip and atomic by itself,
+# one shape for every append (a group of them is one batch): the record's
+# update, then the events' insert, only where the update found the record.
+# The update comes first: it locks the execution's row, so appends to one
+# execution take turns. The right-hand sides read the row as it was: the
+# start ($3, or NULL) applies to an active record only (a cancel that
+# finished it first sticks), and an end given with it ($5 its state, or
+# NULL) wins. last_sequence: GREATEST ignores a NULL $2 (no events). The
+# statement's value is whether the record was found.
+_APPEND = """
+    WITH updated AS (
+        UPDATE executions SET
+            last_sequence = GREATEST(last_sequence, $2::bigint),
+            started_at = CASE WHEN $3::timestamptz IS NOT NULL AND state = ANY($4::text[])
+                THEN $3::timestamptz ELSE started_at END,
+            state = CASE WHEN $5::text IS NOT NULL THEN $5::text
+                WHEN $3::timestamptz IS NOT NULL AND state = ANY($4::text[]) THEN $6::text
+                ELSE state END,
+            ended_at = CASE WHEN $5::text IS NOT NULL THEN $7::timestamptz ELSE ended_at END,
+            result = CASE WHEN $5::text IS NOT NULL THEN $8::bytea ELSE result END,
+            error = CASE WHEN $5::text IS NOT NULL THEN $9::bytea ELSE error END
+        WHERE id = $1
+        RETURNING id
+    ),
+    inserted AS (
+        INSERT INTO execution_events (execution_id, sequence, payload)
+        SELECT $1, sequence, payload FROM unnest($10::bigint[], $11::bytea[])
+            AS event(sequence, payload)
+        WHERE EXISTS (SELECT 1 FROM updated)
+    )
+    SELECT EXISTS (SELECT 1 FROM updated)
+"""
+
+
+def _append_args(
     execution_id: str,
     events: Sequence[StoredEvent],
     started_at: datetime | None,
     ending: Ending | None,
-) -> tuple[str, list[object]]:
-    """append_events as one statement, so one round trip and atomic by
-    itself: the record's update (last_sequence, the start, the end, as the
-    arguments say), then the events' insert, only where the update found the
-    record. The update comes first: it locks the execution's row, so appends
-    to one execution take turns. The statement's value is whether the
-    record was found."""
-    args: list[object] = [execution_id]
-
-    def arg(value: object) -> str:
-        args.append(value)
-        return f"${len(args)}"
-
-    active = f"state = ANY({arg(_ACTIVE)}::text[])" if started_at is not None else ""
-    columns = []
-    if events:
-        columns.append(
-            f"last_sequence = GREATEST(last_sequence, {arg(max(e.sequence for e in events))})"
-        )
-    if started_at is not None:
-        # The right-hand sides read the row as it was: the start applies to
-        # an active record only (a cancel that finished it first sticks),
-        # and an end given with it wins.
-        columns.append(
-            f"started_at = CASE WHEN {active} THEN {arg(_utc(started_at))} ELSE started_at END"
-        )
-        if ending is None:
-            running = arg(ExecutionState.RUNNING.value)
-            columns.append(f"state = CASE WHEN {active} THEN {running} ELSE state END")
-    if ending is not None:
-        columns += [
-            f"state = {arg(ending.state.value)}",
-            f"ended_at = {arg(_utc(ending.at))}",
-            f"result = {arg(ending.result)}",
-            f"error = {arg(ending.error)}",
-        ]
-    update = f"UPDATE executions SET {', '.join(columns)} WHERE id = $1 RETURNING id"
-    if not events:
-        return f"WITH updated AS ({update}) SELECT EXISTS (SELECT 1 FROM updated)", args
-    sequences = arg([event.sequence for event in events])
-    payloads = arg([event.payload for event in events])
+) -> tuple[object, ...]:
+    """_APPEND's arguments."""
     return (
-        f"WITH updated AS ({update}),"
-        " inserted AS ("
-        "INSERT INTO execution_events (execution_id, sequence, payload)"
-        f" SELECT $1, sequence, payload FROM unnest({sequences}::bigint[], {payloads}::bytea[])"
-        " AS event(sequence, payload) WHERE EXISTS (SELECT 1 FROM updated))"
-        " SELECT EXISTS (SELECT 1 FROM updated)",
-        args,
+        execution_id,
+        max(event.sequence for event in events) if events else None,
+        None if started_at is None else _utc(started_at),
+        _ACTIVE,
+        None if ending is None else ending.state.value,
+        ExecutionState.RUNNING.value,
+        None if ending is None else _utc(ending.at),
+        None if ending is None else ending.result,
+        None if ending is None else ending.error,
+        [event.sequence for event in events],
+        [event.payload for event in events],
     )
 
 

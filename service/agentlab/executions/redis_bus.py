@@ -84,6 +84,11 @@ class RedisBus:
         self._listener: Listener | None = None
         self._listener_lock = asyncio.Lock()
         self._closed = False
+        # Publishes of this turn of the loop, of every execution: one task
+        # sends them at the next turn, as one pipeline (a round trip, and
+        # redis-py's cost per call, for them all rather than for each).
+        self._outgoing: list[tuple[str, list[bytes], asyncio.Future[None]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         """Connect and check that Redis answers. On BusUnavailable the bus
@@ -107,6 +112,9 @@ class RedisBus:
 
     async def close(self) -> None:
         self._closed = True
+        # Publishes already queued are sent first.
+        if self._sending:
+            await asyncio.wait(self._sending)
         async with self._listener_lock:
             listener, self._listener = self._listener, None
             if listener is not None:
@@ -116,19 +124,9 @@ class RedisBus:
             await client.aclose()
 
     async def publish(self, execution_id: str, *events: StoredEvent) -> None:
-        channel = self._events_channel(execution_id)
-        if len(events) == 1:
-            await self._publish(channel, _encode_event(events[0]))
-            return
-        # A batch in one round trip: a pipeline (not a transaction; each
-        # PUBLISH stands alone, and a subscriber gets them in order).
-        pipe = self._require_open().pipeline(transaction=False)
-        for event in events:
-            pipe.publish(channel, _encode_event(event))
-        try:
-            await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise BusUnavailable(f"could not publish to {channel}: {exc}") from exc
+        await self._publish(
+            self._events_channel(execution_id), [_encode_event(event) for event in events]
+        )
 
     def subscribe(
         self, execution_id: str
@@ -136,7 +134,7 @@ class RedisBus:
         return self._subscription(self._events_channel(execution_id), _decode_event)
 
     async def request_cancel(self, execution_id: str) -> None:
-        await self._publish(self._cancel_channel(), execution_id.encode())
+        await self._publish(self._cancel_channel(), [execution_id.encode()])
 
     def cancel_requests(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[str]]:
         return self._subscription(self._cancel_channel(), _decode_id)
@@ -154,12 +152,57 @@ class RedisBus:
             raise RuntimeError("RedisBus.open() was not called")
         return self._client
 
-    async def _publish(self, channel: str, data: bytes) -> None:
-        client = self._require_open()
+    async def _publish(self, channel: str, messages: list[bytes]) -> None:
+        """Publish ``messages`` to ``channel``, in order, with the others
+        published in this turn of the loop; raises BusUnavailable if Redis
+        did not take them. A cancelled caller stops waiting; its messages
+        are sent all the same."""
+        self._require_open()
+        if not messages:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._outgoing:
+            sending = asyncio.create_task(self._send_queued(), name="redis-publish")
+            self._sending.add(sending)
+            sending.add_done_callback(self._sending.discard)
+        self._outgoing.append((channel, messages, future))
+        await future
+
+    async def _send_queued(self) -> None:
+        queued, self._outgoing = self._outgoing, []
+        failure: BaseException | None = None
         try:
-            await client.publish(channel, data)
-        except (RedisError, OSError) as exc:
-            raise BusUnavailable(f"could not publish to {channel}: {exc}") from exc
+            client = self._require_open()
+            if len(queued) == 1 and len(queued[0][1]) == 1:
+                channel, [data], _ = queued[0]
+                await client.publish(channel, data)
+            else:
+                # A pipeline, not a transaction: each PUBLISH stands alone,
+                # and a subscriber gets a channel's messages in order.
+                pipe = client.pipeline(transaction=False)
+                for channel, messages, _ in queued:
+                    for data in messages:
+                        pipe.publish(channel, data)
+                await pipe.execute()
+        except (RedisError, OSError, BusUnavailable) as exc:
+            failure = exc
+        except BaseException as exc:  # never leave a caller waiting
+            failure = exc
+            raise
+        finally:
+            for channel, _, future in queued:
+                if future.done():  # its caller stopped waiting
+                    continue
+                if failure is None:
+                    future.set_result(None)
+                elif isinstance(failure, BusUnavailable):
+                    future.set_exception(failure)
+                elif isinstance(failure, RedisError | OSError):
+                    error = BusUnavailable(f"could not publish to {channel}: {failure}")
+                    error.__cause__ = failure
+                    future.set_exception(error)
+                else:
+                    future.set_exception(BusUnavailable(f"publishing failed: {failure!r}"))
 
     @asynccontextmanager
     async def _subscription(
