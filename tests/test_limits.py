@@ -641,3 +641,55 @@ def test_a_client_that_stops_reading_holds_the_service_back(echo_stack: Stack) -
         f"{stalled} of {sent} bytes while paused"
     )
     assert sequences == list(range(1, total + 1))
+
+
+class _CreateWaits:
+    """A store whose records are written only once ``gate`` opens: a caller
+    can leave while its record is being written."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.gate = asyncio.Event()
+        self.creating = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def create(self, new: Any) -> Any:
+        self.creating.set()
+        await self.gate.wait()
+        return await self._store.create(new)
+
+
+@pytest.mark.parametrize("background", [False, True])
+async def test_a_caller_that_leaves_while_its_record_is_written_leaves_no_queued_orphan(
+    tmp_path: Path, background: bool
+) -> None:
+    # The record is written anyway; nothing would run it, and it would stay
+    # QUEUED until a restart. Tied to the call that left, it ends
+    # CANCELLED; a background one runs.
+    lab = _GatedLab()
+    lab.gate.set()
+    runner = Runner(lambda model: Route(lab), default_max_tokens=16)
+    store = _CreateWaits(open_store(None, tmp_path))
+    executions = Executions(runner, store, LocalBus(), owner="t", max_running=1, max_queued=1)
+    await executions.start()
+    try:
+        submitting = asyncio.create_task(executions.submit(_task(), background=background))
+        await store.creating.wait()
+        submitting.cancel()
+        await asyncio.sleep(0)
+        store.gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await submitting
+        [record], _ = await store.page(page_size=10)
+        final = await asyncio.wait_for(executions.wait_for_final(record.id), 5.0)
+        expected = "execution_completed" if background else "execution_failed"
+        assert final.HasField(expected)
+        ended = await executions.get(record.id)
+        assert ended.state is (ExecutionState.SUCCEEDED if background else ExecutionState.CANCELLED)
+        # Its place is free again: both limits' worth of new work is taken.
+        for index in range(2):
+            await executions.submit(_task(f"after{index}"), background=True)
+    finally:
+        await executions.stop(5.0)

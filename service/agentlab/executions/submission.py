@@ -9,6 +9,7 @@ the limits, recorded QUEUED, and launched.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -65,21 +66,37 @@ async def submit(
     admission.admit()
     launched = False
     try:
-        record, created = await store.create(
-            NewExecution(
-                id=new_execution_id(),
-                request_id=request_id,
-                caller=caller,
-                model=task.model,
-                mode=task.mode.value,
-                prompt=task.prompt,
-                options=options,
-                background=background,
-                created_at=datetime.now(UTC),
-                owner=owner,
-                fingerprint=work,
+        creating = asyncio.ensure_future(
+            store.create(
+                NewExecution(
+                    id=new_execution_id(),
+                    request_id=request_id,
+                    caller=caller,
+                    model=task.model,
+                    mode=task.mode.value,
+                    prompt=task.prompt,
+                    options=options,
+                    background=background,
+                    created_at=datetime.now(UTC),
+                    owner=owner,
+                    fingerprint=work,
+                )
             )
         )
+        try:
+            record, created = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            # The caller left while the record was being written. The write
+            # goes on (the stores finish what they start), and a record
+            # left QUEUED with nothing to run it would stay so until a
+            # restart: it is run, or, tied to the call that left, ended.
+            record, created = await creating
+            if created:
+                runs.launch(record.id, prepared, background=background, admitted=True)
+                launched = True
+                if not background and not request_id:
+                    runs.stop(record.id)
+            raise
         if not created:
             # A call with the same key got there first, after the lookup.
             return _attach(record, work)
