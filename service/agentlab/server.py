@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -184,6 +185,11 @@ async def serve(settings: Settings) -> None:
             "gRPC listening on %s (port %d); loading the lab", settings.grpc_address, server.port
         )
         await server.start()
+        # What start-up built (modules, the contract's descriptors, the labs)
+        # lives as long as the process: out of the collector's sight, a full
+        # collection scans only what requests allocate, instead of pausing
+        # every request for ~70 ms (measured under load) to scan it all.
+        gc.freeze()
         logger.info(
             "serving: %s",
             ", ".join(

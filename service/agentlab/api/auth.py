@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 import yaml
 
-from agentlab.api.interceptors import Unary, UnaryStream, wrap_handler
+from agentlab.api.interceptors import Unary, UnaryStream, Wrapped, wrap_handler
 from agentlab.config import ConfigError
 from agentlab.core.errors import Unauthenticated
 
@@ -86,6 +86,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, keys: Mapping[str, str]) -> None:
         self._keys = dict(keys)
+        self._wrapped = Wrapped(
+            lambda handler, _: wrap_handler(handler, self._unary, self._streaming)
+        )
 
     async def intercept_service(
         self,
@@ -95,7 +98,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
             return handler
-        return wrap_handler(handler, self._unary, self._streaming)
+        return self._wrapped(handler, str(handler_call_details.method))
 
     def _caller(self, context: Any) -> str:
         metadata = dict(context.invocation_metadata() or ())

@@ -29,7 +29,7 @@ from agentlab.executions.call import StoredFailure
 from agentlab.executions.codec import rpc_status
 from agentlab.v1 import execution_pb2 as pb
 
-__all__ = ["CheckRequests", "MapErrors", "Unary", "UnaryStream", "wrap_handler"]
+__all__ = ["CheckRequests", "MapErrors", "Unary", "UnaryStream", "Wrapped", "wrap_handler"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,30 @@ def wrap_handler(
     return handler
 
 
+class Wrapped:
+    """Each method's handler wrapped once, not on every call: grpc.aio asks
+    the interceptors for the handler of every call, and the handler a method
+    resolves to stays the same (a new one, as after a re-registration, is
+    wrapped anew). ``wrap(handler, method)`` must keep nothing of one call."""
+
+    def __init__(self, wrap: Callable[[Any, str], Any]) -> None:
+        self._wrap = wrap
+        # Only methods the server has: an unknown one has no handler.
+        self._by_method: dict[str, tuple[Any, Any]] = {}
+
+    def __call__(self, handler: Any, method: str) -> Any:
+        cached = self._by_method.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._by_method[method] = (handler, wrapped)
+        return wrapped
+
+
 class CheckRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, rules: RequestRules) -> None:
         self._rules = rules
+        self._wrapped = Wrapped(self._wrap)
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
@@ -78,10 +99,10 @@ class CheckRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
+        return self._wrapped(handler, str(handler_call_details.method))
+
+    def _wrap(self, handler: Any, method: str) -> Any:
         parse = handler.request_deserializer
-        unknown = unknown_fields(
-            handler_call_details.method, handler_call_details.invocation_metadata or ()
-        )
 
         async def decoded(raw: bytes, context: Any) -> Any:
             # Errors are raised to MapErrors; a rule of the contract that does
@@ -92,6 +113,7 @@ class CheckRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise InvalidArgument(
                     "request", f"is not a valid message of this method: {error}"
                 ) from None
+            unknown = unknown_fields(method, context.invocation_metadata() or ())
             if found := [*unknown, *self._rules.violations(request)]:
                 raise InvalidArgument.of(found)
             return request
@@ -136,14 +158,18 @@ class MapErrors(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     a final event (completed or failed), only the status follows.
     """
 
+    def __init__(self) -> None:
+        self._wrapped = Wrapped(self._wrap)
+
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
     ) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = str(handler_call_details.method)
+        return self._wrapped(handler, str(handler_call_details.method))
 
+    def _wrap(self, handler: Any, method: str) -> Any:
         def unary(behaviour: Unary) -> Unary:
             async def mapped(request: Any, context: Any) -> Any:
                 try:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from functools import cache
+from functools import cache, lru_cache
 from urllib.parse import unquote
 
 from google.api import annotations_pb2  # type: ignore[import-untyped]
@@ -54,20 +54,27 @@ def unknown_fields(
     values = [value for key, value in metadata if key == JSON_FIELDS]
     if not values:
         return []
+    return list(_unknown(method, str(values[-1])))
+
+
+# Clients send the same few bodies' keys over and over: each answer is
+# computed once (FieldViolation is immutable). Bounded, as the header is the
+# client's to choose.
+@lru_cache(maxsize=1024)
+def _unknown(method: str, header: str) -> tuple[FieldViolation, ...]:
     body = _body_fields(method)
     if body is None:
-        return []
+        return ()
     message, known = body
-    header = str(values[-1])
     if header == _NOT_STRICT:
-        return [
+        return (
             FieldViolation(
                 "body",
                 "is not strict JSON (RFC 8259: keys and strings in double quotes, no "
                 "trailing comma), so its fields cannot be checked",
                 "JSON_NOT_STRICT",
-            )
-        ]
+            ),
+        )
     items = header.split(",")
     more = items[-1:] == [_MORE]
     unknown = [key for key in _keys(items[:-1] if more else items) if key not in known]
@@ -84,7 +91,7 @@ def unknown_fields(
                 "UNKNOWN_FIELD",
             )
         )
-    return found
+    return tuple(found)
 
 
 def _keys(items: list[str]) -> list[str]:

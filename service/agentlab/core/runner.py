@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from agentlab.core.errors import (
     AgentLabError,
@@ -95,10 +95,13 @@ class Runner:
         run = _Run(task, lab, execution_id or new_execution_id())
         yield run.event(ExecutionStarted(task.mode, task.model))
         deadline = None if task.timeout_s is None else time.monotonic() + task.timeout_s
+        cutoff = None if deadline is None and stop is None else _Cutoff(deadline, task, stop)
         try:
             async with aclosing(lab.run(task)) as lab_events:
                 while (
-                    lab_event := await _next_before(lab_events, deadline, task, stop)
+                    lab_event := await (
+                        anext(lab_events, None) if cutoff is None else cutoff.next(lab_events)
+                    )
                 ) is not None:
                     for piece in _pieces(lab_event):
                         if (event := run.observe(piece)) is not None:
@@ -112,8 +115,15 @@ class Runner:
             internal = InternalError.logged(logger, f"execution {run.execution_id}")
             yield run.event(ExecutionFailed(internal, run.flow_so_far(StepStatus.FAILED)))
             return
+        finally:
+            if cutoff is not None:
+                cutoff.close()
         result = run.result()
-        logger.info("execution %s finished in %.0f ms", run.execution_id, result.metrics.latency_ms)
+        # DEBUG: a line per request is Envoy's access log's job; formatting
+        # one here cost ~3 % of the service's time per REST Execute.
+        logger.debug(
+            "execution %s finished in %.0f ms", run.execution_id, result.metrics.latency_ms
+        )
         yield run.event(ExecutionCompleted(result))
 
 
@@ -146,21 +156,30 @@ def _first(*values: _T | None) -> _T | None:
     return next((value for value in values if value is not None), None)
 
 
+class Waiting(Protocol):
+    """A wait a Stop can cut short: an ``asyncio.Timeout``, or a
+    ``_Cutoff``."""
+
+    def expired(self) -> bool: ...
+
+    def reschedule(self, when: float | None) -> None: ...
+
+
 class Stop:
     """A request to stop one execution from outside it (a cancel): honoured
-    while the execution waits for its lab's next event, which is where it
-    spends its time."""
+    while the execution waits for its turn or for its lab's next event,
+    which is where it spends its time."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._waiting: asyncio.Timeout | None = None
+        self._waiting: Waiting | None = None
 
     def request(self) -> None:
         self.requested = True
         if self._waiting is not None and not self._waiting.expired():
             self._waiting.reschedule(asyncio.get_running_loop().time())
 
-    def attach(self, waiting: asyncio.Timeout) -> None:
+    def attach(self, waiting: Waiting) -> None:
         self._waiting = waiting
         if self.requested:
             waiting.reschedule(asyncio.get_running_loop().time())
@@ -169,30 +188,83 @@ class Stop:
         self._waiting = None
 
 
-async def _next_before(
-    events: AsyncGenerator[LabEvent, None], deadline: float | None, task: Task, stop: Stop | None
-) -> LabEvent | None:
-    """The lab's next event, or None at its end. Past the deadline, or on a
-    stop request, the lab's work is cancelled where it stands (closing its
-    upstream requests) and the execution fails with what it had done so far."""
-    if deadline is None and stop is None:
-        return await anext(events, None)
-    # time.monotonic is the event loop's clock too.
-    limit = asyncio.timeout_at(deadline)
-    try:
-        async with limit:
-            if stop is not None:
-                stop.attach(limit)
-            return await anext(events, None)
-    except TimeoutError:
-        if not limit.expired():
-            raise
-        if stop is not None and stop.requested:
-            raise Cancelled() from None
-        raise DeadlineExceeded(task.timeout_s or 0.0) from None
-    finally:
+class _Cutoff:
+    """One execution's waits for its lab's next event, cut short at its
+    deadline (the event loop's clock: time.monotonic) or on a stop request:
+    the lab's work is cancelled where it stands (closing its upstream
+    requests) and the execution fails with what it had done so far.
+
+    One timer per execution, where an ``asyncio.Timeout`` per event armed
+    and cancelled a timer for each token (~8 % of the service's time per
+    REST Execute). It cancels its task as asyncio.Timeout does, and only
+    while the task waits here: between waits, the next wait fails at once.
+    """
+
+    def __init__(self, deadline: float | None, task: Task, stop: Stop | None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task_timeout_s = task.timeout_s
+        self._stop = stop
+        self._handle: asyncio.TimerHandle | None = None
+        self._fired = False
+        self._waiter: asyncio.Task[object] | None = None  # the task waiting here
+        self._cancelled: asyncio.Task[object] | None = None  # cancelled by this
+        self.reschedule(deadline)
         if stop is not None:
-            stop.detach()
+            stop.attach(self)
+
+    def expired(self) -> bool:
+        return self._fired
+
+    def reschedule(self, when: float | None) -> None:
+        if self._fired:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if when is not None:
+            self._handle = self._loop.call_at(when, self._fire)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._stop is not None:
+            self._stop.detach()
+
+    def _fire(self) -> None:
+        self._fired = True
+        self._handle = None
+        if self._waiter is not None and self._cancelled is None:
+            self._cancelled = self._waiter
+            self._waiter.cancel()
+
+    async def next(self, events: AsyncGenerator[LabEvent, None]) -> LabEvent | None:
+        """The lab's next event, or None at its end; raises Cancelled or
+        DeadlineExceeded once cut short."""
+        if self._fired:
+            raise self._error()
+        self._waiter = asyncio.current_task()
+        try:
+            return await anext(events, None)
+        except asyncio.CancelledError:
+            if self._took_back():
+                raise self._error() from None
+            raise
+        finally:
+            self._waiter = None
+            # A cancel the lab swallowed is taken back too: the next wait fails.
+            self._took_back()
+
+    def _took_back(self) -> bool:
+        """Whether this cancelled the waiting task and nobody else did; the
+        cancel is taken back from the task (once)."""
+        task, self._cancelled = self._cancelled, None
+        return task is not None and task.uncancel() == 0
+
+    def _error(self) -> AgentLabError:
+        if self._stop is not None and self._stop.requested:
+            return Cancelled()
+        return DeadlineExceeded(self._task_timeout_s or 0.0)
 
 
 def new_execution_id() -> str:

@@ -159,10 +159,21 @@ def retry_after_s(error: AgentLabError) -> float | None:
     return None
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
+    """``moment`` as a Timestamp; a naive datetime is taken as UTC."""
+    if moment.tzinfo is None:
+        stamp = timestamp_pb2.Timestamp()
+        stamp.FromDatetime(moment)
+        return stamp
+    # The same value as FromDatetime, a quarter of its cost (it goes through
+    # a time tuple and calendar.timegm): every event has one or more.
+    since = moment - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000
+    )
 
 
 def _metrics(metrics: Metrics) -> pb.Metrics:
