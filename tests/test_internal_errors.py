@@ -248,12 +248,13 @@ async def test_unexpected_failure_is_internal_with_an_error_id(
 def breaking_after_first_step(
     real: Callable[..., AsyncGenerator[pb.ExecutionEvent, None]],
 ) -> Callable[..., AsyncGenerator[pb.ExecutionEvent, None]]:
-    """``Executions.watch`` that fails once a step has finished."""
+    """``Executions._watch`` (what WatchExecution and an Orchestrate
+    following its own execution both read) failing once a step has finished."""
 
     async def watch(
-        execution_id: str, after_sequence: int = 0, caller: str | None = None
+        execution_id: str, after_sequence: int, **options: Any
     ) -> AsyncGenerator[pb.ExecutionEvent, None]:
-        async for event in real(execution_id, after_sequence, caller):
+        async for event in real(execution_id, after_sequence, **options):
             yield event
             if event.HasField("node_finished"):
                 raise RuntimeError(SECRET)
@@ -268,7 +269,7 @@ async def test_a_stream_failing_after_its_first_event_ends_with_execution_failed
 ) -> None:
     execution_id = await an_execution(served)
     executions = served.server.executions
-    monkeypatch.setattr(executions, "watch", breaking_after_first_step(executions.watch))
+    monkeypatch.setattr(executions, "_watch", breaking_after_first_step(executions._watch))
     call = CALLS[method]
     request, path = filled(call, execution_id)
 
