@@ -26,7 +26,12 @@ class EventWriter:
     the first event after a quiet spell at once, the rest coalesced for up
     to ``interval_s``, the last at once on close. One transaction per batch
     instead of one per token; and stored before published, so a watcher that
-    sees a gap on the bus always finds the missing events in the store."""
+    sees a gap on the bus always finds the missing events in the store.
+
+    A task writes only while there is something to write, and ends after a
+    quiet ``interval_s``: an execution waiting for its model (most of its
+    life, and 10,000 of them may be open at once) holds no task and no
+    asyncio.Event here, ~3 KiB less each (issue 11)."""
 
     def __init__(
         self, store: ExecutionStore, bus: EventBus, execution_id: str, interval_s: float = 0.05
@@ -38,52 +43,76 @@ class EventWriter:
         self._pending: list[StoredEvent] = []
         self._started_at: datetime | None = None
         self._ending: Ending | None = None
-        self._wake = asyncio.Event()
-        self._closed = asyncio.Event()
+        self._closed = False
+        # The task writing, while there is something to write; kept once it
+        # has failed, so that add() and close() raise what stopped it.
+        self._task: asyncio.Task[None] | None = None
+        # Set while the task coalesces: close() ends the wait early.
+        self._closing: asyncio.Future[None] | None = None
         self.storing = False
         """Whether a batch of events has gone to the store: until then none
         can have been published (stored before published)."""
-        self._task = asyncio.create_task(self._loop(), name=f"events-{execution_id}")
 
     def add(self, message: pb.ExecutionEvent, *, started_at: datetime | None = None) -> None:
-        """Queue an event; ``started_at`` marks the execution RUNNING with it."""
-        if self._task.done():
+        """Queue an event; ``started_at`` marks the execution RUNNING with it.
+        Raises what stopped the writer, if a write failed."""
+        if self._task is not None and self._task.done():
             self._task.result()  # raises what stopped the writer
         self._pending.append(codec.stored(message))
         if started_at is not None:
             self._started_at = started_at
-        self._wake.set()
+        self._write()
 
     async def close(self, ending: Ending | None = None) -> None:
         """Write what is pending, with ``ending`` recording the end in
         the same transaction, and stop; raises if a write failed."""
         self._ending = ending
-        self._closed.set()
-        self._wake.set()
+        self._closed = True
+        self._write()
+        assert self._task is not None
         await self._task
 
     async def abandon(self) -> None:
-        if not self._task.done():
-            self._closed.set()
-            self._wake.set()
+        """Stop after writing what is pending, without an ending; never raises."""
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            self._write()
             with contextlib.suppress(Exception):
                 await self._task
 
+    def _write(self) -> None:
+        """Start the task if none is writing, else cut its wait short if closed."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name=f"events-{self._execution_id}")
+        elif self._closed and self._closing is not None and not self._closing.done():
+            self._closing.set_result(None)
+
     async def _loop(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
             await self._flush()
-            if self._closed.is_set() and not self._pending and self._ending is None:
+            if self._closed:
+                if not self._pending and self._ending is None:
+                    self._task = None
+                    return
+                continue  # added before close(): written at once
+            # Coalesce what arrives for interval_s, unless closed meanwhile.
+            self._closing = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(self._interval_s):
+                    await self._closing
+            except TimeoutError:
+                pass
+            finally:
+                self._closing = None
+            if not self._pending and not self._closed:
+                self._task = None  # a quiet spell: the next add() starts anew
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closed.wait(), self._interval_s)
 
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
         started_at, self._started_at = self._started_at, None
         # The ending goes with the last batch, written once closed.
-        ending = self._ending if self._closed.is_set() else None
+        ending = self._ending if self._closed else None
         if ending is not None:
             self._ending = None
         if not batch and ending is None:

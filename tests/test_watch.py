@@ -1,0 +1,69 @@
+"""A watcher whose client lags: the bus cuts it loose, the store serves the rest."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from pathlib import Path
+
+from agentlab.core.ports import LabEvent, LabNodeEnded, LabNodeStarted, LabOutput, LabToken, Route
+from agentlab.core.runner import Runner
+from agentlab.core.types import ExecutionMode, Task
+from agentlab.executions.local_bus import LocalBus
+from agentlab.executions.service import Executions
+from agentlab.executions.sqlite_store import SqliteStore
+from agentlab.v1 import execution_pb2 as pb
+
+TOKENS = 20
+
+
+class _ChattyLab:
+    """Twenty tokens at once: far more than the bus below holds for one
+    subscriber."""
+
+    backend = "chatty"
+    model_name = "chatty"
+    ready = True
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def run(self, task: Task) -> AsyncGenerator[LabEvent, None]:
+        yield LabNodeStarted("inference", task.prompt)
+        for i in range(TOKENS):
+            yield LabToken("inference", f"t{i} ")
+        yield LabNodeEnded("inference", "done", 1, TOKENS)
+        yield LabOutput("done")
+
+
+async def test_a_lagging_stream_gets_every_event_once_from_the_store(tmp_path: Path) -> None:
+    # The client reads its first event, then nothing while the execution
+    # publishes the rest: its subscription (2 events at most) overflows and
+    # the bus cuts it loose (SubscriberLagged). The stream must go on from
+    # the store, each event once, in order, to the final one.
+    bus = LocalBus(max_pending=2)
+    store = SqliteStore(tmp_path / "agentlab.db")
+    runner = Runner(lambda model: Route(_ChattyLab()), default_max_tokens=64)
+    executions = Executions(runner, store, bus, owner="t", poll_s=0.05)
+    await executions.start()
+    try:
+        task = Task(prompt="go", model="m", mode=ExecutionMode.INFERENCE)
+
+        async def follow() -> list[pb.ExecutionEvent]:
+            events: list[pb.ExecutionEvent] = []
+            async with executions.call(task, leaving_cancels=True) as call:
+                async for event in call.events():
+                    events.append(event)
+                    if len(events) == 1:
+                        await asyncio.wait_for(call.final(), timeout=10.0)
+            return events
+
+        events = await asyncio.wait_for(follow(), timeout=10.0)
+        # started, node started, the tokens, node finished, completed
+        assert [event.sequence for event in events] == list(range(1, TOKENS + 5))
+        assert events[-1].HasField("execution_completed")
+    finally:
+        await executions.stop(5.0)
