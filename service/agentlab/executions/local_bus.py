@@ -12,13 +12,18 @@ from typing import Generic, TypeVar
 from agentlab.executions.errors import BusUnavailable, SubscriberLagged
 from agentlab.executions.model import StoredEvent
 
-__all__ = ["DEFAULT_MAX_PENDING", "Inbox", "LocalBus"]
+__all__ = ["DEFAULT_MAX_PENDING", "EVENTS_MAX_PENDING", "Inbox", "LocalBus"]
 
 T = TypeVar("T")
 
 # Per subscriber. A watcher streaming tokens to a client keeps up easily; one
 # that does not is cut loose (SubscriberLagged) and catches up from the store.
 DEFAULT_MAX_PENDING = 10_000
+
+# At most, for a subscription to an execution's events: what a stream whose
+# client stopped reading holds in memory (a few hundred KiB at most). Past
+# it the watcher subscribes again and catches up from the store.
+EVENTS_MAX_PENDING = 256
 
 
 class Inbox(Generic[T]):
@@ -124,7 +129,9 @@ class LocalBus:
     @asynccontextmanager
     async def subscribe(self, execution_id: str) -> AsyncIterator[AsyncIterator[StoredEvent]]:
         self._check_open()
-        inbox: Inbox[StoredEvent] = Inbox(f"events of {execution_id}", self._max_pending)
+        inbox: Inbox[StoredEvent] = Inbox(
+            f"events of {execution_id}", min(self._max_pending, EVENTS_MAX_PENDING)
+        )
         self._subscribers.setdefault(execution_id, set()).add(inbox)
         try:
             yield inbox

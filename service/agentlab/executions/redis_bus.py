@@ -30,7 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from agentlab.executions.errors import BusUnavailable
-from agentlab.executions.local_bus import DEFAULT_MAX_PENDING, Inbox
+from agentlab.executions.local_bus import DEFAULT_MAX_PENDING, EVENTS_MAX_PENDING, Inbox
 from agentlab.executions.model import StoredEvent
 from agentlab.executions.redis_listener import Listener, listener_connection
 
@@ -131,7 +131,11 @@ class RedisBus:
     def subscribe(
         self, execution_id: str
     ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[StoredEvent]]:
-        return self._subscription(self._events_channel(execution_id), _decode_event)
+        return self._subscription(
+            self._events_channel(execution_id),
+            _decode_event,
+            min(self._max_pending, EVENTS_MAX_PENDING),
+        )
 
     async def request_cancel(self, execution_id: str) -> None:
         await self._publish(self._cancel_channel(), [execution_id.encode()])
@@ -206,11 +210,11 @@ class RedisBus:
 
     @asynccontextmanager
     async def _subscription(
-        self, channel: str, decode: Callable[[bytes], Any]
+        self, channel: str, decode: Callable[[bytes], Any], max_pending: int | None = None
     ) -> AsyncIterator[Inbox[Any]]:
         listener = await self._live_listener()
         key = channel.encode()
-        inbox: Inbox[Any] = Inbox(channel, self._max_pending)
+        inbox: Inbox[Any] = Inbox(channel, max_pending or self._max_pending)
         await listener.attach(key, decode, inbox)
         try:
             yield inbox

@@ -5,20 +5,22 @@ The subscription starts before the store is read, so an event stored after
 the read arrives live. A live event out of order (a gap: the bus dropped
 it) sends the watcher back to the store, the source of truth; so does a
 quiet bus, after ``poll_s`` seconds and then ever less often (up to 30
-times ``poll_s``), which covers a publish that failed. A bus that fails, or
-that cuts this watcher loose because its client lagged so far that the
-subscription's buffer overflowed (SubscriberLagged, past the bus's
-max_pending events), leaves the store alone, read every ``poll_s``.
+times ``poll_s``), which covers a publish that failed. A watcher cut loose
+because its client lagged so far that the subscription's buffer overflowed
+(SubscriberLagged) subscribes again and catches up from the store, as at
+the start. A bus that fails leaves the store alone, read every ``poll_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from agentlab.executions import codec
-from agentlab.executions.model import ACTIVE_STATES, EventBus, ExecutionStore
+from agentlab.executions.errors import SubscriberLagged
+from agentlab.executions.model import ACTIVE_STATES, EventBus, ExecutionStore, StoredEvent
 from agentlab.v1 import execution_pb2 as pb
 
 __all__ = ["watch"]
@@ -53,66 +55,95 @@ async def watch(
     risk: had events been published before, the first live one shows a gap
     (or the bus stays quiet for ``poll_s``), and the store is read as usual."""
     last = after_sequence
-    async with bus.subscribe(execution_id) as live:
-        skip_replay = not (replay_first() if callable(replay_first) else replay_first)
-        quiet_s = poll_s
-        # Whether the bus failed (it raises the error again on every read):
-        # the store alone serves then, polled at poll_s.
-        bus_failed = False
+    lagged = True
+    while lagged:
+        lagged = False
+        async with (
+            bus.subscribe(execution_id) as live,
+            contextlib.aclosing(
+                _follow(store, live, execution_id, last, poll_s, replay_first)
+            ) as events,
+        ):
+            async for event in events:
+                if isinstance(event, SubscriberLagged):
+                    # Subscribed again first, then the store: nothing missed.
+                    replay_first, lagged = True, True
+                    break
+                last = event.sequence
+                yield event
+
+
+async def _follow(
+    store: ExecutionStore,
+    live: AsyncIterator[StoredEvent],
+    execution_id: str,
+    last: int,
+    poll_s: float,
+    replay_first: bool | Callable[[], bool],
+) -> AsyncGenerator[pb.ExecutionEvent | SubscriberLagged, None]:
+    """One subscription's share of watch(): events after ``last`` until the
+    final one, or a SubscriberLagged if the bus cut the subscription loose."""
+    skip_replay = not (replay_first() if callable(replay_first) else replay_first)
+    quiet_s = poll_s
+    # Whether the bus failed (it raises the error again on every read):
+    # the store alone serves then, polled at poll_s.
+    bus_failed = False
+    while True:
+        if skip_replay:
+            stored_events = []
+        else:
+            stored_events = await store.events_after(execution_id, last)
+        for stored in stored_events:
+            event = codec.parsed(stored)
+            last = stored.sequence
+            yield event
+            if codec.is_final(event):
+                return
+        if (
+            not stored_events
+            and not skip_replay  # the store was not read: live events first
+            and await _past_the_end(store, execution_id, last)
+        ):
+            return  # resumed after the final event: nothing more will come
+        skip_replay = False
+        if bus_failed:
+            await asyncio.sleep(poll_s)
+            continue
+        # Live events, until one is missing: the store has it.
         while True:
-            if skip_replay:
-                stored_events = []
-            else:
-                stored_events = await store.events_after(execution_id, last)
-            for stored in stored_events:
-                event = codec.parsed(stored)
-                last = stored.sequence
-                yield event
-                if codec.is_final(event):
-                    return
-            if (
-                not stored_events
-                and not skip_replay  # the store was not read: live events first
-                and await _past_the_end(store, execution_id, last)
-            ):
-                return  # resumed after the final event: nothing more will come
-            skip_replay = False
-            if bus_failed:
-                await asyncio.sleep(poll_s)
-                continue
-            # Live events, until one is missing: the store has it.
-            while True:
-                try:
-                    # Read straight from the subscription (no task or queue
-                    # of our own per stream: 10,000 streams may be open):
-                    # its reads are safe to cut short, as the buses'
-                    # Inbox's are. A timeout scope, not wait_for: no task
-                    # per wait.
-                    async with asyncio.timeout(quiet_s):
-                        item = await anext(live)
-                except TimeoutError:
-                    quiet_s = min(quiet_s * 2, poll_s * _QUIET_BACKOFF_MAX)
-                    break
-                except StopAsyncIteration:
-                    # Only a closed subscription ends: never while we hold it.
-                    bus_failed = True
-                    break
-                except Exception as error:
-                    # The bus failed, or cut this watcher loose because its
-                    # client lagged (SubscriberLagged): the store has it all.
-                    logger.warning("watching %s: the bus failed (%s)", execution_id, error)
-                    bus_failed = True
-                    break
-                quiet_s = poll_s
-                if item.sequence <= last:
-                    continue  # seen already, in the store
-                if item.sequence != last + 1:
-                    break  # a gap
-                event = codec.parsed(item)
-                last = item.sequence
-                yield event
-                if codec.is_final(event):
-                    return
+            try:
+                # Read straight from the subscription (no task or queue
+                # of our own per stream: 10,000 streams may be open):
+                # its reads are safe to cut short, as the buses'
+                # Inbox's are. A timeout scope, not wait_for: no task
+                # per wait.
+                async with asyncio.timeout(quiet_s):
+                    item = await anext(live)
+            except TimeoutError:
+                quiet_s = min(quiet_s * 2, poll_s * _QUIET_BACKOFF_MAX)
+                break
+            except StopAsyncIteration:
+                # Only a closed subscription ends: never while we hold it.
+                bus_failed = True
+                break
+            except SubscriberLagged as error:
+                yield error
+                return
+            except Exception as error:
+                # The bus failed: the store has it all.
+                logger.warning("watching %s: the bus failed (%s)", execution_id, error)
+                bus_failed = True
+                break
+            quiet_s = poll_s
+            if item.sequence <= last:
+                continue  # seen already, in the store
+            if item.sequence != last + 1:
+                break  # a gap
+            event = codec.parsed(item)
+            last = item.sequence
+            yield event
+            if codec.is_final(event):
+                return
 
 
 async def _past_the_end(store: ExecutionStore, execution_id: str, last: int) -> bool:
