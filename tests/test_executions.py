@@ -8,7 +8,7 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +18,7 @@ import grpc
 import httpx
 import pytest
 
-from agentlab.core.ports import LabEvent, LabNodeEnded, LabNodeStarted, LabOutput, LabToken, Route
+from agentlab.core.ports import Route
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, Task
 from agentlab.devstack import Stack
@@ -31,6 +31,7 @@ from agentlab.executions.watch import watch as watch_events
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
+from tests.helpers.labs import InstantLab
 from tests.helpers.sse import read_events
 from tests.helpers.stacks import StackFactory
 
@@ -486,26 +487,6 @@ async def test_a_watch_that_starts_on_the_bus_still_gets_events_published_before
         await store.close()
 
 
-class _QuickLab:
-    """Every event at once, as the echo backend produces them."""
-
-    backend = "quick"
-    model_name = "quick"
-    ready = True
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def run(self, task: Task) -> AsyncGenerator[LabEvent, None]:
-        yield LabNodeStarted("inference", task.prompt)
-        yield LabToken("inference", "quick")
-        yield LabNodeEnded("inference", "quick", 1, 1)
-        yield LabOutput("quick")
-
-
 class _SlowToSubscribe(LocalBus):
     """A subscription that becomes live only after the execution has
     published its final event: a bus whose subscribe takes a round trip
@@ -535,7 +516,7 @@ async def test_a_stream_whose_execution_ended_before_it_subscribed_reads_the_sto
     # must read the store at once, not wait out the quiet bus (poll_s).
     bus = _SlowToSubscribe()
     store = SqliteStore(tmp_path / "agentlab.db")
-    runner = Runner(lambda model: Route(_QuickLab()), default_max_tokens=16)
+    runner = Runner(lambda model: Route(InstantLab()), default_max_tokens=16)
     executions = Executions(runner, store, bus, owner="t", poll_s=60.0)
     await executions.start()
     try:

@@ -3,40 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
 from pathlib import Path
 
-from agentlab.core.ports import LabEvent, LabNodeEnded, LabNodeStarted, LabOutput, LabToken, Route
+from agentlab.core.ports import Route
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, Task
 from agentlab.executions.local_bus import LocalBus
 from agentlab.executions.service import Executions
 from agentlab.executions.sqlite_store import SqliteStore
 from agentlab.v1 import execution_pb2 as pb
+from tests.helpers.labs import InstantLab
 
+# Far more than the bus below holds for one subscriber.
 TOKENS = 20
-
-
-class _ChattyLab:
-    """Twenty tokens at once: far more than the bus below holds for one
-    subscriber."""
-
-    backend = "chatty"
-    model_name = "chatty"
-    ready = True
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def run(self, task: Task) -> AsyncGenerator[LabEvent, None]:
-        yield LabNodeStarted("inference", task.prompt)
-        for i in range(TOKENS):
-            yield LabToken("inference", f"t{i} ")
-        yield LabNodeEnded("inference", "done", 1, TOKENS)
-        yield LabOutput("done")
 
 
 async def test_a_lagging_stream_gets_every_event_once_from_the_store(tmp_path: Path) -> None:
@@ -46,7 +25,7 @@ async def test_a_lagging_stream_gets_every_event_once_from_the_store(tmp_path: P
     # the store, each event once, in order, to the final one.
     bus = LocalBus(max_pending=2)
     store = SqliteStore(tmp_path / "agentlab.db")
-    runner = Runner(lambda model: Route(_ChattyLab()), default_max_tokens=64)
+    runner = Runner(lambda model: Route(InstantLab(TOKENS)), default_max_tokens=64)
     executions = Executions(runner, store, bus, owner="t", poll_s=0.05)
     await executions.start()
     try:

@@ -42,7 +42,7 @@ from agentlab.executions.model import (
     NewExecution,
     StoredEvent,
 )
-from agentlab.executions.rows import encode_options, page_of, record_from_row
+from agentlab.executions.rows import encode_options, page_of, queued_record, record_from_row
 
 __all__ = ["PostgresStore"]
 
@@ -157,30 +157,7 @@ class PostgresStore:
             # insert() does.
             if not row[0]:
                 return await insert(conn)
-            at = _from_db(created_at)
-            return (
-                ExecutionRecord(
-                    id=new.id,
-                    request_id=new.request_id,
-                    caller=new.caller,
-                    model=new.model,
-                    mode=new.mode,
-                    prompt=new.prompt,
-                    options=dict(new.options),
-                    background=new.background,
-                    state=ExecutionState.QUEUED,
-                    created_at=at,
-                    started_at=None,
-                    ended_at=None,
-                    owner=new.owner,
-                    heartbeat_at=at,
-                    last_sequence=0,
-                    result=None,
-                    error=None,
-                    fingerprint=new.fingerprint,
-                ),
-                True,
-            )
+            return queued_record(new, _from_db(created_at)), True
 
         # Sorted by the key, in a group: groups creating records with the
         # same keys then wait on each other's in one order.

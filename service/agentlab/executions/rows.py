@@ -10,9 +10,16 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
-from agentlab.executions.model import Cursor, ExecutionRecord, ExecutionState
+from agentlab.executions.model import Cursor, ExecutionRecord, ExecutionState, NewExecution
 
-__all__ = ["Row", "decode_options", "encode_options", "page_of", "record_from_row"]
+__all__ = [
+    "Row",
+    "decode_options",
+    "encode_options",
+    "page_of",
+    "queued_record",
+    "record_from_row",
+]
 
 
 def encode_options(options: dict[str, float | int]) -> str:
@@ -67,3 +74,28 @@ def page_of(
     page = records[:page_size]
     last = page[-1]
     return page, Cursor(created_at=last.created_at, id=last.id)
+
+
+def queued_record(new: NewExecution, created_at: datetime) -> ExecutionRecord:
+    """The record ``new`` was inserted as, without reading it back:
+    ``created_at`` as the store keeps it (to the microsecond)."""
+    return ExecutionRecord(
+        id=new.id,
+        request_id=new.request_id,
+        caller=new.caller,
+        model=new.model,
+        mode=new.mode,
+        prompt=new.prompt,
+        options=dict(new.options),
+        background=new.background,
+        state=ExecutionState.QUEUED,
+        created_at=created_at,
+        started_at=None,
+        ended_at=None,
+        owner=new.owner,
+        heartbeat_at=created_at,
+        last_sequence=0,
+        result=None,
+        error=None,
+        fingerprint=new.fingerprint,
+    )

@@ -42,7 +42,7 @@ from agentlab.executions.model import (
     NewExecution,
     StoredEvent,
 )
-from agentlab.executions.rows import encode_options, page_of, record_from_row
+from agentlab.executions.rows import encode_options, page_of, queued_record, record_from_row
 
 __all__ = ["SqliteStore"]
 
@@ -154,30 +154,7 @@ class SqliteStore:
         if row is not None:
             return _record(row), created
         # What a read of the new row gives back: times to the microsecond.
-        at = _from_us(created_at)
-        return (
-            ExecutionRecord(
-                id=new.id,
-                request_id=new.request_id,
-                caller=new.caller,
-                model=new.model,
-                mode=new.mode,
-                prompt=new.prompt,
-                options=dict(new.options),
-                background=new.background,
-                state=ExecutionState.QUEUED,
-                created_at=at,
-                started_at=None,
-                ended_at=None,
-                owner=new.owner,
-                heartbeat_at=at,
-                last_sequence=0,
-                result=None,
-                error=None,
-                fingerprint=new.fingerprint,
-            ),
-            True,
-        )
+        return queued_record(new, _from_us(created_at)), True
 
     async def get(self, execution_id: str) -> ExecutionRecord | None:
         row = await self._read(
