@@ -661,13 +661,15 @@ class _CreateWaits:
         return await self._store.create(new)
 
 
+@pytest.mark.parametrize("cancels", [1, 2])
 @pytest.mark.parametrize("background", [False, True])
 async def test_a_caller_that_leaves_while_its_record_is_written_leaves_no_queued_orphan(
-    tmp_path: Path, background: bool
+    tmp_path: Path, background: bool, cancels: int
 ) -> None:
     # The record is written anyway; nothing would run it, and it would stay
     # QUEUED until a restart. Tied to the call that left, it ends
-    # CANCELLED; a background one runs.
+    # CANCELLED; a background one runs. Also when the caller is cancelled
+    # again meanwhile (its deadline, then the server's stop).
     lab = _GatedLab()
     lab.gate.set()
     runner = Runner(lambda model: Route(lab), default_max_tokens=16)
@@ -677,8 +679,9 @@ async def test_a_caller_that_leaves_while_its_record_is_written_leaves_no_queued
     try:
         submitting = asyncio.create_task(executions.submit(_task(), background=background))
         await store.creating.wait()
-        submitting.cancel()
-        await asyncio.sleep(0)
+        for _ in range(cancels):
+            submitting.cancel()
+            await asyncio.sleep(0.01)
         store.gate.set()
         with pytest.raises(asyncio.CancelledError):
             await submitting

@@ -871,3 +871,70 @@ def test_open_store_refuses_other_urls(url: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="AGENTLAB_DATABASE_URL") as raised:
         open_store(url, tmp_path)
     assert "hunter2" not in str(raised.value)
+
+
+class _GatedConnection:
+    """Answers every statement with one row, once ``gate`` is done."""
+
+    def __init__(self, gate: asyncio.Future[None]) -> None:
+        self.gate = gate
+
+    async def fetchrow(self, sql: str, *args: object) -> tuple[bool]:
+        await self.gate
+        return (True,)
+
+    async def fetchmany(self, sql: str, args: list[object]) -> list[tuple[bool]]:
+        await self.gate
+        return [(True,)] * len(args)
+
+
+class _GatedPool:
+    def __init__(self, gate: asyncio.Future[None]) -> None:
+        self.gate = gate
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[_GatedConnection]:
+        yield _GatedConnection(self.gate)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_postgres_a_write_queued_as_the_writers_finish_is_written() -> None:
+    # Both group writers finish in one turn of the loop, and a write is
+    # queued in that same turn: it must start a writer of its own, not wait
+    # (for ever, on a quiet server) for one that is already gone.
+    from agentlab.executions import postgres_store
+
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    store = PostgresStore("postgresql://127.0.0.1:1/unused")
+    store._pool = _GatedPool(gate)
+
+    def write(name: str) -> Awaitable[Any]:
+        async def alone(conn: Any) -> str:
+            await conn.fetchrow("SELECT")
+            return name
+
+        async def settle(row: Any, conn: Any) -> str:
+            return name
+
+        return store._write(postgres_store._Write("SELECT", (), alone, settle, key=name))
+
+    first = asyncio.ensure_future(write("first"))
+    for _ in range(2):
+        await asyncio.sleep(0)
+    second = asyncio.ensure_future(write("second"))
+    for _ in range(2):
+        await asyncio.sleep(0)
+    assert len(store._writers) == 2
+
+    async def late() -> Any:
+        await gate  # woken in the writers' turn, after them
+        return await write("late")
+
+    latecomer = asyncio.ensure_future(late())
+    await asyncio.sleep(0)
+    gate.set_result(None)
+    assert (await first, await second) == ("first", "second")
+    assert await asyncio.wait_for(latecomer, 2.0) == "late"
+    await store.close()

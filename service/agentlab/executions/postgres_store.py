@@ -330,11 +330,15 @@ class PostgresStore:
                         write.fail(error)
                 group = []
         finally:
+            # Out of the set now, not at the done callback a turn later: a
+            # write queued in between must find the writer gone and start
+            # one, or wait with nobody to write it.
+            self._writers.discard(asyncio.current_task())
             # Cancelled (the loop shuts down): nobody must wait forever.
             stopped = RuntimeError("the PostgreSQL store's writer stopped")
             for write in group:
                 write.fail(stopped)
-            if not self._writers - {asyncio.current_task()}:
+            if not self._writers:
                 for write in self._queued:
                     write.fail(stopped)
                 self._queued = []

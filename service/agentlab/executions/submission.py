@@ -23,6 +23,8 @@ from agentlab.executions.runs import Runs
 
 __all__ = ["Submitted", "submit"]
 
+_Created = tuple[ExecutionRecord, bool]
+
 
 @dataclass(frozen=True)
 class Submitted:
@@ -90,7 +92,7 @@ async def submit(
             # goes on (the stores finish what they start), and a record
             # left QUEUED with nothing to run it would stay so until a
             # restart: it is run, or, tied to the call that left, ended.
-            record, created = await creating
+            record, created = await _outlasting(creating)
             if created:
                 runs.launch(record.id, prepared, background=background, admitted=True)
                 launched = True
@@ -106,6 +108,18 @@ async def submit(
         if not launched:
             admission.release()
     return Submitted(record, created)
+
+
+async def _outlasting(creating: asyncio.Future[_Created]) -> _Created:
+    """The create's outcome, however often the caller is cancelled
+    meanwhile (a deadline, then the server's stop): the store writes the
+    record anyway, so what follows it must happen too."""
+    while True:
+        try:
+            return await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            if creating.cancelled():
+                raise
 
 
 def _attach(known: ExecutionRecord, work: str) -> Submitted:
