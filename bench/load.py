@@ -22,17 +22,11 @@ import time
 from pathlib import Path
 
 import httpx
+from procstat import rss_kib
 
 from agentlab.devstack import Stack
 
 EXPECTED = {200, 429}
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 async def run(args: argparse.Namespace, stack: Stack) -> int:

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from procstat import rss_kib
 from table import Row, render
 
 from agentlab.devstack import Stack
@@ -134,13 +135,6 @@ async def _stream(
             writer.close()
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 class _Memory:
     """The largest summed VmRSS of ``pids``, sampled every ``every_s`` in a
     thread (the event loop is busy with the streams), and its value while
@@ -164,7 +158,7 @@ class _Memory:
     def _run(self) -> None:
         while not self._done.wait(self._every_s):
             try:
-                total = sum(_rss_bytes(pid) for pid in self._pids)
+                total = sum(rss_kib(pid) * 1024 for pid in self._pids)
             except OSError:
                 return
             self.peak = max(self.peak, total)

@@ -14,28 +14,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["WrkResult", "available", "parse", "process_cpu_s", "run"]
+from procstat import process_cpu_s
+
+__all__ = ["WrkResult", "available", "parse", "run"]
 
 SCRIPT = Path(__file__).with_name("post.lua")
 _MARK = "WRK_JSON "
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def available() -> str | None:
     """wrk's path, or None where it is not installed (apt-get install wrk)."""
     return shutil.which("wrk")
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads (/proc/PID/stat);
-    NaN if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return math.nan
-    # The command name (field 2) may hold spaces: split after its ")".
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
 @dataclass
