@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from agentlab.core.errors import Cancelled, InternalError, new_error_id
@@ -25,6 +26,24 @@ __all__ = ["Runs"]
 logger = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
+class _Local:
+    """An execution run here: its task, how to stop it, its final event for
+    callers in this process (waiting on it costs no store reads), its
+    writer, and whether admission still counts it."""
+
+    task: asyncio.Task[None]
+    stop: Stop
+    final: asyncio.Future[pb.ExecutionEvent]
+    writer: EventWriter
+    # Counted until its lab work is over (its final event is produced) or a
+    # stop is asked for, whichever comes first. Not until its run ends: a
+    # client that saw the final event, or left, may start its next
+    # execution at once and must not be refused because this one is still
+    # being written.
+    counted: bool = True
+
+
 class Runs:
     def __init__(
         self, runner: Runner, store: ExecutionStore, bus: EventBus, admission: Admission
@@ -33,44 +52,34 @@ class Runs:
         self._store = store
         self._bus = bus
         self._admission = admission
-        self._running: dict[str, tuple[asyncio.Task[None], Stop]] = {}
-        # The executions counted by admission: until their lab work is over
-        # (their final event is produced) or a stop is asked for, whichever
-        # comes first. Not until their run ends: a client that saw the final
-        # event, or left, may start its next execution at once and must not
-        # be refused because this one is still being written.
-        self._counted: set[str] = set()
-        # The final event of each execution run here, for callers in this
-        # process: waiting on it costs no store reads.
-        self._finals: dict[str, asyncio.Future[pb.ExecutionEvent]] = {}
-        self._writers: dict[str, EventWriter] = {}
+        self._local: dict[str, _Local] = {}
         # Whether drain() has begun.
         self._stopping = False
 
     def final(self, execution_id: str) -> asyncio.Future[pb.ExecutionEvent] | None:
         """The final event of an execution run here (None if it is not)."""
-        return self._finals.get(execution_id)
+        local = self._local.get(execution_id)
+        return None if local is None else local.final
 
     def unpublished(self, execution_id: str) -> bool:
         """Whether the execution runs here and none of its events can have
         been published yet (none has gone to the store)."""
-        writer = self._writers.get(execution_id)
-        return writer is not None and not writer.storing
+        local = self._local.get(execution_id)
+        return local is not None and not local.writer.storing
 
     def stop(self, execution_id: str) -> asyncio.Task[None] | None:
         """Ask an execution run here to stop; its task, None if not here."""
-        local = self._running.get(execution_id)
+        local = self._local.get(execution_id)
         if local is None:
             return None
-        task, stop = local
-        stop.request()
-        self._uncount(execution_id)
-        return task
+        local.stop.request()
+        self._uncount(local)
+        return local.task
 
-    def _uncount(self, execution_id: str) -> None:
+    def _uncount(self, local: _Local) -> None:
         """Free the execution's place within the limits (once)."""
-        if execution_id in self._counted:
-            self._counted.discard(execution_id)
+        if local.counted:
+            local.counted = False
             self._admission.release()
 
     def launch(
@@ -81,26 +90,23 @@ class Runs:
         refused: they are recorded already."""
         if not admitted:
             self._admission.count()
-        self._counted.add(execution_id)
-        stop = Stop()
-        final: asyncio.Future[pb.ExecutionEvent] = asyncio.get_running_loop().create_future()
-        writer = EventWriter(self._store, self._bus, execution_id)
-        run = asyncio.create_task(
-            self._run(execution_id, prepared, stop, final, background, writer), name=execution_id
+        # The task starts at the loop's next turn, with its _Local in place.
+        task = asyncio.create_task(self._run(execution_id, prepared, background), name=execution_id)
+        local = _Local(
+            task=task,
+            stop=Stop(),
+            final=asyncio.get_running_loop().create_future(),
+            writer=EventWriter(self._store, self._bus, execution_id),
         )
-        self._running[execution_id] = (run, stop)
-        self._finals[execution_id] = final
-        self._writers[execution_id] = writer
+        self._local[execution_id] = local
 
         def forget(_: object) -> None:
-            self._uncount(execution_id)
-            self._running.pop(execution_id, None)
-            self._finals.pop(execution_id, None)
-            self._writers.pop(execution_id, None)
-            if not final.done():  # the run could not record its end
-                final.set_exception(InternalError(new_error_id()))
+            self._uncount(local)
+            self._local.pop(execution_id, None)
+            if not local.final.done():  # the run could not record its end
+                local.final.set_exception(InternalError(new_error_id()))
 
-        run.add_done_callback(forget)
+        local.task.add_done_callback(forget)
 
     async def drain(self, grace_s: float) -> None:
         """Let running executions finish within ``grace_s``, then cancel the
@@ -110,14 +116,14 @@ class Runs:
         CANCELLED."""
         self._stopping = True
         for execution_id in list(self._admission.waiting):
-            self._running[execution_id][1].request()
-        running = [task for task, _ in self._running.values()]
+            self._local[execution_id].stop.request()
+        running = [local.task for local in self._local.values()]
         if running:
             _, pending = await asyncio.wait(running, timeout=grace_s)
-            for execution_id, (task, stop) in list(self._running.items()):
-                if task in pending:
+            for execution_id, local in list(self._local.items()):
+                if local.task in pending:
                     logger.warning("execution %s cut by the shutdown", execution_id)
-                    stop.request()
+                    local.stop.request()
             if pending:
                 await asyncio.wait(pending, timeout=5.0)
 
@@ -125,11 +131,10 @@ class Runs:
         self,
         execution_id: str,
         prepared: Prepared,
-        stop: Stop,
-        final: asyncio.Future[pb.ExecutionEvent],
         background: bool,
-        writer: EventWriter,
     ) -> None:
+        local = self._local[execution_id]
+        stop, final, writer = local.stop, local.final, local.writer
         try:
             async with self._admission.turn(execution_id, stop) as turn:
                 if not turn and self._stopping and background:
@@ -152,7 +157,7 @@ class Runs:
                         last = message
             # The lab's work is over: the turn (above) and the place go to
             # the next execution before the final event is stored and seen.
-            self._uncount(execution_id)
+            self._uncount(local)
             if last is not None:
                 await writer.close(codec.ending(execution_id, last))
                 final.set_result(last)
