@@ -68,8 +68,8 @@ def test_get_binding_serves_browsers_eventsource(echo_stack: Stack) -> None:
 
 
 # More than a browser tab or two: each stream is an execution, a request
-# through Envoy and an HTTP/1.1 connection of its own. Opened in waves that
-# stay within the default per-client rate limit (100/s, bursts of 200).
+# through Envoy and an HTTP/1.1 connection of its own. Opened in waves of
+# 100 a second, as arriving clients would.
 CONCURRENT_STREAMS = 300
 WAVE = 100
 WORDS = 8
