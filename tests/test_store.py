@@ -356,6 +356,12 @@ async def test_events_come_back_in_order_and_set_last_sequence(store: ExecutionS
     assert await store.events_after(record.id, 3) == [StoredEvent(4, b"e4"), StoredEvent(5, b"e5")]
     assert await store.events_after(record.id, 5) == []
     assert await store.events_after("nope", 0) == []
+    # A page: the first ``limit`` after the sequence, in order.
+    assert await store.events_after(record.id, 1, 2) == [
+        StoredEvent(2, b"e2"),
+        StoredEvent(3, b"e3"),
+    ]
+    assert await store.events_after(record.id, 4, 2) == [StoredEvent(5, b"e5")]
     # The maximum, not the last appended (4).
     stored = await store.get(record.id)
     assert stored is not None

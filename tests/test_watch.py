@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from agentlab.core.ports import Route
 from agentlab.core.runner import Runner
 from agentlab.core.types import ExecutionMode, Task
+from agentlab.executions import watch
 from agentlab.executions.local_bus import LocalBus
+from agentlab.executions.model import StoredEvent
 from agentlab.executions.service import Executions
 from agentlab.executions.sqlite_store import SqliteStore
 from agentlab.v1 import execution_pb2 as pb
@@ -18,7 +22,10 @@ from tests.helpers.labs import InstantLab
 TOKENS = 20
 
 
-async def test_a_lagging_stream_gets_every_event_once_from_the_store(tmp_path: Path) -> None:
+@pytest.mark.parametrize("replay_page", [watch.REPLAY_PAGE, 3])
+async def test_a_lagging_stream_gets_every_event_once_from_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replay_page: int
+) -> None:
     # The client reads its first event, then nothing while the execution
     # publishes the rest: its subscription (2 events at most) overflows and
     # the bus cuts it loose (SubscriberLagged). The stream must go on from
@@ -27,6 +34,18 @@ async def test_a_lagging_stream_gets_every_event_once_from_the_store(tmp_path: P
     store = SqliteStore(tmp_path / "agentlab.db")
     runner = Runner(lambda model: Route(InstantLab(TOKENS)), default_max_tokens=64)
     executions = Executions(runner, store, bus, owner="t", poll_s=0.05)
+    # The catch-up reads the store a page at a time, never all at once: a
+    # page smaller than the execution takes several reads.
+    monkeypatch.setattr(watch, "REPLAY_PAGE", replay_page)
+    pages: list[int] = []
+    events_after = store.events_after
+
+    async def paged(execution_id: str, after: int, limit: int | None = None) -> list[StoredEvent]:
+        page = await events_after(execution_id, after, limit)
+        pages.append(len(page))
+        return page
+
+    monkeypatch.setattr(store, "events_after", paged)
     await executions.start()
     try:
         task = Task(prompt="go", model="m", mode=ExecutionMode.INFERENCE)
@@ -44,5 +63,9 @@ async def test_a_lagging_stream_gets_every_event_once_from_the_store(tmp_path: P
         # started, node started, the tokens, node finished, completed
         assert [event.sequence for event in events] == list(range(1, TOKENS + 5))
         assert events[-1].HasField("execution_completed")
+        assert pages
+        assert max(pages) <= replay_page
+        if replay_page < TOKENS:
+            assert pages.count(replay_page) >= 2, pages
     finally:
         await executions.stop(5.0)

@@ -159,8 +159,11 @@ class ExecutionStore(Protocol):
         No events and neither of the two: nothing happens."""
         ...
 
-    async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
-        """Stored events with sequence > after_sequence, in order."""
+    async def events_after(
+        self, execution_id: str, after_sequence: int, limit: int | None = None
+    ) -> list[StoredEvent]:
+        """Stored events with sequence > after_sequence, in order; at most
+        ``limit`` of them (None: all)."""
         ...
 
     async def heartbeat(self, owner: str, at: datetime) -> None:

@@ -250,12 +250,16 @@ class PostgresStore:
 
         await self._write(_Write(_APPEND, args, append, settle, key=execution_id))
 
-    async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
+    async def events_after(
+        self, execution_id: str, after_sequence: int, limit: int | None = None
+    ) -> list[StoredEvent]:
+        # LIMIT NULL is no limit.
         rows = await self._fetch(
             "SELECT sequence, payload FROM execution_events"
-            " WHERE execution_id = $1 AND sequence > $2 ORDER BY sequence",
+            " WHERE execution_id = $1 AND sequence > $2 ORDER BY sequence LIMIT $3",
             execution_id,
             after_sequence,
+            limit,
         )
         return [StoredEvent(sequence=row["sequence"], payload=row["payload"]) for row in rows]
 

@@ -222,12 +222,14 @@ class SqliteStore:
 
         await self._write(partial(_append, execution_id, events, started_at, ending))
 
-    async def events_after(self, execution_id: str, after_sequence: int) -> list[StoredEvent]:
+    async def events_after(
+        self, execution_id: str, after_sequence: int, limit: int | None = None
+    ) -> list[StoredEvent]:
         rows = await self._read(
             lambda db: db.execute(
                 "SELECT sequence, payload FROM execution_events"
-                " WHERE execution_id = ? AND sequence > ? ORDER BY sequence",
-                (execution_id, after_sequence),
+                " WHERE execution_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
+                (execution_id, after_sequence, -1 if limit is None else limit),
             ).fetchall()
         )
         return [StoredEvent(sequence=row["sequence"], payload=row["payload"]) for row in rows]

@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 # is polled at poll_s, and any live event resets the wait.
 _QUIET_BACKOFF_MAX = 30
 
+# The store is replayed a page at a time: a watcher that lagged behind a
+# long execution (tens of thousands of events) would otherwise hold all of
+# them in memory at once, for as long as its client takes to read them.
+REPLAY_PAGE = 256
+
 
 async def watch(
     store: ExecutionStore,
@@ -92,13 +97,15 @@ async def _follow(
         if skip_replay:
             stored_events = []
         else:
-            stored_events = await store.events_after(execution_id, last)
+            stored_events = await store.events_after(execution_id, last, REPLAY_PAGE)
         for stored in stored_events:
             event = codec.parsed(stored)
             last = stored.sequence
             yield event
             if codec.is_final(event):
                 return
+        if len(stored_events) == REPLAY_PAGE:
+            continue  # more in the store
         if (
             not stored_events
             and not skip_replay  # the store was not read: live events first
