@@ -28,10 +28,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import wrk
+from floor import FloorServer
 from peer import FastApiPeer
 from table import Row, skipped
 
-from agentlab.devstack import Stack
+from agentlab.devstack import EnvoyProcess, Ports, Stack, free_port
 
 __all__ = [
     "EXECUTE_BODY",
@@ -310,6 +311,8 @@ def measure_peer_rows(
             )
         )
 
+        rows.append(_floor_row(log_dir, opts, peer_rate=b.rate, ours_rate=a.rate, details=details))
+
         pg_path = "REST Execute, echo, PostgreSQL+Redis (req/s)"
         pg_goal = f">={GOAL2_RATIO}x"
         if not opts.postgres:
@@ -363,6 +366,57 @@ def measure_peer_rows(
             )
         )
     return rows
+
+
+FLOOR_PATH = "REST Execute floor: bare grpc.aio + Envoy, nothing recorded (req/s)"
+
+
+def _floor_row(
+    log_dir: Path,
+    opts: Options,
+    *,
+    peer_rate: float,
+    ours_rate: float,
+    details: list[dict[str, Any]],
+) -> Row:
+    """The same wrk load on bench/floor.py's do-nothing servicer behind the
+    same Envoy config: the ceiling of this stack on this machine. Its ratio
+    to the peer bounds what any change inside the service can reach."""
+    with (
+        (log_dir / "floor.log").open("wb") as log,
+        FloorServer(log) as floor,
+        (log_dir / "floor-envoy.log").open("wb") as envoy_log,
+    ):
+        ports = Ports(gateway=free_port(), service=floor.port, admin=free_port())
+        envoy = EnvoyProcess(ports=ports, output=envoy_log).start()
+        try:
+            assert envoy.proc is not None
+            side = Side(
+                "floor",
+                envoy.url,
+                {"svc": floor.pid, "envoy": envoy.proc.pid},
+                f"http://127.0.0.1:{ports.admin}",
+            )
+            _check(side.url, "/api/v1/execute", EXECUTE_BODY, b'"output"')
+            result = _load(side, "/api/v1/execute", EXECUTE_BODY, opts)
+        finally:
+            envoy.stop()
+    details.append(_detail("REST Execute, floor", side.name, result))
+    return Row(
+        path=FLOOR_PATH,
+        ours=result.rate,
+        peer=peer_rate,
+        ratio=_ratio(result.rate, peer_rate),
+        p50_ms=result.p50_ms,
+        p99_ms=result.p99_ms,
+        non_2xx=result.failures,
+        cpu=_cpu(result, None, "req").replace(" | -", ""),
+        note=(
+            "the stack alone: Envoy's transcoder in front of a grpc.aio servicer that answers "
+            "at once (bench/floor.py); the service reached "
+            f"{_ratio(ours_rate, result.rate):.0%} of it; no change inside the service can pass it"
+        ),
+    )
 
 
 def _detail(label: str, side: str, result: wrk.WrkResult) -> dict[str, Any]:

@@ -23,6 +23,8 @@ MEASURED_BY_WRK = (
     "SSE 20 tokens (streams/s)",
 )
 TTFT = "TTFT, one stream at a time (ms p50)"
+# bench/floor.py behind the same Envoy: measured, no goal of its own.
+FLOOR = "REST Execute floor: bare grpc.aio + Envoy, nothing recorded (req/s)"
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,16 @@ def test_the_table_has_every_path_with_positive_rates_and_their_ratio(
     quick_table: dict[str, Any],
 ) -> None:
     rows = {row["path"]: row for row in quick_table["table"]}
-    assert set(rows) == {*MEASURED_BY_WRK, TTFT}
+    assert set(rows) == {*MEASURED_BY_WRK, TTFT, FLOOR}
+    floor = rows.pop(FLOOR)
+    assert floor["ours"] > 0, floor
+    # The same peer run as the Execute row's: the floor is read against it.
+    assert floor["peer"] == rows[MEASURED_BY_WRK[0]]["peer"], floor
+    assert floor["met"] is None, floor
+    assert not floor["goal"], floor
+    assert floor["non_2xx"] == 0, floor
+    assert "svc" in floor["cpu"], floor
+    assert "envoy" in floor["cpu"], floor
     pg = rows["REST Execute, echo, PostgreSQL+Redis (req/s)"]
     if pg["note"].startswith("skipped"):
         assert not in_ci(), pg["note"]  # CI has PostgreSQL and Redis
@@ -96,14 +107,16 @@ def test_each_wrk_run_counts_requests_and_the_cpu_of_each_process(
         ("REST Execute, SQLite", "peer"),
         ("SSE 20 tokens", "ours"),
         ("SSE 20 tokens", "peer"),
+        ("REST Execute, floor", "floor"),
     }
     for r in runs:
         assert r["requests"] > 0, r
         assert r["rate"] > 0, r
-        processes = {"svc", "envoy", "wrk"} if r["side"].startswith("ours") else {"uvicorn", "wrk"}
+        behind_envoy = r["side"] != "peer"
+        processes = {"svc", "envoy", "wrk"} if behind_envoy else {"uvicorn", "wrk"}
         assert set(r["cpu_ms"]) == processes, r
         # Seconds of load on a busy server: more than the kernel's 10 ms tick.
-        busy = "svc" if r["side"].startswith("ours") else "uvicorn"
+        busy = "svc" if behind_envoy else "uvicorn"
         assert r["cpu_ms"][busy] > 0, r
         assert all(v is not None for v in r["cpu_ms"].values()), r  # NaN: not measured
 
