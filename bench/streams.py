@@ -142,6 +142,9 @@ class _Memory:
 
     def __init__(self, pids: Sequence[int], tally: Tally, every_s: float = 0.25) -> None:
         self.peak = 0
+        # Each process's own largest VmRSS, in ``pids``' order: which side
+        # holds the memory.
+        self.peaks = [0] * len(pids)
         self.at_peak_open = (0, 0)  # (streams open, bytes)
         self._pids, self._tally, self._every_s = pids, tally, every_s
         self._done = threading.Event()
@@ -158,9 +161,11 @@ class _Memory:
     def _run(self) -> None:
         while not self._done.wait(self._every_s):
             try:
-                total = sum(rss_kib(pid) * 1024 for pid in self._pids)
+                each = [rss_kib(pid) * 1024 for pid in self._pids]
             except OSError:
                 return
+            self.peaks = [max(a, b) for a, b in zip(self.peaks, each, strict=True)]
+            total = sum(each)
             self.peak = max(self.peak, total)
             open_now = self._tally.opened
             if (open_now, total) > self.at_peak_open:
@@ -198,6 +203,9 @@ class Result:
     peak_rss: int
     rss_at_peak_open: int
     elapsed_s: float
+    # Each process's own peak: the service's and Envoy's.
+    service_peak_rss: int = 0
+    envoy_peak_rss: int = 0
 
     @property
     def all_open_at_once(self) -> bool:
@@ -245,7 +253,10 @@ def run(plan: Plan) -> Result:
             elapsed = time.perf_counter() - start
         finally:
             stack.stop()
-    return Result(plan, tally, memory.peak, memory.at_peak_open[1], elapsed)
+    service_peak, envoy_peak = memory.peaks
+    return Result(
+        plan, tally, memory.peak, memory.at_peak_open[1], elapsed, service_peak, envoy_peak
+    )
 
 
 def row(result: Result) -> Row:
@@ -263,7 +274,9 @@ def row(result: Result) -> Row:
     note = (
         f"{tally.complete:,} of {plan.streams:,} streams got every event "
         f"({tally.events:,} events); at most {tally.peak_open:,} open at once; "
-        f"peak RSS service + Envoy {result.peak_rss / (1 << 20):,.0f} MiB ({gib:.2f} GiB); "
+        f"peak RSS service + Envoy {result.peak_rss / (1 << 20):,.0f} MiB ({gib:.2f} GiB; "
+        f"each at its own peak: service {result.service_peak_rss / (1 << 20):,.0f} MiB, "
+        f"Envoy {result.envoy_peak_rss / (1 << 20):,.0f} MiB); "
         f"{plan.words} words at {plan.token_delay_s:g} s, {result.elapsed_s:.0f} s in all"
         + (f"; failed: {refused}" if refused else "")
         + (f"; {tally.incomplete} incomplete" if tally.incomplete else "")
