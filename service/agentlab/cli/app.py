@@ -447,7 +447,9 @@ def health(
         try:
             answer = await client.health(service)
         except LabServiceError as error:
-            if error.code.name != "UNAVAILABLE":
+            # The gateway answered that it is not serving; anything else
+            # (unreachable, refused) is reported as the error it is.
+            if error.reason != "NOT_SERVING":
                 raise
             if as_json:
                 print_json({"service": service, "status": "SERVING_STATUS_NOT_SERVING"})

@@ -67,7 +67,8 @@ _REFUSED = frozenset(
 )
 
 # Rich honours NO_COLOR and drops styles when stderr is not a terminal.
-stderr = Console(stderr=True, highlight=False)
+# soft_wrap: a message stays one line in a log, whatever the width.
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def exit_code(error: LabServiceError) -> int:
