@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +236,24 @@ def test_no_color_is_honoured() -> None:
     plain = agentlab(None, "-t", target, "-q", "health", env={"FORCE_COLOR": "1", "NO_COLOR": "1"})
     assert not colour.search(plain.stderr)
     assert "UNAVAILABLE" in plain.stderr
+
+
+def readme_commands() -> list[str]:
+    """The `agentlab` lines of README.md's "From a terminal" section."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## From a terminal\n", 1)[1].split("\n## ", 1)[0]
+    return [line.strip() for line in section.splitlines() if line.startswith("    agentlab ")]
+
+
+def test_every_readme_command_runs_as_printed(stack: Stack) -> None:
+    commands = readme_commands()
+    assert len(commands) >= 10
+    # Watch follows it to its end: two seconds of echo.
+    prompt = " ".join(f"w{n}" for n in range(200))
+    started = agentlab(stack, "run", prompt, "-m", "echo", "--background")
+    execution_id = started.stdout.strip()
+    for command in commands:
+        args = shlex.split(command.replace("<id>", execution_id))[1:]
+        done = agentlab(stack, *args)
+        assert done.returncode == 0, f"{command}: {done.stderr}"
+        assert done.stdout, command
