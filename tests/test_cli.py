@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -257,3 +258,24 @@ def test_every_readme_command_runs_as_printed(stack: Stack) -> None:
         done = agentlab(stack, *args)
         assert done.returncode == 0, f"{command}: {done.stderr}"
         assert done.stdout, command
+
+
+def test_ctrl_c_stops_the_orchestration_it_started(stack: Stack) -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
+    environ |= {"AGENTLAB_TARGET": stack.gateway_grpc, "AGENTLAB_API_KEY": KEY}
+    long_prompt = " ".join(f"w{n}" for n in range(2000))  # 20 s of echo per node
+    with subprocess.Popen(
+        [AGENTLAB, "orchestrate", long_prompt, "-m", "echo", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
+    ) as running:
+        assert running.stdout is not None
+        first = json.loads(running.stdout.readline())
+        running.send_signal(signal.SIGINT)
+        _, errors = running.communicate(timeout=30)
+    assert running.returncode == 130
+    assert f"cancelled execution {first['execution_id']}" in errors
+    got = agentlab(stack, "executions", "get", first["execution_id"], "--json")
+    assert json.loads(got.stdout)["state"] == "EXECUTION_STATE_CANCELLED"

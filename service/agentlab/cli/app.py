@@ -160,7 +160,7 @@ def _run(context: typer.Context, work: Callable[[AsyncClient], Awaitable[int]]) 
 
     try:
         code = asyncio.run(main())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # asyncio.run cancelled main() first
         code = 130
     raise typer.Exit(code)
 
@@ -247,12 +247,27 @@ def orchestrate(
             idempotent=not no_request_id,
         )
 
-    _run(context, lambda client: _follow(events(client), as_json=as_json))
+    async def work(client: AsyncClient) -> int:
+        progress = Progress()
+        try:
+            return await _follow(events(client), as_json=as_json, progress=progress)
+        except asyncio.CancelledError:
+            # Ctrl-C. The keyed execution would outlive its call (that is
+            # what lets a dropped stream resume): stop the one this started.
+            if progress.execution_id and not progress.finished:
+                await client.cancel_execution(progress.execution_id, timeout_s=5)
+                stderr.print(f"cancelled execution {progress.execution_id}")
+            raise
+
+    _run(context, work)
 
 
-async def _follow(events: AsyncIterator[pb.ExecutionEvent], *, as_json: bool) -> int:
-    """Print an execution's events: NDJSON, or the live view then the output."""
-    progress = Progress()
+async def _follow(
+    events: AsyncIterator[pb.ExecutionEvent], *, as_json: bool, progress: Progress | None = None
+) -> int:
+    """Print an execution's events: NDJSON, or the live view then the output.
+    ``progress`` (a new one by default) follows them, for the caller to read."""
+    progress = progress if progress is not None else Progress()
     live = (
         Live(progress.render(), console=stderr, refresh_per_second=8, transient=False)
         if stderr.is_terminal and not as_json
