@@ -58,8 +58,9 @@ class AsyncClient:
     ``api_key``: sent as a Bearer token (else AGENTLAB_API_KEY, else none);
     ``timeout_s``: the default deadline of a unary call, retries included
     (None: no deadline); ``retry``: the retry policy; ``on_retry``: called
-    before each retry's wait (the CLI prints it). Use as an async context
-    manager, or ``await close()``. Errors raise ``LabServiceError``
+    before each retry's wait (the CLI prints it). Make it inside the event
+    loop that uses it (grpc.aio binds its channel to that loop); use it as
+    an async context manager, or ``await close()``. Errors raise ``LabServiceError``
     subclasses (agentlab.client.errors)."""
 
     def __init__(
