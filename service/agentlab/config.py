@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 __all__ = [
+    "CLIENT_VARIABLES",
     "CONTRACT_MAX_PROMPT_CHARS",
     "PREFIX",
     "ConfigError",
@@ -31,6 +32,12 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Query parameters of a database or Redis URL that carry a secret.
 _SECRET_PARAMETERS = {"password", "passwd", "pass", "sslpassword"}
 _HIDDEN = "*** (not a scheme:// URL; hidden)"
+
+# The `agentlab` command's own variables (agentlab.client): where to call and
+# with which key. Accepted and ignored here, so that a shell exporting them for
+# the command can still start the service. Not offered as "did you mean"
+# hints: a misspelt AGENTLAB_API_KEYS_FILE must point at the real setting.
+CLIENT_VARIABLES = frozenset({"AGENTLAB_TARGET", "AGENTLAB_API_KEY"})
 
 # The prompt's max_len in protos/agentlab/v1/lab_service.proto: the setting
 # can only lower it (tests/test_config.py checks the two agree).
@@ -154,7 +161,7 @@ class Settings:
         defaults = cls()
         known = cls.variables()
         for name in sorted(env):
-            if name.startswith(PREFIX) and name not in known:
+            if name.startswith(PREFIX) and name not in known and name not in CLIENT_VARIABLES:
                 close = difflib.get_close_matches(name, known, n=1)
                 hint = f"did you mean {close[0]}? " if close else ""
                 raise ConfigError(

@@ -1,0 +1,37 @@
+"""Where the client calls and with which key: arguments first, then the
+environment (AGENTLAB_TARGET, AGENTLAB_API_KEY), then the local default."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+__all__ = [
+    "API_KEY_VARIABLE",
+    "DEFAULT_TARGET",
+    "TARGET_VARIABLE",
+    "resolve_api_key",
+    "resolve_target",
+]
+
+# Envoy's port under `make run`: REST and gRPC on one listener.
+DEFAULT_TARGET = "localhost:8000"
+TARGET_VARIABLE = "AGENTLAB_TARGET"
+API_KEY_VARIABLE = "AGENTLAB_API_KEY"
+
+
+def resolve_target(target: str | None, env: Mapping[str, str] | None = None) -> str:
+    """``host:port`` to dial. An ``http://`` prefix (a REST URL pasted from
+    the README) is dropped: the gateway serves gRPC on the same port."""
+    env = os.environ if env is None else env
+    chosen = (target or env.get(TARGET_VARIABLE, "").strip() or DEFAULT_TARGET).strip()
+    for scheme in ("http://", "grpc://"):
+        if chosen.startswith(scheme):
+            chosen = chosen.removeprefix(scheme)
+    return chosen.rstrip("/")
+
+
+def resolve_api_key(api_key: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """The key to send as ``authorization: Bearer <key>``, or None (an open API)."""
+    env = os.environ if env is None else env
+    return api_key or env.get(API_KEY_VARIABLE, "").strip() or None

@@ -1,0 +1,281 @@
+"""The `agentlab` command (the installed entry point) against the real
+stack: every command with its output checked, --json parsed, exit codes
+that tell usage errors, refusals and an unavailable gateway apart, --help
+with examples everywhere, and NO_COLOR."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentlab.devstack import Stack, free_port
+from tests.helpers.stacks import StackFactory
+
+# Every test runs the command as a process.
+pytestmark = pytest.mark.e2e
+
+AGENTLAB = str(Path(sys.executable).parent / "agentlab")
+KEY = "cli-test-key"
+HEX_ID = re.compile(r"^[0-9a-f]{32}$")
+COMMANDS = [
+    [],
+    ["run"],
+    ["orchestrate"],
+    ["compare"],
+    ["models"],
+    ["health"],
+    ["executions"],
+    ["executions", "list"],
+    ["executions", "get"],
+    ["executions", "watch"],
+    ["executions", "cancel"],
+]
+
+
+@pytest.fixture(scope="module")
+def stack(start_module_stack: StackFactory) -> Stack:
+    return start_module_stack(
+        {"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_ECHO_TOKEN_DELAY_S": "0.01"},
+        keys={"cli": KEY},
+    )
+
+
+def agentlab(
+    stack: Stack | None, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The command as a user runs it, its target and key from the environment."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTLAB_", "NO_COLOR"))}
+    if stack is not None:
+        environ |= {"AGENTLAB_TARGET": stack.gateway_grpc, "AGENTLAB_API_KEY": KEY}
+    environ |= env or {}
+    return subprocess.run(
+        [AGENTLAB, *args], capture_output=True, text=True, timeout=60, env=environ
+    )
+
+
+def ndjson(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def kind(event: dict[str, Any]) -> str:
+    (found,) = set(event) - {"sequence", "time", "execution_id"}
+    return found
+
+
+def test_run_prints_the_output_and_only_the_output(stack: Stack) -> None:
+    done = agentlab(stack, "run", "three plain words", "-m", "echo")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "three plain words\n", "")
+
+
+def test_run_json_is_the_execute_response(stack: Stack) -> None:
+    done = agentlab(stack, "run", "as json", "-m", "echo", "--json", "--max-tokens", "8")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["output"] == "as json"
+    assert HEX_ID.match(answer["execution_id"])
+    assert answer["state"] == "EXECUTION_STATE_SUCCEEDED"
+    assert answer["metrics"]["backend"] == "echo"
+    assert answer["flow"][0]["node"] == "inference"
+
+
+def test_orchestrate_prints_the_output_and_json_the_events(stack: Stack) -> None:
+    plain = agentlab(stack, "orchestrate", "red green", "-m", "echo")
+    assert plain.returncode == 0, plain.stderr
+    # No terminal: no live view on stderr.
+    assert plain.stderr == ""
+
+    events = agentlab(stack, "orchestrate", "red green", "-m", "echo", "--json")
+    assert events.returncode == 0, events.stderr
+    parsed = ndjson(events.stdout)
+    assert [e["sequence"] for e in parsed] == list(range(1, len(parsed) + 1))
+    assert kind(parsed[0]) == "execution_started"
+    assert [e["node_started"]["node"] for e in parsed if kind(e) == "node_started"] == [
+        "plan",
+        "answer",
+        "review",
+    ]
+    result = parsed[-1]["execution_completed"]["result"]
+    assert plain.stdout == result["output"] + "\n"
+
+
+def test_background_run_then_get_watch_and_list(stack: Stack) -> None:
+    started = agentlab(stack, "run", "later on", "-m", "echo", "--background")
+    assert started.returncode == 0, started.stderr
+    execution_id = started.stdout.strip()
+    assert HEX_ID.match(execution_id)
+
+    watched = agentlab(stack, "executions", "watch", execution_id, "--json")
+    assert watched.returncode == 0, watched.stderr
+    events = ndjson(watched.stdout)
+    assert kind(events[-1]) == "execution_completed"
+    after = agentlab(stack, "executions", "watch", execution_id, "--after", "2", "--json")
+    assert ndjson(after.stdout) == events[2:]
+    plain_watch = agentlab(stack, "executions", "watch", execution_id)
+    assert plain_watch.stdout == "later on\n"
+
+    got = agentlab(stack, "executions", "get", execution_id, "--json")
+    assert json.loads(got.stdout)["state"] == "EXECUTION_STATE_SUCCEEDED"
+    plain_get = agentlab(stack, "executions", "get", execution_id)
+    assert plain_get.stdout.splitlines()[0].split() == [execution_id, "SUCCEEDED", "echo"]
+    assert "later on" in plain_get.stdout
+
+    listed = agentlab(stack, "executions", "list", "--state", "succeeded", "--json")
+    assert execution_id in [e["execution_id"] for e in ndjson(listed.stdout)]
+    everything = agentlab(stack, "executions", "list", "--all", "--page-size", "1", "--json")
+    ids = [e["execution_id"] for e in ndjson(everything.stdout)]
+    assert execution_id in ids
+    assert len(ids) == len(set(ids))
+    table = agentlab(stack, "executions", "list", "-m", "echo")
+    rows = [line.split("\t") for line in table.stdout.splitlines()]
+    assert rows[0] == ["id", "state", "model", "mode", "created", "prompt"]
+    assert [execution_id, "SUCCEEDED", "echo", "inference"] in [row[:4] for row in rows]
+
+
+def test_cancel_a_running_execution(stack: Stack) -> None:
+    long_prompt = " ".join(f"w{n}" for n in range(2000))  # 20 s of echo
+    started = agentlab(stack, "run", long_prompt, "-m", "echo", "--background")
+    execution_id = started.stdout.strip()
+
+    cancelled = agentlab(stack, "executions", "cancel", execution_id)
+    assert (cancelled.returncode, cancelled.stdout.split()) == (0, [execution_id, "CANCELLED"])
+    again = agentlab(stack, "executions", "cancel", execution_id, "--json")
+    assert json.loads(again.stdout)["state"] == "EXECUTION_STATE_CANCELLED"
+    # Its stream ends failed (CANCELLED): the watch says so and exits 1.
+    watched = agentlab(stack, "executions", "watch", execution_id)
+    assert watched.returncode == 1
+    assert "CANCELLED" in watched.stderr
+
+
+def test_models_and_health(stack: Stack) -> None:
+    models = agentlab(stack, "models")
+    assert models.stdout.splitlines()[0].split("\t") == [
+        "name",
+        "backend",
+        "backend model",
+        "ready",
+        "description",
+    ]
+    assert models.stdout.splitlines()[1].split("\t")[:4] == ["*", "echo", "echo", "yes"]
+    as_json = ndjson(agentlab(stack, "models", "--json").stdout)
+    assert as_json[0]["backend"] == "echo"
+    assert as_json[0]["ready"] is True
+
+    health = agentlab(stack, "health")
+    assert (health.returncode, health.stdout) == (0, "SERVING\n")
+    assert json.loads(agentlab(stack, "health", "--json").stdout)["status"] == (
+        "SERVING_STATUS_SERVING"
+    )
+    unknown = agentlab(stack, "health", "--service", "agentlab.backend.nobody")
+    assert unknown.returncode == 4
+    assert "NOT_FOUND" in unknown.stderr
+
+
+def test_compare_runs_every_model_side_by_side(stack: Stack) -> None:
+    table = agentlab(stack, "compare", "blue sky", "-m", "echo", "-m", "other-name")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    header = next(line for line in lines if "node" in line)
+    assert "echo" in header
+    assert "other-name" in header
+    for row in ("plan", "answer", "review", "Total", "output"):
+        assert any(line.strip("│┃ ").startswith(row) for line in lines), row
+
+    as_json = json.loads(agentlab(stack, "compare", "blue", "-m", "a", "-m", "b", "--json").stdout)
+    assert set(as_json) == {"a", "b"}
+    for model, outcome in as_json.items():
+        assert outcome["result"]["metrics"]["requested_model"] == model
+        assert [step["node"] for step in outcome["result"]["flow"]] == ["plan", "answer", "review"]
+
+
+def test_exit_codes_tell_usage_refusal_and_unavailable_apart(stack: Stack) -> None:
+    refused = agentlab(stack, "run", " ", "-m", "echo")
+    assert refused.returncode == 4
+    assert refused.stdout == ""
+    assert "INVALID_ARGUMENT" in refused.stderr
+    assert "prompt: must contain at least one non-whitespace character" in refused.stderr
+
+    no_key = agentlab(stack, "models", env={"AGENTLAB_API_KEY": ""})
+    assert no_key.returncode == 4
+    assert "UNAUTHENTICATED" in no_key.stderr
+
+    unknown = agentlab(stack, "executions", "get", "0" * 32)
+    assert unknown.returncode == 4
+    assert "NOT_FOUND" in unknown.stderr
+
+    usage = agentlab(stack, "run", "x", "--temperature", "5")
+    assert usage.returncode == 2
+    assert "--temperature" in usage.stderr
+
+    nobody = agentlab(None, "--target", f"127.0.0.1:{free_port()}", "--quiet", "models")
+    assert nobody.returncode == 3
+    assert "UNAVAILABLE" in nobody.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "agentlab")
+def test_help_on_every_command(command: list[str]) -> None:
+    done = agentlab(None, *command, "--help")
+    assert done.returncode == 0, done.stderr
+    assert "Usage: agentlab" in done.stdout
+    if (len(command) == 1 and command[0] != "executions") or len(command) == 2:
+        assert "Example" in done.stdout
+
+
+def test_no_color_is_honoured() -> None:
+    target = f"127.0.0.1:{free_port()}"
+    colour = re.compile(r"\x1b\[[0-9;]*3[0-9]m")
+    forced = agentlab(None, "-t", target, "-q", "health", env={"FORCE_COLOR": "1"})
+    assert colour.search(forced.stderr), "no colour even when forced: the test proves nothing"
+    plain = agentlab(None, "-t", target, "-q", "health", env={"FORCE_COLOR": "1", "NO_COLOR": "1"})
+    assert not colour.search(plain.stderr)
+    assert "UNAVAILABLE" in plain.stderr
+
+
+def readme_commands() -> list[str]:
+    """The `agentlab` lines of README.md's "From a terminal" section."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## From a terminal\n", 1)[1].split("\n## ", 1)[0]
+    return [line.strip() for line in section.splitlines() if line.startswith("    agentlab ")]
+
+
+def test_every_readme_command_runs_as_printed(stack: Stack) -> None:
+    commands = readme_commands()
+    assert len(commands) >= 10
+    # Watch follows it to its end: two seconds of echo.
+    prompt = " ".join(f"w{n}" for n in range(200))
+    started = agentlab(stack, "run", prompt, "-m", "echo", "--background")
+    execution_id = started.stdout.strip()
+    for command in commands:
+        args = shlex.split(command.replace("<id>", execution_id))[1:]
+        done = agentlab(stack, *args)
+        assert done.returncode == 0, f"{command}: {done.stderr}"
+        assert done.stdout, command
+
+
+def test_ctrl_c_stops_the_orchestration_it_started(stack: Stack) -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
+    environ |= {"AGENTLAB_TARGET": stack.gateway_grpc, "AGENTLAB_API_KEY": KEY}
+    long_prompt = " ".join(f"w{n}" for n in range(2000))  # 20 s of echo per node
+    with subprocess.Popen(
+        [AGENTLAB, "orchestrate", long_prompt, "-m", "echo", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
+    ) as running:
+        assert running.stdout is not None
+        first = json.loads(running.stdout.readline())
+        running.send_signal(signal.SIGINT)
+        _, errors = running.communicate(timeout=30)
+    assert running.returncode == 130
+    assert f"cancelled execution {first['execution_id']}" in errors
+    got = agentlab(stack, "executions", "get", first["execution_id"], "--json")
+    assert json.loads(got.stdout)["state"] == "EXECUTION_STATE_CANCELLED"
