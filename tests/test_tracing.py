@@ -171,6 +171,47 @@ def test_without_a_traceparent_the_rpc_span_is_the_root(
     }
 
 
+@pytest.mark.e2e
+def test_a_stream_is_traced_the_same_way(stack: Stack, receiver: OtlpReceiver) -> None:
+    """Orchestrate as Server-Sent Events: the streaming RPC's span is the
+    execution's parent, and ends with the stream."""
+    trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
+    with httpx.stream(
+        "POST",
+        f"{stack.url}/api/v1/orchestrate",
+        json={"prompt": "Name a tree", "model": "remote"},
+        headers={"traceparent": f"00-{trace_id}-{caller_span}-01"},
+        timeout=30,
+    ) as answer:
+        assert answer.status_code == 200
+        body = answer.read().decode()
+    assert "execution_completed" in body
+    spans = receiver.wait_for(4 + 2 * len(NODES), trace_id)
+    rpc = _one(spans, "agentlab.v1.LabService/Orchestrate")
+    assert (rpc.parent_span_id, rpc.error) == (caller_span, False)
+    assert rpc.attributes["rpc.grpc.status_code"] == 0
+    assert _one(spans, "execution orchestration").parent_span_id == rpc.span_id
+    assert len([span for span in spans if span.name.startswith("chat ")]) == len(NODES)
+
+
+@pytest.mark.e2e
+def test_a_failed_call_is_a_failed_span_named_by_its_status(
+    stack: Stack, receiver: OtlpReceiver
+) -> None:
+    trace_id = secrets.token_hex(16)
+    answer = httpx.post(
+        f"{stack.url}/api/v1/execute",
+        json={"prompt": "x", "model": "no-such-model"},
+        headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+        timeout=30,
+    )
+    assert answer.status_code == 404, answer.text
+    [rpc] = receiver.wait_for(1, trace_id)
+    assert rpc.error
+    assert rpc.attributes["error.type"] == "NOT_FOUND"
+    assert rpc.attributes["rpc.grpc.status_code"] == 5
+
+
 @pytest.mark.parametrize(
     "env",
     [

@@ -64,8 +64,14 @@ class ObserveCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         def unary(behaviour: Unary) -> Unary:
             async def observed(request: Any, context: Any) -> Any:
-                with tracing.use_span(begin(context)):
+                span = begin(context)
+                if span is None:
                     return await behaviour(request, context)
+                with tracing.use_span(span):
+                    try:
+                        return await behaviour(request, context)
+                    finally:
+                        _status(span, context)
 
             return observed
 
@@ -81,10 +87,26 @@ class ObserveCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     async for response in tracing.steps(span, responses):
                         yield response
                 except BaseException as error:
+                    _status(span, context)
                     tracing.end(span, error)
                     raise
+                _status(span, context)
                 tracing.end(span)
 
             return observed
 
         return wrap_handler(handler, unary, streaming)
+
+
+def _status(span: tracing.Span, context: Any) -> None:
+    """The call's gRPC status on its span (``rpc.grpc.status_code``); a
+    status other than OK marks it failed, named by the code (NOT_FOUND):
+    MapErrors has turned every error into a status by now."""
+    code = context.code()
+    if code is None:
+        code = grpc.StatusCode.OK
+    elif isinstance(code, int):
+        code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code is not grpc.StatusCode.OK:
+        tracing.mark_failed(span, code.name)

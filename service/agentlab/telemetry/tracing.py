@@ -138,9 +138,14 @@ def end(span: Span | None, error: BaseException | None = None) -> None:
     type when there is one."""
     if span is None:
         return
-    if error is not None:
+    if error is not None and not _failed(span):
         mark_failed(span, type(error).__name__)
     span.end()
+
+
+def _failed(span: Span) -> bool:
+    status = getattr(span, "status", None)
+    return status is not None and status.status_code is StatusCode.ERROR
 
 
 def mark_failed(span: Span | None, error_type: str) -> None:
@@ -162,7 +167,9 @@ def use_span(span: Span | None) -> Iterator[None]:
     try:
         yield
     except BaseException as error:
-        end(span, error)
+        if span.is_recording() and not _failed(span):
+            mark_failed(span, type(error).__name__)
+        span.end()
         raise
     else:
         end(span)
