@@ -195,6 +195,23 @@ def test_a_stream_is_traced_the_same_way(stack: Stack, receiver: OtlpReceiver) -
 
 
 @pytest.mark.e2e
+def test_a_browser_may_send_its_trace_context(stack: Stack) -> None:
+    """A cross-origin page that sends traceparent gets past the preflight."""
+    answer = httpx.options(
+        f"{stack.url}/api/v1/execute",
+        headers={
+            "Origin": "http://localhost:3000",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, traceparent, tracestate",
+        },
+        timeout=10,
+    )
+    assert answer.status_code == 200
+    allowed = answer.headers["access-control-allow-headers"].replace(" ", "").split(",")
+    assert {"traceparent", "tracestate"} <= set(allowed)
+
+
+@pytest.mark.e2e
 def test_a_failed_call_is_a_failed_span_named_by_its_status(
     stack: Stack, receiver: OtlpReceiver
 ) -> None:
