@@ -135,6 +135,9 @@ class Runs:
         copied from the call that launched it), and in a span of its own
         while tracing is on: child of the call's span, parent of its graph's."""
         logs.execution_id.set(execution_id)
+        if not tracing.enabled():  # first: nothing is built while off
+            await self._execute(execution_id, prepared, background)
+            return
         task = prepared.task
         span = tracing.start_span(
             f"execution {task.mode.value}",
@@ -145,9 +148,6 @@ class Runs:
                 "agentlab.backend": prepared.lab.backend,
             },
         )
-        if span is None:
-            await self._execute(execution_id, prepared, background)
-            return
         final = self._local[execution_id].final
         with tracing.use_span(span):
             await self._execute(execution_id, prepared, background)

@@ -34,9 +34,10 @@ class ModelCallSpans:
     ) -> ModelCallSpans | None:
         """Both spans started (children of the current span); None while
         tracing is off."""
-        node_span = tracing.start_span(f"node {node}", attributes={"agentlab.node": node})
-        if node_span is None:
+        if not tracing.enabled():  # first: nothing is built while off
             return None
+        node_span = tracing.start_span(f"node {node}", attributes={"agentlab.node": node})
+        assert node_span is not None
         attributes: dict[str, str | int | float | bool] = {
             "gen_ai.operation.name": _OPERATION,
             "gen_ai.provider.name": model.backend,
