@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from agentlab.config import ConfigError, Settings
-from agentlab.devstack import Stack, free_port
+from agentlab.devstack import ROOT, Stack, free_port
 from agentlab.telemetry import logs
 from tests.helpers.stacks import StackFactory
 
@@ -172,3 +173,18 @@ def test_an_unknown_log_format_is_refused() -> None:
 )
 def test_the_trace_id_of_a_traceparent(traceparent: str, trace_id: str) -> None:
     assert logs.trace_id_of(traceparent) == trace_id
+
+
+def test_make_run_hands_the_log_format_and_otel_variables_to_the_service() -> None:
+    """`make run` (scripts/run_local.py) starts the service with the user's
+    environment: the JSON format and the tracing variables reach it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from run_local import service_env
+
+    user = {"AGENTLAB_LOG_FORMAT": "json", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
+    env = service_env(user, 50051)
+    assert env["AGENTLAB_LOG_FORMAT"] == "json"
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://127.0.0.1:4317"
+    assert Settings.from_env(
+        {k: v for k, v in env.items() if k.startswith("AGENTLAB_")}
+    ) == Settings(grpc_address="127.0.0.1:50051", log_format="json")
