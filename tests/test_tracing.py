@@ -161,6 +161,7 @@ def test_without_a_traceparent_the_rpc_span_is_the_root(
         receiver.wait_for(1, "-", timeout_s=0.05)
     assert rpc is not None
     assert rpc.parent_span_id == ""
+
     # Inference: one node, one model call, in the same new trace.
     spans = receiver.wait_for(6, rpc.trace_id)
     assert {span.name for span in spans} >= {
@@ -169,6 +170,17 @@ def test_without_a_traceparent_the_rpc_span_is_the_root(
         "node inference",
         "chat echo",
     }
+
+
+@pytest.mark.e2e
+def test_health_probes_make_no_traces(stack: Stack, receiver: OtlpReceiver) -> None:
+    assert httpx.get(f"{stack.url}/api/v1/health", timeout=10).status_code == 200
+    # A traced call after it: by the time its spans are here, a probe's
+    # would be too (one process, one export queue).
+    trace_id = secrets.token_hex(16)
+    _orchestrate(stack, {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+    assert len(receiver.wait_for(4 + 2 * len(NODES), trace_id)) == 4 + 2 * len(NODES)
+    assert not [span for span in receiver.spans() if "Health" in span.name]
 
 
 @pytest.mark.e2e

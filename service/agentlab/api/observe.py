@@ -25,6 +25,8 @@ from agentlab.telemetry import logs, tracing
 
 __all__ = ["ObserveCalls"]
 
+_UNTRACED = ("/grpc.health.v1.Health/", "/agentlab.v1.LabService/GetHealth", "/grpc.reflection.")
+
 
 class ObserveCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self) -> None:
@@ -42,6 +44,9 @@ class ObserveCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         service, _, name = method.lstrip("/").rpartition("/")
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
         span_name = method.lstrip("/")
+        # Probes and reflection are not requests anyone follows: a probe
+        # every few seconds would bury the traces that matter.
+        traced = not method.startswith(_UNTRACED)
 
         def begin(context: Any) -> tracing.Span | None:
             """Set the call's log context (in the call's own task) and start
@@ -52,6 +57,8 @@ class ObserveCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             traceparent = metadata.get("traceparent", "")
             if isinstance(traceparent, str):
                 logs.trace_id.set(logs.trace_id_of(traceparent))
+            if not traced:
+                return None
             span = tracing.start_span(
                 span_name,
                 kind=tracing.SpanKind.SERVER,
