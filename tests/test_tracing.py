@@ -9,6 +9,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import yaml
@@ -16,6 +17,8 @@ import yaml
 from agentlab.devstack import LabServiceProcess, Stack, free_port
 from agentlab.lab.graph import NODES
 from agentlab.telemetry import tracing
+from agentlab.v1 import lab_service_pb2 as svc
+from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.helpers.otlp import OtlpReceiver, ReceivedSpan
 from tests.helpers.stacks import StackFactory
 
@@ -221,6 +224,25 @@ def test_a_browser_may_send_its_trace_context(stack: Stack) -> None:
     assert answer.status_code == 200
     allowed = answer.headers["access-control-allow-headers"].replace(" ", "").split(",")
     assert {"traceparent", "tracestate"} <= set(allowed)
+
+
+@pytest.mark.e2e
+def test_a_grpc_client_continues_its_trace_through_envoy(
+    stack: Stack, receiver: OtlpReceiver
+) -> None:
+    """Native gRPC through Envoy's port: traceparent as call metadata."""
+    trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
+    with grpc.insecure_channel(stack.gateway_grpc) as channel:
+        svc_grpc.LabServiceStub(channel).Execute(
+            svc.ExecuteRequest(prompt="Name a river", model="remote"),
+            metadata=[("traceparent", f"00-{trace_id}-{caller_span}-01")],
+            timeout=30,
+        )
+    spans = receiver.wait_for(4 + 2, trace_id)
+    rpc = _one(spans, "agentlab.v1.LabService/Execute")
+    assert rpc.parent_span_id == caller_span
+    assert _one(spans, "execution inference").parent_span_id == rpc.span_id
+    assert _one(spans, "chat echo", "lab-under-test").trace_id == trace_id
 
 
 @pytest.mark.e2e
