@@ -103,7 +103,7 @@ def test_prompts_and_outputs_are_not_logged_at_info(stack: Stack) -> None:
     assert not [line for line in loud if secret in json.dumps(line)]
 
 
-def test_json_lines_carry_the_context_and_the_traceback(caplog: pytest.LogCaptureFixture) -> None:
+def test_json_lines_carry_the_context_and_the_traceback() -> None:
     formatter = logs.JsonFormatter()
     logger = logging.getLogger("agentlab.test")
     tokens = (
@@ -118,7 +118,7 @@ def test_json_lines_carry_the_context_and_the_traceback(caplog: pytest.LogCaptur
             record = logger.makeRecord(
                 "agentlab.test", logging.ERROR, __file__, 1, "failed %s", ("x",), None
             )
-            record.exc_info = __import__("sys").exc_info()
+            record.exc_info = sys.exc_info()
         line = formatter.format(record)
     finally:
         logs.trace_id.reset(tokens[2])
