@@ -26,11 +26,13 @@ from agentlab.telemetry import tracing
 
 __all__ = [
     "FORMATS",
+    "HUMAN_FORMAT",
     "JsonFormatter",
     "configure",
     "execution_id",
     "request_id",
     "trace_id",
+    "trace_id_of",
 ]
 
 FORMATS = ("human", "json")
