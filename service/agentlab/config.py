@@ -29,6 +29,8 @@ __all__ = [
 PREFIX = "AGENTLAB_"
 _BACKENDS = ("embedded", "echo")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# agentlab.telemetry.logs.FORMATS (not imported: config stays a leaf).
+_LOG_FORMATS = ("human", "json")
 # Query parameters of a database or Redis URL that carry a secret.
 _SECRET_PARAMETERS = {"password", "passwd", "pass", "sslpassword"}
 _HIDDEN = "*** (not a scheme:// URL; hidden)"
@@ -147,6 +149,9 @@ class Settings:
     # tests' stacks and compose render it into Envoy's configuration).
     rate_limit: RateLimit = RateLimit()
     log_level: str = "INFO"
+    # "human" lines, or "json": one object per line with the request's ids
+    # (agentlab.telemetry.logs).
+    log_format: str = "human"
 
     @classmethod
     def variables(cls) -> list[str]:
@@ -224,6 +229,11 @@ class Settings:
             raise ConfigError(
                 f"AGENTLAB_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, not {log_level!r}"
             )
+        log_format = text("LOG_FORMAT", defaults.log_format).lower()
+        if log_format not in _LOG_FORMATS:
+            raise ConfigError(
+                f"AGENTLAB_LOG_FORMAT must be one of {', '.join(_LOG_FORMATS)}, not {log_format!r}"
+            )
         return cls(
             grpc_address=text("GRPC_ADDRESS", defaults.grpc_address),
             default_backend=backend,
@@ -251,6 +261,7 @@ class Settings:
             shutdown_grace_s=seconds("SHUTDOWN_GRACE_S", defaults.shutdown_grace_s),
             echo_token_delay_s=seconds("ECHO_TOKEN_DELAY_S", defaults.echo_token_delay_s),
             log_level=log_level,
+            log_format=log_format,
             rate_limit=RateLimit.parse(text("RATE_LIMIT", str(defaults.rate_limit))),
         )
 

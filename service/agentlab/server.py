@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from agentlab import preflight
 from agentlab.api.auth import AuthInterceptor, load_keys
 from agentlab.api.interceptors import CheckRequests, MapErrors
+from agentlab.api.observe import ObserveCalls
 from agentlab.api.servicer import LabServicer
 from agentlab.api.validation import RequestRules
 from agentlab.config import ConfigError, Settings
@@ -34,6 +35,7 @@ from agentlab.executions.stores import open_store
 from agentlab.health import OVERALL, Health
 from agentlab.lab.factory import build_registry
 from agentlab.lab.registry import LabRegistry
+from agentlab.telemetry import logs, tracing
 from agentlab.v1 import lab_service_pb2, lab_service_pb2_grpc
 
 __all__ = ["LAB_SERVICE", "Server", "backend_service", "main"]
@@ -69,6 +71,10 @@ class Server:
         interceptors: list[grpc.aio.ServerInterceptor] = [MapErrors(), CheckRequests(rules)]
         if settings.api_keys_file:
             interceptors.insert(1, AuthInterceptor(load_keys(settings.api_keys_file)))
+        # Outermost, so the error path's log lines carry the call's ids too;
+        # absent while there is nothing to observe (no cost per call).
+        if tracing.enabled() or settings.log_format == "json":
+            interceptors.insert(0, ObserveCalls())
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         health = Health([LAB_SERVICE, *(backend_service(b.name) for b in registry.backends)])
         runner = Runner(registry.route, default_max_tokens=settings.default_max_tokens)
@@ -209,12 +215,23 @@ def main() -> None:
         applied = preflight.check(settings, os.environ)
     except ConfigError as error:
         sys.exit(f"agentlab: configuration error: {error}")
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        traced = tracing.configure_from_env("agentlab-gateway")
+    except tracing.TracingError as error:
+        sys.exit(f"agentlab: configuration error: {error}")
     logger.info("configuration from the environment: %s", applied.from_env())
+    if traced:
+        logger.info("tracing: OTLP to %s", _otlp_endpoint())
     try:
         asyncio.run(serve(settings))
     except (ConfigError, AgentLabError) as error:
         sys.exit(f"agentlab: {error}")
+    finally:
+        tracing.shutdown()  # the spans still buffered
+
+
+def _otlp_endpoint() -> str:
+    return os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", ""
+    )

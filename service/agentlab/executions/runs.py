@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from google.rpc import code_pb2
+
 from agentlab.core.errors import Cancelled, InternalError, new_error_id
 from agentlab.core.events import Event, ExecutionFailed, ExecutionStarted
 from agentlab.core.runner import Prepared, Runner, Stop
@@ -19,6 +21,7 @@ from agentlab.executions import codec
 from agentlab.executions.admission import Admission
 from agentlab.executions.model import EventBus, ExecutionStore
 from agentlab.executions.writer import EventWriter
+from agentlab.telemetry import logs, tracing
 from agentlab.v1 import execution_pb2 as pb
 
 __all__ = ["Runs"]
@@ -127,12 +130,31 @@ class Runs:
             if pending:
                 await asyncio.wait(pending, timeout=5.0)
 
-    async def _run(
-        self,
-        execution_id: str,
-        prepared: Prepared,
-        background: bool,
-    ) -> None:
+    async def _run(self, execution_id: str, prepared: Prepared, background: bool) -> None:
+        """The execution under its id in the log context (this task's own,
+        copied from the call that launched it), and in a span of its own
+        while tracing is on: child of the call's span, parent of its graph's."""
+        logs.execution_id.set(execution_id)
+        if not tracing.enabled():  # first: nothing is built while off
+            await self._execute(execution_id, prepared, background)
+            return
+        task = prepared.task
+        span = tracing.start_span(
+            f"execution {task.mode.value}",
+            attributes={
+                "agentlab.execution.id": execution_id,
+                "agentlab.execution.mode": task.mode.value,
+                "gen_ai.request.model": task.model,
+                "agentlab.backend": prepared.lab.backend,
+            },
+        )
+        final = self._local[execution_id].final
+        with tracing.use_span(span):
+            await self._execute(execution_id, prepared, background)
+            if failed := _failure(final):
+                tracing.mark_failed(span, code_pb2.Code.Name(failed.error.code))
+
+    async def _execute(self, execution_id: str, prepared: Prepared, background: bool) -> None:
         local = self._local[execution_id]
         stop, final, writer = local.stop, local.final, local.writer
         try:
@@ -166,6 +188,16 @@ class Runs:
             logger.exception("execution %s could not be recorded", execution_id)
         finally:
             await writer.abandon()
+
+
+def _failure(
+    final: asyncio.Future[pb.ExecutionEvent],
+) -> pb.ExecutionFailed | None:
+    """The execution's failure, if its final event says it failed."""
+    if not final.done() or final.cancelled() or final.exception() is not None:
+        return None
+    event = final.result()
+    return event.execution_failed if event.HasField("execution_failed") else None
 
 
 async def _cancel_queued(

@@ -33,6 +33,7 @@ from agentlab.executions.model import (
 from agentlab.executions.recovery import Recovery
 from agentlab.executions.runs import Runs
 from agentlab.executions.submission import Submitted, submit
+from agentlab.telemetry import logs, tracing
 from agentlab.v1 import execution_pb2 as pb
 
 __all__ = ["Executions", "Submitted"]
@@ -156,6 +157,9 @@ class Executions:
         )
 
         created = submitted.created
+        # The rest of the call's log lines (and its span) name the execution.
+        logs.execution_id.set(submitted.record.id)
+        tracing.annotate("agentlab.execution.id", submitted.record.id)
 
         def watched(execution_id: str, after: int) -> AsyncGenerator[pb.ExecutionEvent, None]:
             if created and after == 0:

@@ -18,6 +18,7 @@ from langgraph.graph import END, START, StateGraph
 from agentlab.core.ports import LabEvent, LabNodeEnded, LabNodeStarted, LabToken
 from agentlab.core.types import GenerationOptions
 from agentlab.lab.base import ChatMessage, ChatModel, TextChunk, Usage
+from agentlab.lab.spans import ModelCallSpans
 
 __all__ = ["NODES", "build_graph", "model_node"]
 
@@ -44,17 +45,27 @@ class GraphState(TypedDict, total=False):
 async def model_node(
     model: ChatModel, node: str, messages: list[ChatMessage], options: GenerationOptions
 ) -> AsyncGenerator[LabEvent, None]:
-    """Run one model call as one node: its start, its tokens, its end."""
+    """Run one model call as one node: its start, its tokens, its end; with
+    tracing on, a span for the node and one for the model call in it."""
     yield LabNodeStarted(node=node, input=messages[-1].content)
     parts: list[str] = []
     usage = Usage(prompt_tokens=0, completion_tokens=0)
-    async with aclosing(model.stream(messages, options)) as chunks:
-        async for chunk in chunks:
-            if isinstance(chunk, TextChunk):
-                parts.append(chunk.text)
-                yield LabToken(node=node, text=chunk.text)
-            else:
-                usage = chunk
+    spans = ModelCallSpans.start(model, node, options)
+    try:
+        chunks = model.stream(messages, options)
+        async with aclosing(chunks if spans is None else spans.around(chunks)) as steps:
+            async for chunk in steps:
+                if isinstance(chunk, TextChunk):
+                    parts.append(chunk.text)
+                    yield LabToken(node=node, text=chunk.text)
+                else:
+                    usage = chunk
+    except BaseException as error:
+        if spans is not None:
+            spans.end(usage, error)
+        raise
+    if spans is not None:
+        spans.end(usage)
     yield LabNodeEnded(
         node, "".join(parts), usage.prompt_tokens, usage.completion_tokens, usage.generation_s
     )

@@ -22,6 +22,7 @@ from agentlab.core.ports import LabEvent, LabOutput
 from agentlab.core.types import Task
 from agentlab.lab import wire
 from agentlab.lab.upstream import HttpBackend, Upstream, iter_ndjson
+from agentlab.telemetry import tracing
 
 __all__ = ["HttpLab", "HttpLabBackend"]
 
@@ -103,12 +104,27 @@ class HttpLab:
     async def close(self) -> None:
         self._ready = False
 
-    async def run(self, task: Task) -> AsyncGenerator[LabEvent, None]:
+    def run(self, task: Task) -> AsyncGenerator[LabEvent, None]:
+        """The run's events; with tracing on, under a CLIENT span for the
+        call to the lab service, whose spans (its nodes, its model calls)
+        become its children through the request's traceparent."""
+        path = wire.PATHS[task.mode]
+        span = tracing.start_span(
+            f"POST {path}",
+            kind=tracing.SpanKind.CLIENT,
+            attributes={
+                "http.request.method": "POST",
+                "url.full": f"{self._upstream.address}{path}",
+                "gen_ai.request.model": self._model,
+            },
+        )
+        events = self._run(task, path)
+        return events if span is None else _ended_with(span, tracing.steps(span, events))
+
+    async def _run(self, task: Task, path: str) -> AsyncGenerator[LabEvent, None]:
         body = wire.encode_request(replace(task, model=self._model), stream=self._stream)
         try:
-            async with self._upstream.stream(
-                "POST", wire.PATHS[task.mode], json_body=body
-            ) as response:
+            async with self._upstream.stream("POST", path, json_body=body) as response:
                 content_type = response.headers.get("content-type", "").split(";")[0].strip()
                 if content_type == wire.NDJSON:
                     events = self._streamed(response)
@@ -150,6 +166,20 @@ class HttpLab:
             return decode(value)
         except wire.WireError as error:
             raise self._upstream.failed(f"the lab answered off the wire format: {error}") from None
+
+
+async def _ended_with(
+    span: tracing.Span, events: AsyncGenerator[LabEvent, None]
+) -> AsyncGenerator[LabEvent, None]:
+    """``events``, ending ``span`` with them (failed if they raised)."""
+    try:
+        async with aclosing(events):
+            async for event in events:
+                yield event
+    except BaseException as error:
+        tracing.end(span, error)
+        raise
+    tracing.end(span)
 
 
 def _invalid_argument(message: str) -> InvalidArgument:

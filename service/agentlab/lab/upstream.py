@@ -18,8 +18,9 @@ from typing import Any
 import httpx
 
 from agentlab.core.errors import AgentLabError, LabFailed, LabUnavailable
+from agentlab.telemetry import logs, tracing
 
-__all__ = ["HttpBackend", "Upstream", "iter_ndjson", "iter_sse_data"]
+__all__ = ["HttpBackend", "Upstream", "iter_ndjson", "iter_sse_data", "outgoing_headers"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +76,14 @@ class Upstream:
         """An open response with a 2xx status. Leaving the block closes it,
         which closes the connection if the body was not read to the end: that
         is how a cancelled call stops the backend's work."""
+        # The current span's traceparent (the model call's, the lab
+        # service call's) and the caller's x-request-id go along.
+        headers = outgoing_headers()
         request = self._client.build_request(
             method,
             path,
             json=json_body,
+            headers=headers or None,
             timeout=httpx.Timeout(timeout_s, connect=self._client.timeout.connect)
             if timeout_s is not None
             else None,
@@ -175,6 +180,17 @@ async def iter_sse_data(upstream: Upstream, response: httpx.Response) -> AsyncGe
             data = []
     if data:
         yield "\n".join(data)
+
+
+def outgoing_headers() -> dict[str, str]:
+    """What an upstream request carries of the call that caused it: W3C
+    ``traceparent`` (tracing on) and ``x-request-id`` (the call's, when it
+    came through Envoy); empty for the health checks, which no call causes."""
+    headers: dict[str, str] = {}
+    tracing.inject_into(headers)
+    if request_id := logs.request_id.get():
+        headers["x-request-id"] = request_id
+    return headers
 
 
 def _connect_failure(error: Exception) -> str:

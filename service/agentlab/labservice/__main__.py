@@ -11,6 +11,7 @@ import sys
 from agentlab.config import ConfigError, Settings
 from agentlab.core.errors import AgentLabError
 from agentlab.labservice.app import ANY_MODEL, LabServer, build_labs, listen
+from agentlab.telemetry import logs, tracing
 
 __all__ = ["main", "parse_address"]
 
@@ -60,14 +61,17 @@ def main() -> None:
         host, port = parse_address(settings.lab_address)
     except ConfigError as error:
         sys.exit(f"agentlab-lab: configuration error: {error}")
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        tracing.configure_from_env("agentlab-lab")
+    except tracing.TracingError as error:
+        sys.exit(f"agentlab-lab: configuration error: {error}")
     try:
         asyncio.run(serve(settings, host, port))
     except (ConfigError, AgentLabError, OSError) as error:
         sys.exit(f"agentlab-lab: {error}")
+    finally:
+        tracing.shutdown()  # the spans still buffered
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from agentlab.lab import wire
 from agentlab.lab.echo import EchoModel
 from agentlab.lab.graph_lab import GraphLab
 from agentlab.lab.local import ECHO, local_model
+from agentlab.telemetry import logs, tracing
 from agentlab.v1 import lab_service_pb2
 
 __all__ = ["ANY_MODEL", "ECHO_MODEL", "LabServer", "build_labs", "listen"]
@@ -136,6 +137,28 @@ class LabServer:
         return await self._logged(request, ExecutionMode.ORCHESTRATION)
 
     async def _logged(self, request: web.Request, mode: ExecutionMode) -> web.StreamResponse:
+        """The run under its caller's ids (logs) and, with tracing on, in a
+        SERVER span that continues the caller's trace (its traceparent)."""
+        headers = {key.lower(): value for key, value in request.headers.items()}
+        logs.request_id.set(headers.get("x-request-id", ""))
+        logs.trace_id.set(logs.trace_id_of(headers.get("traceparent", "")))
+        span = tracing.start_span(
+            f"{request.method} {request.path}",
+            kind=tracing.SpanKind.SERVER,
+            attributes={
+                "http.request.method": request.method,
+                "url.path": request.path,
+                "agentlab.request_id": logs.request_id.get(),
+            },
+            parent=tracing.extract_context(headers),
+        )
+        with tracing.use_span(span):
+            response = await self._observed(request, mode)
+            if span is not None:
+                span.set_attribute("http.response.status_code", response.status)
+            return response
+
+    async def _observed(self, request: web.Request, mode: ExecutionMode) -> web.StreamResponse:
         run = _Run(request)
         task = asyncio.current_task()
         assert task is not None
