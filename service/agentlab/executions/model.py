@@ -17,12 +17,14 @@ from typing import Protocol
 
 __all__ = [
     "ACTIVE_STATES",
+    "FINISHED_STATES",
     "Cursor",
     "Ending",
     "EventBus",
     "ExecutionRecord",
     "ExecutionState",
     "ExecutionStore",
+    "Expiry",
     "NewExecution",
     "StoredEvent",
 ]
@@ -37,6 +39,7 @@ class ExecutionState(enum.Enum):
 
 
 ACTIVE_STATES = (ExecutionState.QUEUED, ExecutionState.RUNNING)
+FINISHED_STATES = (ExecutionState.SUCCEEDED, ExecutionState.FAILED, ExecutionState.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,20 @@ class Cursor:
     id: str
 
 
+@dataclass(frozen=True)
+class Expiry:
+    """Which executions a retention sweep may delete: finished ones (never
+    QUEUED or RUNNING) that ended before ``ended_before`` and are either
+    created before ``created_before`` (the age limit) or older, in the
+    listing order (created_at, id), than the ``keep_newest`` newest finished
+    ones (the count limit). None turns a limit off; with both off nothing
+    expires. Times are aware datetimes."""
+
+    ended_before: datetime
+    created_before: datetime | None = None
+    keep_newest: int | None = None
+
+
 class ExecutionStore(Protocol):
     async def open(self) -> None:
         """Connect and bring the schema up to date (migrations)."""
@@ -179,6 +196,18 @@ class ExecutionStore(Protocol):
     ) -> bool:
         """Take over a stale active record: atomically set owner and heartbeat
         if its heartbeat is still older than ``stale_before``. True if taken."""
+        ...
+
+    async def delete_expired(self, expiry: Expiry, limit: int) -> int:
+        """Delete at most ``limit`` of the oldest executions ``expiry``
+        covers, with their events, in one transaction; how many it deleted
+        (fewer than ``limit``: none is left)."""
+        ...
+
+    async def release_space(self, max_pages: int) -> int:
+        """Give storage that deletes freed back to the file system, at most
+        ``max_pages`` database pages at a time; the bytes released (0 where
+        the database does that by itself, or when nothing is free)."""
         ...
 
 

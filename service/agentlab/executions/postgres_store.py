@@ -35,10 +35,12 @@ from agentlab.executions.errors import DuplicateEvent, UnknownExecution
 from agentlab.executions.migrations import migrate_postgres, quote_ident
 from agentlab.executions.model import (
     ACTIVE_STATES,
+    FINISHED_STATES,
     Cursor,
     Ending,
     ExecutionRecord,
     ExecutionState,
+    Expiry,
     NewExecution,
     StoredEvent,
 )
@@ -53,6 +55,7 @@ _COLUMNS = (
     " started_at, ended_at, owner, heartbeat_at, last_sequence, result, error, fingerprint"
 )
 _ACTIVE = [state.value for state in ACTIVE_STATES]
+_FINISHED = [state.value for state in FINISHED_STATES]
 
 # Writes one group takes at most: bounds how long its row locks are held and
 # how long the loop spends settling it.
@@ -299,6 +302,62 @@ class PostgresStore:
             _utc(stale_before),
         )
         return taken == 1
+
+    async def delete_expired(self, expiry: Expiry, limit: int) -> int:
+        """See SqliteStore's _delete_expired for the one bound both limits
+        make. The rows are locked SKIP LOCKED: a sweep never waits on (or
+        deadlocks with) the writes of the hot path, and sweepers of several
+        replicas share the work instead of queueing on the same rows."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+
+        async def delete(conn: Any) -> int:
+            async with conn.transaction():
+                bounds: list[tuple[datetime, str]] = []
+                if expiry.created_before is not None:
+                    bounds.append((_utc(expiry.created_before), ""))
+                if expiry.keep_newest is not None:
+                    row = await conn.fetchrow(
+                        "SELECT created_at, id FROM executions WHERE state = ANY($1::text[])"
+                        " ORDER BY created_at DESC, id DESC LIMIT 1 OFFSET $2",
+                        _FINISHED,
+                        expiry.keep_newest - 1,
+                    )
+                    if row is not None:
+                        bounds.append((row["created_at"], row["id"]))
+                if not bounds:
+                    return 0
+                created_at, execution_id = max(bounds)
+                ids = [
+                    row["id"]
+                    for row in await conn.fetch(
+                        "SELECT id FROM executions"
+                        " WHERE (created_at, id) < ($1, $2) AND state = ANY($3::text[])"
+                        " AND COALESCE(ended_at, created_at) < $4"
+                        " ORDER BY created_at, id LIMIT $5 FOR UPDATE SKIP LOCKED",
+                        created_at,
+                        execution_id,
+                        _FINISHED,
+                        _utc(expiry.ended_before),
+                        limit,
+                    )
+                ]
+                if not ids:
+                    return 0
+                await conn.execute(
+                    "DELETE FROM execution_events WHERE execution_id = ANY($1::text[])", ids
+                )
+                await conn.execute("DELETE FROM executions WHERE id = ANY($1::text[])", ids)
+                return len(ids)
+
+        return await self._run(delete)
+
+    async def release_space(self, max_pages: int) -> int:
+        """Nothing to do: PostgreSQL's autovacuum makes deleted rows' space
+        reusable by the table, which then stops growing; only VACUUM FULL
+        (an exclusive lock on the table while it rewrites it) would hand it
+        to the file system."""
+        return 0
 
     async def _write(self, write: _Write) -> Any:
         """``write`` in the next group, its outcome once the group is done.

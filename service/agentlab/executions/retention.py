@@ -1,0 +1,149 @@
+"""Retention: finished executions are deleted, with their events, once they
+are older than the policy keeps them, by a sweeper that runs beside the
+service rather than on the path of any call.
+
+A sweep deletes in small batches (one transaction each) and pauses between
+them for as long as the batch took, so the store's writer (SQLite has one)
+spends at most half its time on it while a backlog drains, and calls'
+writes wait for one batch at most. Then it hands the freed pages back to
+the file system (SQLite; PostgreSQL reuses them itself), in steps as well.
+
+Never deleted: an execution still QUEUED or RUNNING (whatever its owner's
+lease says: recovery ends those first, and they wait their turn like any
+other), nor one that ended less than ``grace_s`` ago, which a watcher may
+still be replaying or a caller reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from agentlab.executions.model import ExecutionStore, Expiry
+
+__all__ = ["RetentionPolicy", "Sweep", "Sweeper"]
+
+logger = logging.getLogger(__name__)
+
+# Pages (4 KiB each by default) one release_space call frees at most: it
+# moves pages inside the file under the write lock, so it is cut in steps
+# like the deletes.
+_PAGES_PER_STEP = 2048
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """What is kept. ``max_age_s``: finished executions created longer ago
+    than this many seconds are deleted; ``max_count``: only the newest this
+    many finished executions are kept. None turns a limit off; with both
+    off nothing is ever deleted. ``grace_s``: an execution that ended less
+    than this many seconds ago is kept whatever the limits say."""
+
+    max_age_s: float | None = 30 * 24 * 3600.0
+    max_count: int | None = None
+    grace_s: float = 15.0
+
+    @property
+    def keeps_everything(self) -> bool:
+        return self.max_age_s is None and self.max_count is None
+
+    def expiry(self, now: datetime) -> Expiry:
+        """What expires at ``now`` (an aware datetime)."""
+        return Expiry(
+            ended_before=now - timedelta(seconds=self.grace_s),
+            created_before=(
+                None if self.max_age_s is None else now - timedelta(seconds=self.max_age_s)
+            ),
+            keep_newest=self.max_count,
+        )
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What one sweep did: executions deleted, in how many batches, bytes
+    handed back to the file system, and its wall time in seconds."""
+
+    deleted: int
+    batches: int
+    released_bytes: int
+    duration_s: float
+
+
+class Sweeper:
+    """Applies ``policy`` to ``store`` every ``interval_s`` seconds, at most
+    ``batch_size`` executions per transaction."""
+
+    def __init__(
+        self,
+        store: ExecutionStore,
+        policy: RetentionPolicy,
+        *,
+        interval_s: float = 60.0,
+        batch_size: int = 100,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be above 0, not {interval_s}")
+        self._store = store
+        self._policy = policy
+        self._interval_s = interval_s
+        self._batch_size = batch_size
+
+    async def sweep(self, now: datetime | None = None) -> Sweep:
+        """Delete every execution the policy expires at ``now`` (default: the
+        current time), a batch at a time, then release the space freed."""
+        started = time.monotonic()
+        deleted = batches = released = 0
+        if self._policy.keeps_everything:
+            return Sweep(0, 0, 0, 0.0)
+        expiry = self._policy.expiry(now or datetime.now(UTC))
+        while True:
+            batch_started = time.monotonic()
+            count = await self._store.delete_expired(expiry, self._batch_size)
+            deleted += count
+            batches += 1
+            if count < self._batch_size:
+                break
+            await self._pause(batch_started)
+        if deleted:
+            while True:
+                step_started = time.monotonic()
+                freed = await self._store.release_space(_PAGES_PER_STEP)
+                released += freed
+                if freed == 0:
+                    break
+                await self._pause(step_started)
+        return Sweep(deleted, batches, released, time.monotonic() - started)
+
+    async def run(self) -> None:
+        """Sweep at once, then every ``interval_s``, until cancelled; a sweep
+        that fails is logged and the next one tries again."""
+        if self._policy.keeps_everything:
+            return
+        while True:
+            try:
+                done = await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("the retention sweep failed; retrying in %.0f s", self._interval_s)
+            else:
+                if done.deleted:
+                    logger.info(
+                        "retention: deleted %d executions in %d batches, released %.1f MB (%.2f s)",
+                        done.deleted,
+                        done.batches,
+                        done.released_bytes / 1e6,
+                        done.duration_s,
+                    )
+            await asyncio.sleep(self._interval_s)
+
+    @staticmethod
+    async def _pause(since: float) -> None:
+        """As long as the step since ``since`` took: the store's writer is
+        the sweep's at most half the time."""
+        await asyncio.sleep(time.monotonic() - since)

@@ -1,0 +1,447 @@
+"""Retention's policy at its edges, on both stores (each test runs against
+SQLite and PostgreSQL; PostgreSQL is skipped where it is not reachable, and
+fails the test in CI): what expires and what is kept, batches, events going
+with their execution; and SQLite's file giving the space back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from agentlab.config import ConfigError, MaxAge, Settings
+from agentlab.executions.migrations import SQLITE
+from agentlab.executions.model import (
+    Ending,
+    ExecutionState,
+    ExecutionStore,
+    Expiry,
+    NewExecution,
+    StoredEvent,
+)
+from agentlab.executions.postgres_store import PostgresStore
+from agentlab.executions.retention import RetentionPolicy, Sweeper
+from agentlab.executions.sqlite_store import SqliteStore
+from tests.helpers.services import postgres_schema, postgres_url
+
+NOW = datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[type[object] | object]:
+    """A factory of unopened stores on one database of this test's own."""
+    if request.param == "sqlite":
+        yield lambda: SqliteStore(tmp_path / "agentlab.db")
+        return
+    url = postgres_url()
+    with postgres_schema("test_retention") as schema:
+        yield lambda: PostgresStore(url, schema=schema)
+
+
+@pytest.fixture
+async def store(make_store: object) -> AsyncIterator[ExecutionStore]:
+    opened: ExecutionStore = make_store()  # type: ignore[operator]
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def add(
+    store: ExecutionStore,
+    *,
+    created: datetime,
+    state: ExecutionState = ExecutionState.SUCCEEDED,
+    ended: datetime | None = None,
+    events: int = 3,
+    heartbeat: datetime | None = None,
+) -> str:
+    """One execution created at ``created`` with ``events`` events, left in
+    ``state`` (ended at ``ended``, by default a second after it was created)."""
+    execution_id = f"ex-{created.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(3)}"
+    await store.create(
+        NewExecution(
+            id=execution_id,
+            request_id="",
+            caller="alice",
+            model="m",
+            mode="inference",
+            prompt="p",
+            options={},
+            background=False,
+            created_at=created,
+            owner="proc-1",
+        )
+    )
+    stored = [StoredEvent(n, f"event {n}".encode()) for n in range(1, events + 1)]
+    if state is ExecutionState.QUEUED:
+        assert not events
+    elif state is ExecutionState.RUNNING:
+        await store.append_events(execution_id, stored, started_at=created)
+    else:
+        ending = Ending(state, ended or created + timedelta(seconds=1), b"result", None)
+        await store.append_events(execution_id, stored, started_at=created, ending=ending)
+    if heartbeat is not None:
+        await store.heartbeat("proc-1", heartbeat)
+    return execution_id
+
+
+async def kept(store: ExecutionStore, *ids: str) -> list[str]:
+    return [execution_id for execution_id in ids if await store.get(execution_id) is not None]
+
+
+async def test_the_age_limit_deletes_what_was_created_before_it(store: ExecutionStore) -> None:
+    old = [await add(store, created=NOW - 40 * DAY + i * timedelta(minutes=1)) for i in range(3)]
+    young = [await add(store, created=NOW - 10 * DAY), await add(store, created=NOW - 30 * DAY)]
+    deleted = await store.delete_expired(
+        Expiry(ended_before=NOW, created_before=NOW - 30 * DAY), limit=100
+    )
+    assert deleted == 3
+    assert await kept(store, *old) == []
+    # The bound is strict: created exactly 30 days ago is kept.
+    assert await kept(store, *young) == young
+
+
+async def test_running_and_queued_executions_are_never_deleted(store: ExecutionStore) -> None:
+    """Whatever the limits, and even when their owner's lease ran out long
+    ago (recovery ends those; retention never touches them)."""
+    ancient = NOW - 400 * DAY
+    queued = await add(store, created=ancient, state=ExecutionState.QUEUED, events=0)
+    running = await add(store, created=ancient, state=ExecutionState.RUNNING, heartbeat=ancient)
+    finished = [
+        await add(store, created=ancient, state=state)
+        for state in (ExecutionState.SUCCEEDED, ExecutionState.FAILED, ExecutionState.CANCELLED)
+    ]
+    newest = await add(store, created=NOW - DAY)
+    expiry = Expiry(ended_before=NOW, created_before=NOW - DAY / 2, keep_newest=1)
+    assert await store.delete_expired(expiry, limit=100) == 4
+    assert await kept(store, queued, running, *finished, newest) == [queued, running]
+    assert [e.sequence for e in await store.events_after(running, 0)] == [1, 2, 3]
+
+
+async def test_the_count_limit_keeps_the_newest_finished_ones(store: ExecutionStore) -> None:
+    """Active executions neither count nor go: the newest three finished
+    ones are kept around a running one younger than all of them."""
+    ids = [await add(store, created=NOW - DAY + i * timedelta(minutes=1)) for i in range(8)]
+    running = await add(store, created=NOW - timedelta(minutes=1), state=ExecutionState.RUNNING)
+    deleted = await store.delete_expired(Expiry(ended_before=NOW, keep_newest=3), limit=100)
+    assert deleted == 5
+    assert await kept(store, *ids, running) == [*ids[-3:], running]
+    # Idempotent: a second sweep finds nothing.
+    assert await store.delete_expired(Expiry(ended_before=NOW, keep_newest=3), limit=100) == 0
+    page, _ = await store.page(page_size=10)
+    assert [record.id for record in page] == [running, *reversed(ids[-3:])]
+
+
+async def test_ties_in_creation_time_are_broken_by_id_as_the_list_does(
+    store: ExecutionStore,
+) -> None:
+    same = NOW - DAY
+    ids = sorted([await add(store, created=same) for _ in range(4)])
+    assert await store.delete_expired(Expiry(ended_before=NOW, keep_newest=2), limit=100) == 2
+    assert await kept(store, *ids) == ids[2:]
+
+
+async def test_both_limits_together_keep_what_both_allow(store: ExecutionStore) -> None:
+    old = [await add(store, created=NOW - 50 * DAY + i * DAY) for i in range(3)]
+    recent = [await add(store, created=NOW - 5 * DAY + i * DAY) for i in range(4)]
+    expiry = Expiry(ended_before=NOW, created_before=NOW - 30 * DAY, keep_newest=2)
+    assert await store.delete_expired(expiry, limit=100) == 5
+    assert await kept(store, *old, *recent) == recent[-2:]
+    # The count limit alone would keep more than the age limit lets stay.
+    young = [await add(store, created=NOW - timedelta(hours=h)) for h in (3, 2, 1)]
+    expiry = Expiry(ended_before=NOW, created_before=NOW - 2.5 * DAY, keep_newest=10)
+    assert await store.delete_expired(expiry, limit=100) == 1
+    assert await kept(store, *recent, *young) == [recent[-1], *young]
+
+
+async def test_what_ended_within_the_grace_is_kept(store: ExecutionStore) -> None:
+    """An execution created long ago that has only just ended (a long one, or
+    one recovery just failed) stays until ``ended_before`` passes its end."""
+    long_one = await add(store, created=NOW - 40 * DAY, ended=NOW - timedelta(seconds=5))
+    done = await add(store, created=NOW - 40 * DAY, ended=NOW - 40 * DAY)
+    expiry = Expiry(ended_before=NOW - timedelta(seconds=15), created_before=NOW - 30 * DAY)
+    assert await store.delete_expired(expiry, limit=100) == 1
+    assert await kept(store, long_one, done) == [long_one]
+    later = Expiry(ended_before=NOW, created_before=NOW - 30 * DAY)
+    assert await store.delete_expired(later, limit=100) == 1
+    assert await kept(store, long_one) == []
+
+
+async def test_no_limit_deletes_nothing(store: ExecutionStore) -> None:
+    first = await add(store, created=NOW - 400 * DAY)
+    assert await store.delete_expired(Expiry(ended_before=NOW), limit=100) == 0
+    assert await kept(store, first) == [first]
+    sweep = await Sweeper(store, RetentionPolicy(max_age_s=None, max_count=None)).sweep(NOW)
+    assert sweep.deleted == 0
+
+
+async def test_events_go_with_their_execution(store: ExecutionStore) -> None:
+    gone = await add(store, created=NOW - 40 * DAY, events=50)
+    stays = await add(store, created=NOW - DAY, events=7)
+    assert (
+        await store.delete_expired(
+            Expiry(ended_before=NOW, created_before=NOW - 30 * DAY), limit=100
+        )
+        == 1
+    )
+    assert await store.events_after(gone, 0) == []
+    assert [e.sequence for e in await store.events_after(stays, 0)] == list(range(1, 8))
+    assert await events_without_an_execution(store) == 0
+
+
+async def events_without_an_execution(store: ExecutionStore) -> int:
+    sql = (
+        "SELECT count(*) FROM execution_events"
+        " WHERE execution_id NOT IN (SELECT id FROM executions)"
+    )
+    if isinstance(store, SqliteStore):
+        with closing(sqlite3.connect(store.path)) as db:
+            return int(db.execute(sql).fetchone()[0])
+    assert isinstance(store, PostgresStore)
+    import asyncpg
+
+    from agentlab.executions.migrations import quote_ident
+
+    assert store.schema is not None
+    conn = await asyncpg.connect(
+        store.url, server_settings={"search_path": quote_ident(store.schema)}
+    )
+    try:
+        return int(await conn.fetchval(sql))
+    finally:
+        await conn.close()
+
+
+class CountingStore:
+    """A store whose delete_expired calls are recorded: (limit, deleted)."""
+
+    def __init__(self, inner: ExecutionStore) -> None:
+        self.inner = inner
+        self.deletes: list[tuple[int, int]] = []
+
+    async def delete_expired(self, expiry: Expiry, limit: int) -> int:
+        deleted = await self.inner.delete_expired(expiry, limit)
+        self.deletes.append((limit, deleted))
+        return deleted
+
+    async def release_space(self, max_pages: int) -> int:
+        return await self.inner.release_space(max_pages)
+
+
+async def test_a_sweep_deletes_in_batches_of_the_size_given(store: ExecutionStore) -> None:
+    """25 expired executions in batches of 10: three transactions, the last
+    one short, which ends the sweep; the oldest go first."""
+    ids = [await add(store, created=NOW - 40 * DAY + i * timedelta(minutes=1)) for i in range(25)]
+    newer = await add(store, created=NOW - DAY)
+    counting = CountingStore(store)
+    sweeper = Sweeper(counting, RetentionPolicy(max_age_s=30 * 86400.0), batch_size=10)  # type: ignore[arg-type]
+    sweep = await sweeper.sweep(NOW)
+    assert (sweep.deleted, sweep.batches) == (25, 3)
+    assert counting.deletes == [(10, 10), (10, 10), (10, 5)]
+    assert await kept(store, *ids, newer) == [newer]
+    # One batch is the oldest ones.
+    more = [await add(store, created=NOW - 40 * DAY + i * timedelta(minutes=1)) for i in range(4)]
+    assert (
+        await store.delete_expired(Expiry(ended_before=NOW, created_before=NOW - 30 * DAY), limit=3)
+        == 3
+    )
+    assert await kept(store, *more) == more[3:]
+
+
+async def test_the_policy_turns_settings_into_an_expiry() -> None:
+    policy = RetentionPolicy(max_age_s=3600.0, max_count=5, grace_s=15.0)
+    assert policy.expiry(NOW) == Expiry(
+        ended_before=NOW - timedelta(seconds=15),
+        created_before=NOW - timedelta(hours=1),
+        keep_newest=5,
+    )
+    assert RetentionPolicy(max_age_s=None, max_count=None).keeps_everything
+    assert not RetentionPolicy().keeps_everything  # 30 days by default
+    with pytest.raises(ValueError, match="batch_size"):
+        Sweeper(None, policy, batch_size=0)  # type: ignore[arg-type]
+
+
+# --- SQLite's file -------------------------------------------------------------
+
+
+def file_bytes(path: Path) -> int:
+    """The store on disk: the database and its write-ahead log."""
+    return sum(
+        os.path.getsize(candidate)
+        for candidate in (path, Path(f"{path}-wal"))
+        if candidate.exists()
+    )
+
+
+async def test_sqlite_gives_deleted_space_back_to_the_file_system(tmp_path: Path) -> None:
+    path = tmp_path / "agentlab.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        big = os.urandom(2000)
+        for day in range(60):
+            execution_id = await add(store, created=NOW - (60 - day) * DAY, events=0)
+            await store.append_events(execution_id, [StoredEvent(n, big) for n in range(1, 101)])
+        with closing(sqlite3.connect(path)) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            full_pages = db.execute("PRAGMA page_count").fetchone()[0]
+        full = file_bytes(path)
+        assert full > 10_000_000  # 60 executions of 200 KB
+        sweep = await Sweeper(store, RetentionPolicy(max_age_s=6 * 86400.0)).sweep(NOW)
+        assert sweep.deleted == 54
+        assert sweep.released_bytes > 0.8 * full
+        with closing(sqlite3.connect(path)) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            assert db.execute("PRAGMA freelist_count").fetchone()[0] == 0
+        # What is left: 6 of 60 executions, and the file shrank to match.
+        assert pages < full_pages * 0.15
+        assert file_bytes(path) < full * 0.15
+        page, _ = await store.page(page_size=100)
+        assert len(page) == 6
+        assert len(await store.events_after(page[0].id, 0)) == 100
+    finally:
+        await store.close()
+
+
+async def test_a_file_made_without_incremental_vacuum_is_switched_once(tmp_path: Path) -> None:
+    """A store file from before retention (auto_vacuum NONE) is converted
+    with one VACUUM when opened, its rows intact; later opens leave it be."""
+    path = tmp_path / "agentlab.db"
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("PRAGMA journal_mode = WAL")
+        for migration in SQLITE:
+            for statement in migration.statements:
+                db.execute(statement)
+        db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)")
+        db.executemany(
+            "INSERT INTO schema_migrations VALUES (?, 'then')", [(m.version,) for m in SQLITE]
+        )
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        old = await add(store, created=NOW - 40 * DAY)
+        await store.close()
+        await store.open()
+        with closing(sqlite3.connect(path)) as db:
+            assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+        assert await kept(store, old) == [old]
+        assert (
+            await store.delete_expired(Expiry(ended_before=NOW, created_before=NOW - DAY), limit=10)
+            == 1
+        )
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def postgres_only() -> Iterator[PostgresStore]:
+    url = postgres_url()
+    with postgres_schema("test_retention") as schema:
+        yield PostgresStore(url, schema=schema)
+
+
+async def test_postgres_leaves_the_space_to_its_autovacuum(postgres_only: PostgresStore) -> None:
+    await postgres_only.open()
+    try:
+        await add(postgres_only, created=NOW - 40 * DAY, events=100)
+        expiry = Expiry(ended_before=NOW, created_before=NOW)
+        assert await postgres_only.delete_expired(expiry, limit=10) == 1
+        assert await postgres_only.release_space(100) == 0
+    finally:
+        await postgres_only.close()
+
+
+# --- settings ------------------------------------------------------------------
+
+
+def test_retention_settings_default_to_thirty_days_and_no_count() -> None:
+    settings = Settings.from_env({})
+    assert (settings.retention_max_age.seconds, settings.retention_max_count) == (30 * 86400, None)
+    assert str(settings.retention_max_age) == "30d"
+    assert (settings.retention_interval_s, settings.retention_batch_size) == (60.0, 100)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds", "shown"),
+    [
+        ("30d", 2_592_000, "30d"),
+        ("12h", 43_200, "12h"),
+        ("90m", 5400, "90m"),
+        ("1.5h", 5400, "90m"),
+        ("45s", 45, "45s"),
+        ("0.5s", 0.5, "0.5s"),
+        (" OFF ", None, "off"),
+    ],
+)
+def test_the_age_is_a_number_with_a_unit_or_off(
+    text: str, seconds: float | None, shown: str
+) -> None:
+    age = Settings.from_env({"AGENTLAB_RETENTION_MAX_AGE": text}).retention_max_age
+    assert age == MaxAge(seconds)
+    assert str(age) == shown
+    assert MaxAge.parse(str(age)) == age
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("AGENTLAB_RETENTION_MAX_AGE", "30", "a number with a unit"),
+        ("AGENTLAB_RETENTION_MAX_AGE", "0d", "above 0"),
+        ("AGENTLAB_RETENTION_MAX_AGE", "-1h", "above 0"),
+        ("AGENTLAB_RETENTION_MAX_AGE", "5w", "s, m, h or d"),
+        ("AGENTLAB_RETENTION_MAX_COUNT", "0", "at least 1"),
+        ("AGENTLAB_RETENTION_MAX_COUNT", "many", "an integer"),
+        ("AGENTLAB_RETENTION_INTERVAL_S", "0", "above 0"),
+        ("AGENTLAB_RETENTION_INTERVAL_S", "-5", "must not be negative"),
+        ("AGENTLAB_RETENTION_BATCH_SIZE", "0", "at least 1"),
+        ("AGENTLAB_RETENTION_BATCH_SIZE", "100000", "at most 10000"),
+    ],
+)
+def test_retention_settings_out_of_range_stop_start_up(
+    variable: str, value: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=variable) as raised:
+        Settings.from_env({variable: value})
+    assert message in str(raised.value)
+
+
+def test_the_count_limit_is_off_unless_set() -> None:
+    assert Settings.from_env({"AGENTLAB_RETENTION_MAX_COUNT": "off"}).retention_max_count is None
+    assert Settings.from_env({"AGENTLAB_RETENTION_MAX_COUNT": "500"}).retention_max_count == 500
+
+
+async def test_the_sweeper_runs_until_cancelled_and_survives_a_failed_sweep() -> None:
+    """run(): a sweep that raises is logged and the next one still comes."""
+
+    third_sweep = asyncio.Event()
+
+    class Flaky:
+        calls = 0
+
+        async def delete_expired(self, expiry: Expiry, limit: int) -> int:
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("the database went away")
+            if Flaky.calls == 3:
+                third_sweep.set()
+            return 0
+
+        async def release_space(self, max_pages: int) -> int:
+            return 0
+
+    sweeper = Sweeper(Flaky(), RetentionPolicy(), interval_s=0.01)  # type: ignore[arg-type]
+    task = asyncio.create_task(sweeper.run())
+    await asyncio.wait_for(third_sweep.wait(), timeout=10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
