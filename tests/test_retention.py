@@ -17,6 +17,12 @@ from pathlib import Path
 import pytest
 
 from agentlab.config import ConfigError, MaxAge, Settings
+from agentlab.core.errors import NotFound
+from agentlab.core.ports import Route
+from agentlab.core.runner import Runner
+from agentlab.core.types import ExecutionMode, Task
+from agentlab.executions import codec
+from agentlab.executions.local_bus import LocalBus
 from agentlab.executions.migrations import SQLITE
 from agentlab.executions.model import (
     Ending,
@@ -28,7 +34,11 @@ from agentlab.executions.model import (
 )
 from agentlab.executions.postgres_store import PostgresStore
 from agentlab.executions.retention import RetentionPolicy, Sweeper
+from agentlab.executions.service import Executions
 from agentlab.executions.sqlite_store import SqliteStore
+from agentlab.executions.watch import REPLAY_PAGE, watch
+from agentlab.v1 import execution_pb2 as pb
+from tests.helpers.labs import InstantLab
 from tests.helpers.services import postgres_schema, postgres_url
 
 NOW = datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -445,3 +455,109 @@ async def test_the_sweeper_runs_until_cancelled_and_survives_a_failed_sweep() ->
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# --- under load, through the executions facade -----------------------------------
+
+
+async def test_under_load_the_store_stays_bounded_and_kept_ones_serve(
+    store: ExecutionStore,
+) -> None:
+    """480 executions go through the facade (record, run, store every
+    event) from eight callers at once while the sweeper runs every 50 ms: the rows
+    stay near the count limit, Get, List and Watch of the kept ones work
+    meanwhile, and after the load exactly the newest KEEP are left."""
+    keep = 20
+    runner = Runner(lambda model: Route(InstantLab(tokens=40)), default_max_tokens=16)
+    executions = Executions(runner, store, LocalBus(), owner="t", max_running=8, max_queued=64)
+    executions.retain(
+        Sweeper(
+            store,
+            RetentionPolicy(max_age_s=None, max_count=keep, grace_s=0.1),
+            interval_s=0.05,
+            batch_size=10,
+        )
+    )
+    await executions.start()
+    task = Task(prompt="go", model="m", mode=ExecutionMode.INFERENCE)
+    finished: list[tuple[str, float]] = []  # id, when it ended (loop time)
+    clock = asyncio.get_running_loop().time
+    samples: list[tuple[int, int]] = []  # rows in the store, what may be there
+    try:
+
+        async def caller() -> None:
+            for _ in range(60):
+                submitted = await executions.submit(task)
+                await executions.wait_for_final(submitted.record.id)
+                finished.append((submitted.record.id, clock()))
+                # Sustained rather than a burst: the load outlasts the
+                # window below several times over.
+                await asyncio.sleep(0.02)
+
+        callers = [asyncio.create_task(caller()) for _ in range(8)]
+        while not all(c.done() for c in callers):
+            await asyncio.sleep(0.05)
+            if finished:
+                newest, _ = finished[-1]
+                record = await executions.get(newest)  # kept: it has just ended
+                assert record.state is ExecutionState.SUCCEEDED
+                events = [event async for event in executions.watch(newest)]
+                assert events[-1].HasField("execution_completed")
+                assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+            # What may be there: the limit, what ended within the grace and
+            # the sweeps' interval (with slack for a busy machine: 2 s in
+            # all, of a load that lasts several times that), and the eight
+            # in flight; not the hundreds that went through.
+            rows = await count_executions(executions)
+            recent = sum(1 for _, ended in finished if ended > clock() - 2.0)
+            samples.append((rows, keep + recent + 8))
+        await asyncio.gather(*callers)
+        assert len(finished) == 480
+        deadline = clock() + 15
+        while await count_executions(executions) > keep:
+            assert clock() < deadline
+            await asyncio.sleep(0.1)
+        page, _ = await executions.page(page_size=100, after=None)
+        assert len(page) == keep
+        for record in page:
+            assert record.state is ExecutionState.SUCCEEDED
+            assert len(await store.events_after(record.id, 0)) == record.last_sequence
+        assert await events_without_an_execution(store) == 0
+    finally:
+        await executions.stop(5.0)
+    print(f"(rows, bound) while loaded: {samples}")
+    assert samples
+    assert all(rows <= bound for rows, bound in samples), samples
+
+
+async def count_executions(executions: Executions) -> int:
+    total, after = 0, None
+    while True:
+        page, after = await executions.page(page_size=100, after=after)
+        total += len(page)
+        if after is None:
+            return total
+
+
+async def test_a_watch_whose_execution_is_deleted_under_it_ends_with_not_found(
+    store: ExecutionStore,
+) -> None:
+    """A watcher far behind (in its first page of the replay) when retention
+    deletes the execution: not a stream that waits for events for good."""
+    execution_id = await add(store, created=NOW - 40 * DAY, events=0)
+    events = [
+        codec.stored(pb.ExecutionEvent(execution_id=execution_id, sequence=n))
+        for n in range(1, 601)
+    ]
+    await store.append_events(execution_id, events)
+    stream = watch(store, LocalBus(), execution_id, 0, poll_s=0.05)
+    seen = [await anext(stream)]
+    assert await store.delete_expired(Expiry(ended_before=NOW, created_before=NOW), limit=10) == 1
+
+    async def read_on() -> None:
+        async for event in stream:
+            seen.append(event)
+
+    with pytest.raises(NotFound):
+        await read_on()
+    assert len(seen) == REPLAY_PAGE
