@@ -25,12 +25,14 @@ from agentlab.executions import codec
 from agentlab.executions.local_bus import LocalBus
 from agentlab.executions.migrations import SQLITE
 from agentlab.executions.model import (
+    EVENTS_PER_DELETE,
     Ending,
     ExecutionState,
     ExecutionStore,
     Expiry,
     NewExecution,
     StoredEvent,
+    within_event_budget,
 )
 from agentlab.executions.postgres_store import PostgresStore
 from agentlab.executions.retention import RetentionPolicy, Sweeper
@@ -248,14 +250,14 @@ class CountingStore:
 
 async def test_a_sweep_deletes_in_batches_of_the_size_given(store: ExecutionStore) -> None:
     """25 expired executions in batches of 10: three transactions, the last
-    one short, which ends the sweep; the oldest go first."""
+    one short, and a fourth that finds nothing left; the oldest go first."""
     ids = [await add(store, created=NOW - 40 * DAY + i * timedelta(minutes=1)) for i in range(25)]
     newer = await add(store, created=NOW - DAY)
     counting = CountingStore(store)
     sweeper = Sweeper(counting, RetentionPolicy(max_age_s=30 * 86400.0), batch_size=10)  # type: ignore[arg-type]
     sweep = await sweeper.sweep(NOW)
     assert (sweep.deleted, sweep.batches) == (25, 3)
-    assert counting.deletes == [(10, 10), (10, 10), (10, 5)]
+    assert counting.deletes == [(10, 10), (10, 10), (10, 5), (10, 0)]
     assert await kept(store, *ids, newer) == [newer]
     # One batch is the oldest ones.
     more = [await add(store, created=NOW - 40 * DAY + i * timedelta(minutes=1)) for i in range(4)]
@@ -264,6 +266,29 @@ async def test_a_sweep_deletes_in_batches_of_the_size_given(store: ExecutionStor
         == 3
     )
     assert await kept(store, *more) == more[3:]
+
+
+async def test_a_batch_holds_few_events_whatever_its_size(store: ExecutionStore) -> None:
+    """The batch size counts executions, but a batch also stops at
+    EVENTS_PER_DELETE events: long executions go a few at a time, and one
+    longer than that alone."""
+    expiry = Expiry(ended_before=NOW, created_before=NOW - 30 * DAY)
+    huge = await add(store, created=NOW - 50 * DAY, events=EVENTS_PER_DELETE + 500)
+    long_ones = [
+        await add(store, created=NOW - 40 * DAY + i * timedelta(minutes=1), events=600)
+        for i in range(5)
+    ]
+    assert await store.delete_expired(expiry, limit=10) == 1
+    assert await kept(store, huge) == []
+    assert await store.delete_expired(expiry, limit=10) == EVENTS_PER_DELETE // 600
+    assert await kept(store, *long_ones) == long_ones[EVENTS_PER_DELETE // 600 :]
+
+
+def test_the_event_budget_takes_a_prefix_and_always_one() -> None:
+    assert within_event_budget([]) == []
+    assert within_event_budget([("a", EVENTS_PER_DELETE * 3), ("b", 1)]) == ["a"]
+    assert within_event_budget([("a", 1000), ("b", 1000), ("c", 1)]) == ["a", "b"]
+    assert within_event_budget([("a", 5), ("b", 5), ("c", 5)]) == ["a", "b", "c"]
 
 
 async def test_the_policy_turns_settings_into_an_expiry() -> None:

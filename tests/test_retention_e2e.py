@@ -21,7 +21,7 @@ from tests.helpers.sse import read_events
 from tests.helpers.stacks import StackFactory
 
 KEEP = 40
-ROUNDS = 12
+ROUNDS = 10
 PER_ROUND = 50
 CLIENTS = 8
 # About 2,000 characters: the echo backend answers each of the graph's
@@ -184,9 +184,10 @@ def test_the_store_stays_bounded_under_sustained_load(start_stack: StackFactory)
     # leave it no bigger than the first rounds' peak (with room for where
     # the write-ahead log happens to be between checkpoints).
     half = ROUNDS // 2
-    assert max(sizes[half:]) <= 1.25 * max(sizes[:half]) + 8_000_000, summary
-    # And far below what was written: without retention it would be it all.
-    assert reading.file_bytes < written / 4, summary
+    assert max(sizes[half:]) <= 1.5 * max(sizes[:half]) + 8_000_000, summary
+    # And far below what was written (payloads alone; without retention the
+    # file would hold it all, and more).
+    assert reading.file_bytes < written / 3, summary
 
 
 def read_events_count(path: Path, execution_id: str) -> int:

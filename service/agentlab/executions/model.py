@@ -17,6 +17,7 @@ from typing import Protocol
 
 __all__ = [
     "ACTIVE_STATES",
+    "EVENTS_PER_DELETE",
     "FINISHED_STATES",
     "Cursor",
     "Ending",
@@ -27,6 +28,7 @@ __all__ = [
     "Expiry",
     "NewExecution",
     "StoredEvent",
+    "within_event_budget",
 ]
 
 
@@ -40,6 +42,26 @@ class ExecutionState(enum.Enum):
 
 ACTIVE_STATES = (ExecutionState.QUEUED, ExecutionState.RUNNING)
 FINISHED_STATES = (ExecutionState.SUCCEEDED, ExecutionState.FAILED, ExecutionState.CANCELLED)
+
+# Events one delete_expired takes at most (beyond a single execution's):
+# what bounds the time a retention batch holds SQLite's write lock, which
+# every call's writes wait for. Measured here: about 7 µs per event, so a
+# batch stays near 15 ms whether its executions are short calls or long
+# orchestrations (a thousand events each).
+EVENTS_PER_DELETE = 2000
+
+
+def within_event_budget(candidates: list[tuple[str, int]]) -> list[str]:
+    """The ids of the leading ``candidates`` (id, its event count) that
+    hold at most EVENTS_PER_DELETE events together; the first one always."""
+    chosen: list[str] = []
+    events = 0
+    for execution_id, count in candidates:
+        events += count
+        if chosen and events > EVENTS_PER_DELETE:
+            break
+        chosen.append(execution_id)
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -199,9 +221,10 @@ class ExecutionStore(Protocol):
         ...
 
     async def delete_expired(self, expiry: Expiry, limit: int) -> int:
-        """Delete at most ``limit`` of the oldest executions ``expiry``
-        covers, with their events, in one transaction; how many it deleted
-        (fewer than ``limit``: none is left)."""
+        """Delete the oldest executions ``expiry`` covers, with their
+        events, in one transaction: at most ``limit`` of them, and fewer
+        when they hold more than EVENTS_PER_DELETE events together (one at
+        least); how many it deleted (0: none is left)."""
         ...
 
     async def release_space(self, max_pages: int) -> int:

@@ -43,6 +43,7 @@ from agentlab.executions.model import (
     Expiry,
     NewExecution,
     StoredEvent,
+    within_event_budget,
 )
 from agentlab.executions.rows import encode_options, page_of, queued_record, record_from_row
 
@@ -328,10 +329,10 @@ class PostgresStore:
                 if not bounds:
                     return 0
                 created_at, execution_id = max(bounds)
-                ids = [
-                    row["id"]
+                candidates = [
+                    (row["id"], row["last_sequence"])
                     for row in await conn.fetch(
-                        "SELECT id FROM executions"
+                        "SELECT id, last_sequence FROM executions"
                         " WHERE (created_at, id) < ($1, $2) AND state = ANY($3::text[])"
                         " AND COALESCE(ended_at, created_at) < $4"
                         " ORDER BY created_at, id LIMIT $5 FOR UPDATE SKIP LOCKED",
@@ -342,6 +343,9 @@ class PostgresStore:
                         limit,
                     )
                 ]
+                # Locked beyond the budget too, until the commit: harmless,
+                # they are finished and the next batch takes them.
+                ids = within_event_budget(candidates)
                 if not ids:
                     return 0
                 await conn.execute(

@@ -2,11 +2,14 @@
 are older than the policy keeps them, by a sweeper that runs beside the
 service rather than on the path of any call.
 
-A sweep deletes in small batches (one transaction each) and pauses between
-them for as long as the batch took, so the store's writer (SQLite has one)
-spends at most half its time on it while a backlog drains, and calls'
-writes wait for one batch at most. Then it hands the freed pages back to
-the file system (SQLite; PostgreSQL reuses them itself), in steps as well.
+A sweep deletes in small batches (one transaction each: at most the batch
+size of executions, fewer when they hold many events, see
+EVENTS_PER_DELETE) and pauses between them for as long as the batch took
+(up to 20 ms), so the store's writer (SQLite has one) spends at most about
+half its time on it while a backlog drains, and calls' writes wait for one
+batch at most.
+Then it hands the freed pages back to the file system (SQLite; PostgreSQL
+reuses them itself), in steps as well.
 
 Never deleted: an execution still QUEUED or RUNNING (whatever its owner's
 lease says: recovery ends those first, and they wait their turn like any
@@ -28,10 +31,17 @@ __all__ = ["RetentionPolicy", "Sweep", "Sweeper"]
 
 logger = logging.getLogger(__name__)
 
+# The longest pause between two batches, seconds: about what a batch costs
+# the writer on a quiet machine (EVENTS_PER_DELETE). On a busy one a batch's
+# wall time is mostly its wait for the writer's turn and for the event loop,
+# which spaces the batches out already; pausing that long again would let
+# a steady load outrun the sweeper.
+_MAX_PAUSE_S = 0.02
+
 # Pages (4 KiB each by default) one release_space call frees at most: it
-# moves pages inside the file under the write lock, so it is cut in steps
-# like the deletes.
-_PAGES_PER_STEP = 2048
+# moves pages inside the file under the write lock (about 0.15 ms a page
+# here), so it is cut in steps like the deletes.
+_PAGES_PER_STEP = 256
 
 
 @dataclass(frozen=True)
@@ -63,7 +73,8 @@ class RetentionPolicy:
 
 @dataclass(frozen=True)
 class Sweep:
-    """What one sweep did: executions deleted, in how many batches, bytes
+    """What one sweep did: executions deleted, in how many batches (those
+    that deleted something), bytes
     handed back to the file system, and its wall time in seconds."""
 
     deleted: int
@@ -104,10 +115,10 @@ class Sweeper:
         while True:
             batch_started = time.monotonic()
             count = await self._store.delete_expired(expiry, self._batch_size)
+            if count == 0:
+                break
             deleted += count
             batches += 1
-            if count < self._batch_size:
-                break
             await self._pause(batch_started)
         if deleted:
             while True:
@@ -144,6 +155,7 @@ class Sweeper:
 
     @staticmethod
     async def _pause(since: float) -> None:
-        """As long as the step since ``since`` took: the store's writer is
-        the sweep's at most half the time."""
-        await asyncio.sleep(time.monotonic() - since)
+        """As long as the step since ``since`` took, up to _MAX_PAUSE_S: on
+        a quiet machine the store's writer is the sweep's at most half the
+        time."""
+        await asyncio.sleep(min(time.monotonic() - since, _MAX_PAUSE_S))

@@ -47,6 +47,7 @@ from agentlab.executions.model import (
     Expiry,
     NewExecution,
     StoredEvent,
+    within_event_budget,
 )
 from agentlab.executions.rows import encode_options, page_of, queued_record, record_from_row
 
@@ -286,7 +287,14 @@ class SqliteStore:
         return await self._write(partial(_delete_expired, expiry, limit))
 
     async def release_space(self, max_pages: int) -> int:
-        return await self._write(partial(_release_space, max_pages))
+        released, drained = await self._write(partial(_release_space, max_pages))
+        if released and drained:
+            # The file is cut when the WAL is next checkpointed, which
+            # otherwise waits for the WAL to fill up again: done now, on the
+            # reading connection, off the writer's path (PASSIVE: it waits
+            # for nobody, and copies what no reader still needs).
+            await self._read(lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+        return released
 
     def _submit(
         self, worker: _Worker | None, work: Callable[[sqlite3.Connection], T]
@@ -601,16 +609,14 @@ def _delete_expired(expiry: Expiry, limit: int, db: sqlite3.Connection) -> int:
     if not bounds:
         return 0
     created_at, execution_id = max(bounds)
-    ids = [
-        (row[0],)
-        for row in db.execute(
-            "SELECT id FROM executions"
-            f" WHERE (created_at, id) < (?, ?) AND state IN {_FINISHED_SQL}"
-            " AND COALESCE(ended_at, created_at) < ?"
-            " ORDER BY created_at, id LIMIT ?",
-            (created_at, execution_id, *_FINISHED, _to_us(expiry.ended_before), limit),
-        )
-    ]
+    candidates = db.execute(
+        "SELECT id, last_sequence FROM executions"
+        f" WHERE (created_at, id) < (?, ?) AND state IN {_FINISHED_SQL}"
+        " AND COALESCE(ended_at, created_at) < ?"
+        " ORDER BY created_at, id LIMIT ?",
+        (created_at, execution_id, *_FINISHED, _to_us(expiry.ended_before), limit),
+    ).fetchall()
+    ids = [(chosen,) for chosen in within_event_budget([(row[0], row[1]) for row in candidates])]
     # The events explicitly, rather than by the foreign key's cascade: it
     # acts only where PRAGMA foreign_keys is on, per connection.
     db.executemany("DELETE FROM execution_events WHERE execution_id = ?", ids)
@@ -618,9 +624,10 @@ def _delete_expired(expiry: Expiry, limit: int, db: sqlite3.Connection) -> int:
     return len(ids)
 
 
-def _release_space(max_pages: int, db: sqlite3.Connection) -> int:
+def _release_space(max_pages: int, db: sqlite3.Connection) -> tuple[int, bool]:
     """release_space's work: free pages moved to the end of the file and cut
-    off (the file shrinks at the next checkpoint of the WAL)."""
+    off (the file shrinks at the next checkpoint of the WAL). The bytes
+    released, and whether no free page is left."""
     (free,) = db.execute("PRAGMA freelist_count").fetchone()
     pages = min(int(free), max_pages)
     # Python's sqlite3 steps a PRAGMA once, and incremental_vacuum frees one
@@ -629,7 +636,7 @@ def _release_space(max_pages: int, db: sqlite3.Connection) -> int:
         db.execute("PRAGMA incremental_vacuum")
     (left,) = db.execute("PRAGMA freelist_count").fetchone()
     (page_size,) = db.execute("PRAGMA page_size").fetchone()
-    return (int(free) - int(left)) * int(page_size)
+    return (int(free) - int(left)) * int(page_size), int(left) == 0
 
 
 def _connect(path: Path) -> sqlite3.Connection:
