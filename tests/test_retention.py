@@ -26,6 +26,7 @@ from agentlab.executions.local_bus import LocalBus
 from agentlab.executions.migrations import SQLITE
 from agentlab.executions.model import (
     EVENTS_PER_DELETE,
+    Cursor,
     Ending,
     ExecutionState,
     ExecutionStore,
@@ -35,7 +36,7 @@ from agentlab.executions.model import (
     within_event_budget,
 )
 from agentlab.executions.postgres_store import PostgresStore
-from agentlab.executions.retention import RetentionPolicy, Sweeper
+from agentlab.executions.retention import RetentionPolicy, Sweeper, expiry_for
 from agentlab.executions.service import Executions
 from agentlab.executions.sqlite_store import SqliteStore
 from agentlab.executions.watch import REPLAY_PAGE, watch
@@ -112,9 +113,7 @@ async def kept(store: ExecutionStore, *ids: str) -> list[str]:
 async def test_the_age_limit_deletes_what_was_created_before_it(store: ExecutionStore) -> None:
     old = [await add(store, created=NOW - 40 * DAY + i * timedelta(minutes=1)) for i in range(3)]
     young = [await add(store, created=NOW - 10 * DAY), await add(store, created=NOW - 30 * DAY)]
-    deleted = await store.delete_expired(
-        Expiry(ended_before=NOW, created_before=NOW - 30 * DAY), limit=100
-    )
+    deleted = await expire(store, 100, created_before=NOW - 30 * DAY)
     assert deleted == 3
     assert await kept(store, *old) == []
     # The bound is strict: created exactly 30 days ago is kept.
@@ -132,8 +131,7 @@ async def test_running_and_queued_executions_are_never_deleted(store: ExecutionS
         for state in (ExecutionState.SUCCEEDED, ExecutionState.FAILED, ExecutionState.CANCELLED)
     ]
     newest = await add(store, created=NOW - DAY)
-    expiry = Expiry(ended_before=NOW, created_before=NOW - DAY / 2, keep_newest=1)
-    assert await store.delete_expired(expiry, limit=100) == 4
+    assert await expire(store, 100, created_before=NOW - DAY / 2, keep_newest=1) == 4
     assert await kept(store, queued, running, *finished, newest) == [queued, running]
     assert [e.sequence for e in await store.events_after(running, 0)] == [1, 2, 3]
 
@@ -143,11 +141,11 @@ async def test_the_count_limit_keeps_the_newest_finished_ones(store: ExecutionSt
     ones are kept around a running one younger than all of them."""
     ids = [await add(store, created=NOW - DAY + i * timedelta(minutes=1)) for i in range(8)]
     running = await add(store, created=NOW - timedelta(minutes=1), state=ExecutionState.RUNNING)
-    deleted = await store.delete_expired(Expiry(ended_before=NOW, keep_newest=3), limit=100)
+    deleted = await expire(store, 100, keep_newest=3)
     assert deleted == 5
     assert await kept(store, *ids, running) == [*ids[-3:], running]
     # Idempotent: a second sweep finds nothing.
-    assert await store.delete_expired(Expiry(ended_before=NOW, keep_newest=3), limit=100) == 0
+    assert await expire(store, 100, keep_newest=3) == 0
     page, _ = await store.page(page_size=10)
     assert [record.id for record in page] == [running, *reversed(ids[-3:])]
 
@@ -157,20 +155,18 @@ async def test_ties_in_creation_time_are_broken_by_id_as_the_list_does(
 ) -> None:
     same = NOW - DAY
     ids = sorted([await add(store, created=same) for _ in range(4)])
-    assert await store.delete_expired(Expiry(ended_before=NOW, keep_newest=2), limit=100) == 2
+    assert await expire(store, 100, keep_newest=2) == 2
     assert await kept(store, *ids) == ids[2:]
 
 
 async def test_both_limits_together_keep_what_both_allow(store: ExecutionStore) -> None:
     old = [await add(store, created=NOW - 50 * DAY + i * DAY) for i in range(3)]
     recent = [await add(store, created=NOW - 5 * DAY + i * DAY) for i in range(4)]
-    expiry = Expiry(ended_before=NOW, created_before=NOW - 30 * DAY, keep_newest=2)
-    assert await store.delete_expired(expiry, limit=100) == 5
+    assert await expire(store, 100, created_before=NOW - 30 * DAY, keep_newest=2) == 5
     assert await kept(store, *old, *recent) == recent[-2:]
     # The count limit alone would keep more than the age limit lets stay.
     young = [await add(store, created=NOW - timedelta(hours=h)) for h in (3, 2, 1)]
-    expiry = Expiry(ended_before=NOW, created_before=NOW - 2.5 * DAY, keep_newest=10)
-    assert await store.delete_expired(expiry, limit=100) == 1
+    assert await expire(store, 100, created_before=NOW - 2.5 * DAY, keep_newest=10) == 1
     assert await kept(store, *recent, *young) == [recent[-1], *young]
 
 
@@ -179,17 +175,20 @@ async def test_what_ended_within_the_grace_is_kept(store: ExecutionStore) -> Non
     one recovery just failed) stays until ``ended_before`` passes its end."""
     long_one = await add(store, created=NOW - 40 * DAY, ended=NOW - timedelta(seconds=5))
     done = await add(store, created=NOW - 40 * DAY, ended=NOW - 40 * DAY)
-    expiry = Expiry(ended_before=NOW - timedelta(seconds=15), created_before=NOW - 30 * DAY)
-    assert await store.delete_expired(expiry, limit=100) == 1
+    assert (
+        await expire(
+            store, 100, ended_before=NOW - timedelta(seconds=15), created_before=NOW - 30 * DAY
+        )
+        == 1
+    )
     assert await kept(store, long_one, done) == [long_one]
-    later = Expiry(ended_before=NOW, created_before=NOW - 30 * DAY)
-    assert await store.delete_expired(later, limit=100) == 1
+    assert await expire(store, 100, created_before=NOW - 30 * DAY) == 1
     assert await kept(store, long_one) == []
 
 
 async def test_no_limit_deletes_nothing(store: ExecutionStore) -> None:
     first = await add(store, created=NOW - 400 * DAY)
-    assert await store.delete_expired(Expiry(ended_before=NOW), limit=100) == 0
+    assert await expire(store, 100, ended_before=NOW) == 0
     assert await kept(store, first) == [first]
     sweep = await Sweeper(store, RetentionPolicy(max_age_s=None, max_count=None)).sweep(NOW)
     assert sweep.deleted == 0
@@ -198,12 +197,7 @@ async def test_no_limit_deletes_nothing(store: ExecutionStore) -> None:
 async def test_events_go_with_their_execution(store: ExecutionStore) -> None:
     gone = await add(store, created=NOW - 40 * DAY, events=50)
     stays = await add(store, created=NOW - DAY, events=7)
-    assert (
-        await store.delete_expired(
-            Expiry(ended_before=NOW, created_before=NOW - 30 * DAY), limit=100
-        )
-        == 1
-    )
+    assert await expire(store, 100, created_before=NOW - 30 * DAY) == 1
     assert await store.events_after(gone, 0) == []
     assert [e.sequence for e in await store.events_after(stays, 0)] == list(range(1, 8))
     assert await events_without_an_execution(store) == 0
@@ -232,6 +226,22 @@ async def events_without_an_execution(store: ExecutionStore) -> int:
         await conn.close()
 
 
+async def expire(
+    store: ExecutionStore,
+    limit: int,
+    *,
+    ended_before: datetime = NOW,
+    created_before: datetime | None = None,
+    keep_newest: int | None = None,
+) -> int:
+    """One delete_expired with the bound these limits make (as a sweep
+    computes it); 0 when they make none."""
+    expiry = await expiry_for(
+        store, ended_before=ended_before, created_before=created_before, keep_newest=keep_newest
+    )
+    return 0 if expiry is None else await store.delete_expired(expiry, limit)
+
+
 class CountingStore:
     """A store whose delete_expired calls are recorded: (limit, deleted)."""
 
@@ -243,6 +253,9 @@ class CountingStore:
         deleted = await self.inner.delete_expired(expiry, limit)
         self.deletes.append((limit, deleted))
         return deleted
+
+    async def nth_newest_finished(self, n: int) -> Cursor | None:
+        return await self.inner.nth_newest_finished(n)
 
     async def release_space(self, max_pages: int) -> int:
         return await self.inner.release_space(max_pages)
@@ -261,10 +274,7 @@ async def test_a_sweep_deletes_in_batches_of_the_size_given(store: ExecutionStor
     assert await kept(store, *ids, newer) == [newer]
     # One batch is the oldest ones.
     more = [await add(store, created=NOW - 40 * DAY + i * timedelta(minutes=1)) for i in range(4)]
-    assert (
-        await store.delete_expired(Expiry(ended_before=NOW, created_before=NOW - 30 * DAY), limit=3)
-        == 3
-    )
+    assert await expire(store, 3, created_before=NOW - 30 * DAY) == 3
     assert await kept(store, *more) == more[3:]
 
 
@@ -272,15 +282,14 @@ async def test_a_batch_holds_few_events_whatever_its_size(store: ExecutionStore)
     """The batch size counts executions, but a batch also stops at
     EVENTS_PER_DELETE events: long executions go a few at a time, and one
     longer than that alone."""
-    expiry = Expiry(ended_before=NOW, created_before=NOW - 30 * DAY)
     huge = await add(store, created=NOW - 50 * DAY, events=EVENTS_PER_DELETE + 500)
     long_ones = [
         await add(store, created=NOW - 40 * DAY + i * timedelta(minutes=1), events=600)
         for i in range(5)
     ]
-    assert await store.delete_expired(expiry, limit=10) == 1
+    assert await expire(store, 10, created_before=NOW - 30 * DAY) == 1
     assert await kept(store, huge) == []
-    assert await store.delete_expired(expiry, limit=10) == EVENTS_PER_DELETE // 600
+    assert await expire(store, 10, created_before=NOW - 30 * DAY) == EVENTS_PER_DELETE // 600
     assert await kept(store, *long_ones) == long_ones[EVENTS_PER_DELETE // 600 :]
 
 
@@ -291,17 +300,26 @@ def test_the_event_budget_takes_a_prefix_and_always_one() -> None:
     assert within_event_budget([("a", 5), ("b", 5), ("c", 5)]) == ["a", "b", "c"]
 
 
-async def test_the_policy_turns_settings_into_an_expiry() -> None:
+async def test_the_policy_makes_one_bound_of_both_limits(store: ExecutionStore) -> None:
     policy = RetentionPolicy(max_age_s=3600.0, max_count=5, grace_s=15.0)
-    assert policy.expiry(NOW) == Expiry(
-        ended_before=NOW - timedelta(seconds=15),
-        created_before=NOW - timedelta(hours=1),
-        keep_newest=5,
+    grace = NOW - timedelta(seconds=15)
+    # Fewer than five finished: the age alone bounds.
+    assert await policy.expiry(store, NOW) == Expiry(grace, Cursor(NOW - timedelta(hours=1), ""))
+    count_only = RetentionPolicy(max_age_s=None, max_count=5)
+    assert await count_only.expiry(store, NOW) is None
+    ids = [await add(store, created=NOW - timedelta(minutes=50 - i)) for i in range(7)]
+    await add(store, created=NOW, state=ExecutionState.RUNNING)  # not counted
+    fifth_newest = await store.get(ids[2])
+    assert fifth_newest is not None
+    # The count's bound is younger than the age's: it wins.
+    assert await policy.expiry(store, NOW) == Expiry(
+        grace, Cursor(fifth_newest.created_at, fifth_newest.id)
     )
+    assert await store.nth_newest_finished(8) is None
     assert RetentionPolicy(max_age_s=None, max_count=None).keeps_everything
     assert not RetentionPolicy().keeps_everything  # 30 days by default
     with pytest.raises(ValueError, match="batch_size"):
-        Sweeper(None, policy, batch_size=0)  # type: ignore[arg-type]
+        Sweeper(store, policy, batch_size=0)
 
 
 # --- SQLite's file -------------------------------------------------------------
@@ -370,10 +388,7 @@ async def test_a_file_made_without_incremental_vacuum_is_switched_once(tmp_path:
         with closing(sqlite3.connect(path)) as db:
             assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
         assert await kept(store, old) == [old]
-        assert (
-            await store.delete_expired(Expiry(ended_before=NOW, created_before=NOW - DAY), limit=10)
-            == 1
-        )
+        assert await expire(store, 10, created_before=NOW - DAY) == 1
     finally:
         await store.close()
 
@@ -389,8 +404,7 @@ async def test_postgres_leaves_the_space_to_its_autovacuum(postgres_only: Postgr
     await postgres_only.open()
     try:
         await add(postgres_only, created=NOW - 40 * DAY, events=100)
-        expiry = Expiry(ended_before=NOW, created_before=NOW)
-        assert await postgres_only.delete_expired(expiry, limit=10) == 1
+        assert await expire(postgres_only, 10, created_before=NOW) == 1
         assert await postgres_only.release_space(100) == 0
     finally:
         await postgres_only.close()
@@ -470,6 +484,9 @@ async def test_the_sweeper_runs_until_cancelled_and_survives_a_failed_sweep() ->
             if Flaky.calls == 3:
                 third_sweep.set()
             return 0
+
+        async def nth_newest_finished(self, n: int) -> Cursor | None:
+            return None
 
         async def release_space(self, max_pages: int) -> int:
             return 0
@@ -577,7 +594,7 @@ async def test_a_watch_whose_execution_is_deleted_under_it_ends_with_not_found(
     await store.append_events(execution_id, events)
     stream = watch(store, LocalBus(), execution_id, 0, poll_s=0.05)
     seen = [await anext(stream)]
-    assert await store.delete_expired(Expiry(ended_before=NOW, created_before=NOW), limit=10) == 1
+    assert await expire(store, 10, created_before=NOW) == 1
 
     async def read_on() -> None:
         async for event in stream:

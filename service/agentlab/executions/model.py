@@ -139,15 +139,13 @@ class Cursor:
 @dataclass(frozen=True)
 class Expiry:
     """Which executions a retention sweep may delete: finished ones (never
-    QUEUED or RUNNING) that ended before ``ended_before`` and are either
-    created before ``created_before`` (the age limit) or older, in the
-    listing order (created_at, id), than the ``keep_newest`` newest finished
-    ones (the count limit). None turns a limit off; with both off nothing
-    expires. Times are aware datetimes."""
+    QUEUED or RUNNING) that ended before ``ended_before`` and come before
+    ``before`` in the listing order, oldest first: created earlier, or at
+    the same time with a smaller id (executions/retention.py turns the age
+    and count limits into that one bound). Times are aware datetimes."""
 
     ended_before: datetime
-    created_before: datetime | None = None
-    keep_newest: int | None = None
+    before: Cursor
 
 
 class ExecutionStore(Protocol):
@@ -225,6 +223,11 @@ class ExecutionStore(Protocol):
         events, in one transaction: at most ``limit`` of them, and fewer
         when they hold more than EVENTS_PER_DELETE events together (one at
         least); how many it deleted (0: none is left)."""
+        ...
+
+    async def nth_newest_finished(self, n: int) -> Cursor | None:
+        """Where the ``n``-th newest finished execution (n >= 1) stands in
+        the listing order; None when there are fewer. A read."""
         ...
 
     async def release_space(self, max_pages: int) -> int:

@@ -305,8 +305,7 @@ class PostgresStore:
         return taken == 1
 
     async def delete_expired(self, expiry: Expiry, limit: int) -> int:
-        """See SqliteStore's _delete_expired for the one bound both limits
-        make. The rows are locked SKIP LOCKED: a sweep never waits on (or
+        """The rows are locked SKIP LOCKED: a sweep never waits on (or
         deadlocks with) the writes of the hot path, and sweepers of several
         replicas share the work instead of queueing on the same rows."""
         if limit < 1:
@@ -314,21 +313,6 @@ class PostgresStore:
 
         async def delete(conn: Any) -> int:
             async with conn.transaction():
-                bounds: list[tuple[datetime, str]] = []
-                if expiry.created_before is not None:
-                    bounds.append((_utc(expiry.created_before), ""))
-                if expiry.keep_newest is not None:
-                    row = await conn.fetchrow(
-                        "SELECT created_at, id FROM executions WHERE state = ANY($1::text[])"
-                        " ORDER BY created_at DESC, id DESC LIMIT 1 OFFSET $2",
-                        _FINISHED,
-                        expiry.keep_newest - 1,
-                    )
-                    if row is not None:
-                        bounds.append((row["created_at"], row["id"]))
-                if not bounds:
-                    return 0
-                created_at, execution_id = max(bounds)
                 candidates = [
                     (row["id"], row["last_sequence"])
                     for row in await conn.fetch(
@@ -336,8 +320,8 @@ class PostgresStore:
                         " WHERE (created_at, id) < ($1, $2) AND state = ANY($3::text[])"
                         " AND COALESCE(ended_at, created_at) < $4"
                         " ORDER BY created_at, id LIMIT $5 FOR UPDATE SKIP LOCKED",
-                        created_at,
-                        execution_id,
+                        _utc(expiry.before.created_at),
+                        expiry.before.id,
                         _FINISHED,
                         _utc(expiry.ended_before),
                         limit,
@@ -355,6 +339,17 @@ class PostgresStore:
                 return len(ids)
 
         return await self._run(delete)
+
+    async def nth_newest_finished(self, n: int) -> Cursor | None:
+        if n < 1:
+            raise ValueError(f"n must be at least 1, not {n}")
+        row = await self._fetchrow(
+            "SELECT created_at, id FROM executions WHERE state = ANY($1::text[])"
+            " ORDER BY created_at DESC, id DESC LIMIT 1 OFFSET $2",
+            _FINISHED,
+            n - 1,
+        )
+        return None if row is None else Cursor(_from_db(row["created_at"]), row["id"])
 
     async def release_space(self, max_pages: int) -> int:
         """Nothing to do: PostgreSQL's autovacuum makes deleted rows' space

@@ -25,9 +25,9 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from agentlab.executions.model import ExecutionStore, Expiry
+from agentlab.executions.model import Cursor, ExecutionStore, Expiry
 
-__all__ = ["RetentionPolicy", "Sweep", "Sweeper"]
+__all__ = ["RetentionPolicy", "Sweep", "Sweeper", "expiry_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +60,44 @@ class RetentionPolicy:
     def keeps_everything(self) -> bool:
         return self.max_age_s is None and self.max_count is None
 
-    def expiry(self, now: datetime) -> Expiry:
-        """What expires at ``now`` (an aware datetime)."""
-        return Expiry(
+    async def expiry(self, store: ExecutionStore, now: datetime) -> Expiry | None:
+        """What expires at ``now`` (an aware datetime) in ``store``; None
+        when nothing can (no limit, or fewer finished executions than the
+        count and no age limit)."""
+        return await expiry_for(
+            store,
             ended_before=now - timedelta(seconds=self.grace_s),
             created_before=(
                 None if self.max_age_s is None else now - timedelta(seconds=self.max_age_s)
             ),
             keep_newest=self.max_count,
         )
+
+
+async def expiry_for(
+    store: ExecutionStore,
+    *,
+    ended_before: datetime,
+    created_before: datetime | None = None,
+    keep_newest: int | None = None,
+) -> Expiry | None:
+    """The one bound both limits make: each cuts the list from its old end,
+    so what they expire together is the longer of two prefixes. The age
+    limit is the position (created_before, ""), "" being below every id;
+    the count limit, the keep_newest-th newest finished execution's, read
+    once per sweep (a walk of keep_newest index entries, on the store's
+    reading side: the batches then delete a range below a fixed bound)."""
+    bounds: list[Cursor] = []
+    if created_before is not None:
+        bounds.append(Cursor(created_before, ""))
+    if keep_newest is not None:
+        nth = await store.nth_newest_finished(keep_newest)
+        if nth is not None:
+            bounds.append(nth)
+    if not bounds:
+        return None
+    before = max(bounds, key=lambda cursor: (cursor.created_at, cursor.id))
+    return Expiry(ended_before=ended_before, before=before)
 
 
 @dataclass(frozen=True)
@@ -111,8 +140,8 @@ class Sweeper:
         deleted = batches = released = 0
         if self._policy.keeps_everything:
             return Sweep(0, 0, 0, 0.0)
-        expiry = self._policy.expiry(now or datetime.now(UTC))
-        while True:
+        expiry = await self._policy.expiry(self._store, now or datetime.now(UTC))
+        while expiry is not None:
             batch_started = time.monotonic()
             count = await self._store.delete_expired(expiry, self._batch_size)
             if count == 0:

@@ -286,6 +286,20 @@ class SqliteStore:
             raise ValueError(f"limit must be at least 1, not {limit}")
         return await self._write(partial(_delete_expired, expiry, limit))
 
+    async def nth_newest_finished(self, n: int) -> Cursor | None:
+        if n < 1:
+            raise ValueError(f"n must be at least 1, not {n}")
+        # +state: see _delete_expired; the walk down executions_newest
+        # passes n finished records (and the few active ones).
+        row = await self._read(
+            lambda db: db.execute(
+                f"SELECT created_at, id FROM executions WHERE +state IN {_FINISHED_SQL}"
+                " ORDER BY created_at DESC, id DESC LIMIT 1 OFFSET ?",
+                (*_FINISHED, n - 1),
+            ).fetchone()
+        )
+        return None if row is None else Cursor(_from_us(row[0]), row[1])
+
     async def release_space(self, max_pages: int) -> int:
         released, drained = await self._write(partial(_release_space, max_pages))
         if released and drained:
@@ -588,33 +602,22 @@ def _append_sql(events: bool, start: bool, end: bool) -> str:
 
 def _delete_expired(expiry: Expiry, limit: int, db: sqlite3.Connection) -> int:
     """delete_expired's work, under the write lock: the oldest finished
-    executions below one bound in the listing order, their events first.
-
-    Both limits cut the same list, oldest first, so what they expire
-    together is the longer of two prefixes: one bound, (created_at, id) <
-    (bound), read as a range of the executions_newest index from its old
-    end. The age limit is the bound (created_before, ''), '' being below
-    every id; the count limit, the keep_newest-th newest finished record."""
-    bounds: list[tuple[int, str]] = []
-    if expiry.created_before is not None:
-        bounds.append((_to_us(expiry.created_before), ""))
-    if expiry.keep_newest is not None:
-        row = db.execute(
-            f"SELECT created_at, id FROM executions WHERE state IN {_FINISHED_SQL}"
-            " ORDER BY created_at DESC, id DESC LIMIT 1 OFFSET ?",
-            (*_FINISHED, expiry.keep_newest - 1),
-        ).fetchone()
-        if row is not None:
-            bounds.append((row[0], row[1]))
-    if not bounds:
-        return 0
-    created_at, execution_id = max(bounds)
+    executions below the bound, their events first. They are read as a
+    range of the executions_newest index from its old end (``+state``, the
+    unary plus, keeps SQLite from reading them through executions_state
+    instead and sorting every finished record for each batch)."""
     candidates = db.execute(
         "SELECT id, last_sequence FROM executions"
-        f" WHERE (created_at, id) < (?, ?) AND state IN {_FINISHED_SQL}"
+        f" WHERE (created_at, id) < (?, ?) AND +state IN {_FINISHED_SQL}"
         " AND COALESCE(ended_at, created_at) < ?"
         " ORDER BY created_at, id LIMIT ?",
-        (created_at, execution_id, *_FINISHED, _to_us(expiry.ended_before), limit),
+        (
+            _to_us(expiry.before.created_at),
+            expiry.before.id,
+            *_FINISHED,
+            _to_us(expiry.ended_before),
+            limit,
+        ),
     ).fetchall()
     ids = [(chosen,) for chosen in within_event_budget([(row[0], row[1]) for row in candidates])]
     # The events explicitly, rather than by the foreign key's cascade: it
