@@ -21,6 +21,7 @@ __all__ = [
     "CONTRACT_MAX_PROMPT_CHARS",
     "PREFIX",
     "ConfigError",
+    "MaxAge",
     "RateLimit",
     "Settings",
     "redact_url",
@@ -44,6 +45,11 @@ CLIENT_VARIABLES = frozenset({"AGENTLAB_TARGET", "AGENTLAB_API_KEY"})
 # The prompt's max_len in protos/agentlab/v1/lab_service.proto: the setting
 # can only lower it (tests/test_config.py checks the two agree).
 CONTRACT_MAX_PROMPT_CHARS = 1_000_000
+
+# Bounds of the retention settings: a count beyond it is no limit in
+# practice, and a batch beyond it holds the store's write lock for seconds.
+_MAX_RETENTION_COUNT = 1_000_000_000
+_MAX_RETENTION_BATCH = 10_000
 
 
 class ConfigError(ValueError):
@@ -100,6 +106,49 @@ class RateLimit:
         return cls(per_second, bucket)
 
 
+# AGENTLAB_RETENTION_MAX_AGE's units, largest first, in seconds.
+_AGE_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+@dataclass(frozen=True)
+class MaxAge:
+    """How long finished executions are kept (AGENTLAB_RETENTION_MAX_AGE):
+    ``seconds``, or None for no age limit. Written "<number><unit>", the
+    unit one of s, m, h, d (``30d``, ``12h``, ``90s``), or "off"; ``str``
+    gives it back so, in the largest unit that divides it."""
+
+    seconds: float | None
+
+    def __str__(self) -> str:
+        if self.seconds is None:
+            return "off"
+        for unit, size in _AGE_UNITS.items():
+            if self.seconds >= size and (self.seconds / size).is_integer():
+                return f"{self.seconds / size:g}{unit}"
+        return f"{self.seconds:g}s"
+
+    @classmethod
+    def parse(cls, text: str) -> MaxAge:
+        """Raises ConfigError saying the format."""
+        value = text.strip().lower()
+        if value == "off":
+            return cls(None)
+        number, unit = value[:-1], value[-1:]
+        problem = (
+            "AGENTLAB_RETENTION_MAX_AGE must be off or a number with a unit, s, m, h or d "
+            f"(e.g. 30d, 12h), not {text!r}"
+        )
+        if unit not in _AGE_UNITS:
+            raise ConfigError(problem)
+        try:
+            amount = float(number)
+        except ValueError:
+            raise ConfigError(problem) from None
+        if not 0 < amount < math.inf:  # NaN too
+            raise ConfigError(f"{problem}: it must be above 0 (no limit is written off)")
+        return cls(amount * _AGE_UNITS[unit])
+
+
 @dataclass(frozen=True)
 class Settings:
     # Where the gRPC server listens ("[::]:0" picks a free port).
@@ -152,6 +201,12 @@ class Settings:
     # "human" lines, or "json": one object per line with the request's ids
     # (agentlab.telemetry.logs).
     log_format: str = "human"
+    # Retention of finished executions: the age and count limits (None: no
+    # count limit), seconds between sweeps, executions per delete.
+    retention_max_age: MaxAge = MaxAge(30 * 86400.0)
+    retention_max_count: int | None = None
+    retention_interval_s: float = 60.0
+    retention_batch_size: int = 100
 
     @classmethod
     def variables(cls) -> list[str]:
@@ -234,6 +289,10 @@ class Settings:
             raise ConfigError(
                 f"AGENTLAB_LOG_FORMAT must be one of {', '.join(_LOG_FORMATS)}, not {log_format!r}"
             )
+        retention_count = text("RETENTION_MAX_COUNT", "off")
+        retention_interval_s = seconds("RETENTION_INTERVAL_S", defaults.retention_interval_s)
+        if retention_interval_s == 0:
+            raise ConfigError("AGENTLAB_RETENTION_INTERVAL_S must be above 0")
         return cls(
             grpc_address=text("GRPC_ADDRESS", defaults.grpc_address),
             default_backend=backend,
@@ -263,6 +322,18 @@ class Settings:
             log_level=log_level,
             log_format=log_format,
             rate_limit=RateLimit.parse(text("RATE_LIMIT", str(defaults.rate_limit))),
+            retention_max_age=MaxAge.parse(
+                text("RETENTION_MAX_AGE", str(defaults.retention_max_age))
+            ),
+            retention_max_count=(
+                None
+                if retention_count.lower() == "off"
+                else number("RETENTION_MAX_COUNT", 1, _MAX_RETENTION_COUNT)
+            ),
+            retention_interval_s=retention_interval_s,
+            retention_batch_size=number(
+                "RETENTION_BATCH_SIZE", defaults.retention_batch_size, _MAX_RETENTION_BATCH
+            ),
         )
 
     def described(self, env: Mapping[str, str]) -> list[tuple[str, str, bool]]:

@@ -69,6 +69,14 @@ def check(settings: Settings, env: Mapping[str, str]) -> Applied:
         if limit.off
         else f"Envoy: {limit.per_second:g} requests/s per client address, bursts of {limit.burst}"
     )
+    age, count = settings.retention_max_age, settings.retention_max_count
+    meaning["AGENTLAB_RETENTION_MAX_AGE"] = (
+        "finished executions are kept whatever their age"
+        if age.seconds is None
+        else f"finished executions created more than {age} ago are deleted"
+    )
+    if count is not None:
+        meaning["AGENTLAB_RETENTION_MAX_COUNT"] = f"only the newest {count:,} finished are kept"
     # The form of the URL only: connecting is the service's first step.
     open_store(settings.database_url, settings.data_dir)
     if settings.model_path is not None and not settings.model_path.is_file():

@@ -28,8 +28,9 @@ from agentlab.config import ConfigError, Settings
 from agentlab.core.errors import AgentLabError
 from agentlab.core.runner import Runner
 from agentlab.executions.local_bus import LocalBus
-from agentlab.executions.model import EventBus
+from agentlab.executions.model import EventBus, ExecutionStore
 from agentlab.executions.redis_bus import RedisBus
+from agentlab.executions.retention import RetentionPolicy, Sweeper
 from agentlab.executions.service import Executions
 from agentlab.executions.stores import open_store
 from agentlab.health import OVERALL, Health
@@ -162,15 +163,34 @@ def build_executions(settings: Settings, runner: Runner) -> Executions:
     """SQLite in the data directory unless a database URL says otherwise;
     Redis for live events when configured, else in-process."""
     bus: EventBus = RedisBus(settings.redis_url) if settings.redis_url else LocalBus()
-    return Executions(
+    store = open_store(settings.database_url, settings.data_dir)
+    executions = Executions(
         runner,
-        open_store(settings.database_url, settings.data_dir),
+        store,
         bus,
         owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         heartbeat_s=settings.execution_heartbeat_s,
         lease_s=settings.execution_lease_s,
         max_running=settings.max_running_executions,
         max_queued=settings.max_queued_executions,
+    )
+    executions.retain(build_sweeper(settings, store))
+    return executions
+
+
+def build_sweeper(settings: Settings, store: ExecutionStore) -> Sweeper:
+    """The retention settings applied to ``store``; an execution that ended
+    within the lease is kept whatever they say (see executions/retention.py)."""
+    policy = RetentionPolicy(
+        max_age_s=settings.retention_max_age.seconds,
+        max_count=settings.retention_max_count,
+        grace_s=settings.execution_lease_s,
+    )
+    return Sweeper(
+        store,
+        policy,
+        interval_s=settings.retention_interval_s,
+        batch_size=settings.retention_batch_size,
     )
 
 

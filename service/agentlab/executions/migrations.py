@@ -15,6 +15,8 @@ which text would only do with one fixed format.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +25,17 @@ if TYPE_CHECKING:
 
     import asyncpg
 
-__all__ = ["POSTGRES", "SQLITE", "Migration", "migrate_postgres", "migrate_sqlite"]
+__all__ = [
+    "POSTGRES",
+    "SQLITE",
+    "Migration",
+    "migrate_postgres",
+    "migrate_sqlite",
+    "prepare_incremental_vacuum",
+    "switch_to_incremental_vacuum",
+]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -199,6 +211,55 @@ def migrate_sqlite(db: sqlite3.Connection) -> list[int]:
             raise
         db.execute("COMMIT")
     return applied
+
+
+# PRAGMA auto_vacuum's value for INCREMENTAL.
+_INCREMENTAL = 2
+
+
+def prepare_incremental_vacuum(db: sqlite3.Connection) -> None:
+    """Ask for incremental auto-vacuum before anything else touches the file.
+
+    On a new, empty file this takes effect with the first table (the
+    schema's), for free. On an existing file the setting is only recorded:
+    switch_to_incremental_vacuum, after the migrations, finishes the job."""
+    db.execute(f"PRAGMA auto_vacuum = {_INCREMENTAL}")
+
+
+def switch_to_incremental_vacuum(db: sqlite3.Connection) -> bool:
+    """Make sure the file keeps the page bookkeeping that lets retention
+    give deleted pages back to the file system (PRAGMA incremental_vacuum);
+    True if it had to be switched now.
+
+    A file created before this existed (auto_vacuum NONE: every page it
+    ever used stays in it) is switched once with a VACUUM, which rewrites
+    it whole: it takes about a second per 30 MB here, needs that much free
+    disk beside it, and holds the write lock meanwhile, so it runs while
+    the process starts, before it serves. Later opens find it done. Not a
+    numbered migration: VACUUM cannot run inside a transaction, and the
+    file's header, not the ledger, records the mode.
+
+    ``db`` must be in autocommit mode, outside a transaction."""
+    (mode,) = db.execute("PRAGMA auto_vacuum").fetchone()
+    if mode == _INCREMENTAL:
+        return False
+    db.execute(f"PRAGMA auto_vacuum = {_INCREMENTAL}")
+    size = _file_bytes(db)
+    logger.info(
+        "the SQLite execution store (%.1f MB) is switched to incremental auto-vacuum once, "
+        "with a VACUUM, so that retention can shrink it",
+        size / 1e6,
+    )
+    started = time.monotonic()
+    db.execute("VACUUM")
+    logger.info("VACUUM done in %.1f s: %.1f MB", time.monotonic() - started, _file_bytes(db) / 1e6)
+    return True
+
+
+def _file_bytes(db: sqlite3.Connection) -> int:
+    (pages,) = db.execute("PRAGMA page_count").fetchone()
+    (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    return int(pages) * int(page_size)
 
 
 async def migrate_postgres(conn: asyncpg.Connection, schema: str | None = None) -> list[int]:

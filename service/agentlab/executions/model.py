@@ -17,14 +17,18 @@ from typing import Protocol
 
 __all__ = [
     "ACTIVE_STATES",
+    "EVENTS_PER_DELETE",
+    "FINISHED_STATES",
     "Cursor",
     "Ending",
     "EventBus",
     "ExecutionRecord",
     "ExecutionState",
     "ExecutionStore",
+    "Expiry",
     "NewExecution",
     "StoredEvent",
+    "within_event_budget",
 ]
 
 
@@ -37,6 +41,27 @@ class ExecutionState(enum.Enum):
 
 
 ACTIVE_STATES = (ExecutionState.QUEUED, ExecutionState.RUNNING)
+FINISHED_STATES = (ExecutionState.SUCCEEDED, ExecutionState.FAILED, ExecutionState.CANCELLED)
+
+# Events one delete_expired takes at most (beyond a single execution's):
+# what bounds the time a retention batch holds SQLite's write lock, which
+# every call's writes wait for. Measured here: about 7 µs per event, so a
+# batch stays near 15 ms whether its executions are short calls or long
+# orchestrations (a thousand events each).
+EVENTS_PER_DELETE = 2000
+
+
+def within_event_budget(candidates: list[tuple[str, int]]) -> list[str]:
+    """The ids of the leading ``candidates`` (id, its event count) that
+    hold at most EVENTS_PER_DELETE events together; the first one always."""
+    chosen: list[str] = []
+    events = 0
+    for execution_id, count in candidates:
+        events += count
+        if chosen and events > EVENTS_PER_DELETE:
+            break
+        chosen.append(execution_id)
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -111,6 +136,18 @@ class Cursor:
     id: str
 
 
+@dataclass(frozen=True)
+class Expiry:
+    """Which executions a retention sweep may delete: finished ones (never
+    QUEUED or RUNNING) that ended before ``ended_before`` and come before
+    ``before`` in the listing order, oldest first: created earlier, or at
+    the same time with a smaller id (executions/retention.py turns the age
+    and count limits into that one bound). Times are aware datetimes."""
+
+    ended_before: datetime
+    before: Cursor
+
+
 class ExecutionStore(Protocol):
     async def open(self) -> None:
         """Connect and bring the schema up to date (migrations)."""
@@ -179,6 +216,24 @@ class ExecutionStore(Protocol):
     ) -> bool:
         """Take over a stale active record: atomically set owner and heartbeat
         if its heartbeat is still older than ``stale_before``. True if taken."""
+        ...
+
+    async def delete_expired(self, expiry: Expiry, limit: int) -> int:
+        """Delete the oldest executions ``expiry`` covers, with their
+        events, in one transaction: at most ``limit`` of them, and fewer
+        when they hold more than EVENTS_PER_DELETE events together (one at
+        least); how many it deleted (0: none is left)."""
+        ...
+
+    async def nth_newest_finished(self, n: int) -> Cursor | None:
+        """Where the ``n``-th newest finished execution (n >= 1) stands in
+        the listing order; None when there are fewer. A read."""
+        ...
+
+    async def release_space(self, max_pages: int) -> int:
+        """Give storage that deletes freed back to the file system, at most
+        ``max_pages`` database pages at a time; the bytes released (0 where
+        the database does that by itself, or when nothing is free)."""
         ...
 
 

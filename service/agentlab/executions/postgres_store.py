@@ -35,12 +35,15 @@ from agentlab.executions.errors import DuplicateEvent, UnknownExecution
 from agentlab.executions.migrations import migrate_postgres, quote_ident
 from agentlab.executions.model import (
     ACTIVE_STATES,
+    FINISHED_STATES,
     Cursor,
     Ending,
     ExecutionRecord,
     ExecutionState,
+    Expiry,
     NewExecution,
     StoredEvent,
+    within_event_budget,
 )
 from agentlab.executions.rows import encode_options, page_of, queued_record, record_from_row
 
@@ -53,6 +56,7 @@ _COLUMNS = (
     " started_at, ended_at, owner, heartbeat_at, last_sequence, result, error, fingerprint"
 )
 _ACTIVE = [state.value for state in ACTIVE_STATES]
+_FINISHED = [state.value for state in FINISHED_STATES]
 
 # Writes one group takes at most: bounds how long its row locks are held and
 # how long the loop spends settling it.
@@ -299,6 +303,60 @@ class PostgresStore:
             _utc(stale_before),
         )
         return taken == 1
+
+    async def delete_expired(self, expiry: Expiry, limit: int) -> int:
+        """The rows are locked SKIP LOCKED: a sweep never waits on (or
+        deadlocks with) the writes of the hot path, and sweepers of several
+        replicas share the work instead of queueing on the same rows."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+
+        async def delete(conn: Any) -> int:
+            async with conn.transaction():
+                candidates = [
+                    (row["id"], row["last_sequence"])
+                    for row in await conn.fetch(
+                        "SELECT id, last_sequence FROM executions"
+                        " WHERE (created_at, id) < ($1, $2) AND state = ANY($3::text[])"
+                        " AND COALESCE(ended_at, created_at) < $4"
+                        " ORDER BY created_at, id LIMIT $5 FOR UPDATE SKIP LOCKED",
+                        _utc(expiry.before.created_at),
+                        expiry.before.id,
+                        _FINISHED,
+                        _utc(expiry.ended_before),
+                        limit,
+                    )
+                ]
+                # Locked beyond the budget too, until the commit: harmless,
+                # they are finished and the next batch takes them.
+                ids = within_event_budget(candidates)
+                if not ids:
+                    return 0
+                await conn.execute(
+                    "DELETE FROM execution_events WHERE execution_id = ANY($1::text[])", ids
+                )
+                await conn.execute("DELETE FROM executions WHERE id = ANY($1::text[])", ids)
+                return len(ids)
+
+        return await self._run(delete)
+
+    async def nth_newest_finished(self, n: int) -> Cursor | None:
+        if n < 1:
+            raise ValueError(f"n must be at least 1, not {n}")
+        row = await self._fetchrow(
+            "SELECT created_at, id FROM executions WHERE state = ANY($1::text[])"
+            " ORDER BY created_at DESC, id DESC LIMIT 1 OFFSET $2",
+            _FINISHED,
+            n - 1,
+        )
+        return None if row is None else Cursor(_from_db(row["created_at"]), row["id"])
+
+    async def release_space(self, max_pages: int) -> int:
+        """Nothing to do: PostgreSQL's autovacuum makes deleted rows' space
+        reusable by the table, which then stops growing; only VACUUM FULL
+        (an exclusive lock on the table while it rewrites it) would hand it
+        to the file system."""
+        return 0
 
     async def _write(self, write: _Write) -> Any:
         """``write`` in the next group, its outcome once the group is done.

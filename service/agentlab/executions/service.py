@@ -31,6 +31,7 @@ from agentlab.executions.model import (
     ExecutionStore,
 )
 from agentlab.executions.recovery import Recovery
+from agentlab.executions.retention import Sweeper
 from agentlab.executions.runs import Runs
 from agentlab.executions.submission import Submitted, submit
 from agentlab.telemetry import logs, tracing
@@ -74,8 +75,14 @@ class Executions:
         self._recovery = Recovery(
             runner, store, bus, self._runs, owner=owner, heartbeat_s=heartbeat_s, lease_s=lease_s
         )
+        self._sweeper: Sweeper | None = None
         self._background: list[asyncio.Task[None]] = []
         self._opened = False
+
+    def retain(self, sweeper: Sweeper) -> None:
+        """Run ``sweeper`` (the store's retention) from start() to close();
+        without one, every execution is kept."""
+        self._sweeper = sweeper
 
     async def open(self) -> None:
         """Open the store and the bus (once): what cannot be reached raises
@@ -95,6 +102,13 @@ class Executions:
             ),
             asyncio.create_task(self._recovery.keep_alive(), name="executions-heartbeat"),
         ]
+        if self._sweeper is not None:
+            # Stopped with the heartbeat in close(): a batch cut short there
+            # still commits or not as a whole (the stores finish a write
+            # whose caller left).
+            self._background.append(
+                asyncio.create_task(self._sweeper.run(), name="executions-retention")
+            )
         await listening.wait()
         await self.recover()
 

@@ -32,15 +32,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agentlab.executions.errors import DuplicateEvent, UnknownExecution
-from agentlab.executions.migrations import migrate_sqlite
+from agentlab.executions.migrations import (
+    migrate_sqlite,
+    prepare_incremental_vacuum,
+    switch_to_incremental_vacuum,
+)
 from agentlab.executions.model import (
     ACTIVE_STATES,
+    FINISHED_STATES,
     Cursor,
     Ending,
     ExecutionRecord,
     ExecutionState,
+    Expiry,
     NewExecution,
     StoredEvent,
+    within_event_budget,
 )
 from agentlab.executions.rows import encode_options, page_of, queued_record, record_from_row
 
@@ -67,6 +74,13 @@ _COLUMNS = (
 )
 _ACTIVE = tuple(state.value for state in ACTIVE_STATES)
 _ACTIVE_SQL = "(" + ", ".join("?" for _ in _ACTIVE) + ")"
+_FINISHED = tuple(state.value for state in FINISHED_STATES)
+_FINISHED_SQL = "(" + ", ".join("?" for _ in _FINISHED) + ")"
+
+# The WAL file is cut back to this size after a checkpoint empties it:
+# without a limit it keeps the size of its busiest moment (a retention
+# sweep's deletes included) for good.
+_WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
 class SqliteStore:
@@ -266,6 +280,35 @@ class SqliteStore:
             _to_us(stale_before),
         )
         return taken == 1
+
+    async def delete_expired(self, expiry: Expiry, limit: int) -> int:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        return await self._write(partial(_delete_expired, expiry, limit))
+
+    async def nth_newest_finished(self, n: int) -> Cursor | None:
+        if n < 1:
+            raise ValueError(f"n must be at least 1, not {n}")
+        # +state: see _delete_expired; the walk down executions_newest
+        # passes n finished records (and the few active ones).
+        row = await self._read(
+            lambda db: db.execute(
+                f"SELECT created_at, id FROM executions WHERE +state IN {_FINISHED_SQL}"
+                " ORDER BY created_at DESC, id DESC LIMIT 1 OFFSET ?",
+                (*_FINISHED, n - 1),
+            ).fetchone()
+        )
+        return None if row is None else Cursor(_from_us(row[0]), row[1])
+
+    async def release_space(self, max_pages: int) -> int:
+        released, drained = await self._write(partial(_release_space, max_pages))
+        if released and drained:
+            # The file is cut when the WAL is next checkpointed, which
+            # otherwise waits for the WAL to fill up again: done now, on the
+            # reading connection, off the writer's path (PASSIVE: it waits
+            # for nobody, and copies what no reader still needs).
+            await self._read(lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+        return released
 
     def _submit(
         self, worker: _Worker | None, work: Callable[[sqlite3.Connection], T]
@@ -557,13 +600,58 @@ def _append_sql(events: bool, start: bool, end: bool) -> str:
     return f"UPDATE executions SET {', '.join(columns)} WHERE id = ?"
 
 
+def _delete_expired(expiry: Expiry, limit: int, db: sqlite3.Connection) -> int:
+    """delete_expired's work, under the write lock: the oldest finished
+    executions below the bound, their events first. They are read as a
+    range of the executions_newest index from its old end (``+state``, the
+    unary plus, keeps SQLite from reading them through executions_state
+    instead and sorting every finished record for each batch)."""
+    candidates = db.execute(
+        "SELECT id, last_sequence FROM executions"
+        f" WHERE (created_at, id) < (?, ?) AND +state IN {_FINISHED_SQL}"
+        " AND COALESCE(ended_at, created_at) < ?"
+        " ORDER BY created_at, id LIMIT ?",
+        (
+            _to_us(expiry.before.created_at),
+            expiry.before.id,
+            *_FINISHED,
+            _to_us(expiry.ended_before),
+            limit,
+        ),
+    ).fetchall()
+    ids = [(chosen,) for chosen in within_event_budget([(row[0], row[1]) for row in candidates])]
+    # The events explicitly, rather than by the foreign key's cascade: it
+    # acts only where PRAGMA foreign_keys is on, per connection.
+    db.executemany("DELETE FROM execution_events WHERE execution_id = ?", ids)
+    db.executemany("DELETE FROM executions WHERE id = ?", ids)
+    return len(ids)
+
+
+def _release_space(max_pages: int, db: sqlite3.Connection) -> tuple[int, bool]:
+    """release_space's work: free pages moved to the end of the file and cut
+    off (the file shrinks at the next checkpoint of the WAL). The bytes
+    released, and whether no free page is left."""
+    (free,) = db.execute("PRAGMA freelist_count").fetchone()
+    pages = min(int(free), max_pages)
+    # Python's sqlite3 steps a PRAGMA once, and incremental_vacuum frees one
+    # page per step: one call per page (each a few microseconds).
+    for _ in range(pages):
+        db.execute("PRAGMA incremental_vacuum")
+    (left,) = db.execute("PRAGMA freelist_count").fetchone()
+    (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    return (int(free) - int(left)) * int(page_size), int(left) == 0
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     """The writing connection, opened on the thread that will use it; it
     migrates the schema."""
     db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
     try:
+        # First: on a new file it must come before the first table.
+        prepare_incremental_vacuum(db)
         # WAL: readers (other processes) do not block the writer, nor it them.
         _enable_wal(db)
+        db.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
         # NORMAL is durable across application crashes in WAL mode; only
         # a power loss may drop the last commits.
         db.execute("PRAGMA synchronous = NORMAL")
@@ -571,6 +659,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA foreign_keys = ON")
         db.row_factory = sqlite3.Row
         migrate_sqlite(db)
+        switch_to_incremental_vacuum(db)
     except BaseException:
         db.close()
         raise

@@ -18,6 +18,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
+from agentlab.core.errors import NotFound
 from agentlab.executions import codec
 from agentlab.executions.errors import SubscriberLagged
 from agentlab.executions.model import ACTIVE_STATES, EventBus, ExecutionStore, StoredEvent
@@ -155,4 +156,9 @@ async def _follow(
 
 async def _past_the_end(store: ExecutionStore, execution_id: str, last: int) -> bool:
     record = await store.get(execution_id)
-    return record is not None and record.state not in ACTIVE_STATES and last >= record.last_sequence
+    if record is None:
+        # Deleted by retention while watched (it keeps what ended recently,
+        # so only a watcher far behind gets here): nothing more will come,
+        # and waiting would poll a missing record for good.
+        raise NotFound("execution", execution_id)
+    return record.state not in ACTIVE_STATES and last >= record.last_sequence
