@@ -140,6 +140,8 @@ class Settings:
     # tests' stacks and compose render it into Envoy's configuration).
     rate_limit: RateLimit = RateLimit()
     log_level: str = "INFO"
+    # Where Prometheus metrics are served over HTTP (host:port), or "off".
+    metrics_address: str = "127.0.0.1:9464"
 
     @classmethod
     def variables(cls) -> list[str]:
@@ -245,6 +247,7 @@ class Settings:
             echo_token_delay_s=seconds("ECHO_TOKEN_DELAY_S", defaults.echo_token_delay_s),
             log_level=log_level,
             rate_limit=RateLimit.parse(text("RATE_LIMIT", str(defaults.rate_limit))),
+            metrics_address=_metrics_address(text("METRICS_ADDRESS", defaults.metrics_address)),
         )
 
     def described(self, env: Mapping[str, str]) -> list[tuple[str, str, bool]]:
@@ -259,6 +262,19 @@ class Settings:
                 shown = redact_url(value)
             rows.append((variable, shown, bool(env.get(variable, "").strip())))
         return rows
+
+
+def _metrics_address(raw: str) -> str:
+    """AGENTLAB_METRICS_ADDRESS: "off", or host:port; ConfigError otherwise."""
+    if raw.lower() == "off":
+        return "off"
+    host, colon, port = raw.rpartition(":")
+    if not colon or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            "AGENTLAB_METRICS_ADDRESS must be off or <host>:<port> with a port of 1 to 65535 "
+            f"(e.g. 127.0.0.1:9464), not {raw!r}"
+        )
+    return raw
 
 
 def redact_url(url: str) -> str:

@@ -34,6 +34,8 @@ from agentlab.executions.stores import open_store
 from agentlab.health import OVERALL, Health
 from agentlab.lab.factory import build_registry
 from agentlab.lab.registry import LabRegistry
+from agentlab.metrics import exposition as metrics_http
+from agentlab.metrics import record as metrics
 from agentlab.v1 import lab_service_pb2, lab_service_pb2_grpc
 
 __all__ = ["LAB_SERVICE", "Server", "backend_service", "main"]
@@ -147,6 +149,7 @@ class Server:
         for backend in self.registry.backends:
             reachable = self.registry.state(backend.name).reachable
             await self.health.set(backend_service(backend.name), reachable)
+            metrics.backend_checked(backend.name, reachable)
         serving = self.registry.serving()
         await self.health.set(OVERALL, serving)
         await self.health.set(LAB_SERVICE, serving)
@@ -175,6 +178,13 @@ def backend_service(backend: str) -> str:
 
 async def serve(settings: Settings) -> None:
     server = Server.create(settings, build_registry(settings))
+    try:
+        stop_metrics = metrics_http.serve(settings.metrics_address)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot serve metrics on {settings.metrics_address} (AGENTLAB_METRICS_ADDRESS; "
+            f"is the port in use?): {error}"
+        ) from None
     await server.open()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -200,6 +210,7 @@ async def serve(settings: Settings) -> None:
         logger.info("stopping: draining for up to %.0f s", settings.shutdown_grace_s)
     finally:
         await server.stop(settings.shutdown_grace_s)
+        stop_metrics()
     logger.info("stopped")
 
 

@@ -33,6 +33,7 @@ from agentlab.executions.model import (
 from agentlab.executions.recovery import Recovery
 from agentlab.executions.runs import Runs
 from agentlab.executions.submission import Submitted, submit
+from agentlab.metrics import record as metrics
 from agentlab.v1 import execution_pb2 as pb
 
 __all__ = ["Executions", "Submitted"]
@@ -69,6 +70,7 @@ class Executions:
         self._admission = Admission(
             max_running=max_running, max_queued=max_queued, retry_after_s=retry_after_s
         )
+        metrics.report_load(self._admission)
         self._runs = Runs(runner, store, bus, self._admission)
         self._recovery = Recovery(
             runner, store, bus, self._runs, owner=owner, heartbeat_s=heartbeat_s, lease_s=lease_s

@@ -21,6 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from agentlab.executions import codec
 from agentlab.executions.errors import SubscriberLagged
 from agentlab.executions.model import ACTIVE_STATES, EventBus, ExecutionStore, StoredEvent
+from agentlab.metrics import record as metrics
 from agentlab.v1 import execution_pb2 as pb
 
 __all__ = ["watch"]
@@ -147,6 +148,7 @@ async def _follow(
             if item.sequence != last + 1:
                 break  # a gap
             event = codec.parsed(item)
+            metrics.bus_delivered(event.time.seconds + event.time.nanos / 1e9)
             last = item.sequence
             yield event
             if codec.is_final(event):
