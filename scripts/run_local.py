@@ -19,10 +19,12 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping
+from dataclasses import replace
 
 from agentlab import preflight
 from agentlab.config import ConfigError, Settings
 from agentlab.devstack import DEFAULT_PORTS, EnvoyProcess, Ports, ServiceProcess
+from agentlab.metrics.exposition import OFF, split_address
 
 # Hosts a service can listen on and still be reached by Envoy, which sends
 # to 127.0.0.1 (gateway/envoy.yaml).
@@ -80,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # With keys, the example call needs one too.
     auth = '-H "Authorization: Bearer $KEY" ' if settings.api_keys_file else ""
+    if settings.metrics_address != OFF:
+        # Envoy's GET /metrics goes where the service serves them.
+        ports = replace(ports, metrics=split_address(settings.metrics_address)[1])
     service = ServiceProcess(
-        port=ports.service, environ=env, env={"AGENTLAB_GRPC_ADDRESS": env["AGENTLAB_GRPC_ADDRESS"]}
+        port=ports.service,
+        environ=env,
+        env={"AGENTLAB_GRPC_ADDRESS": env["AGENTLAB_GRPC_ADDRESS"]},
+        metrics_port=ports.metrics,
     )
     envoy = EnvoyProcess(ports=ports, rate_limit=settings.rate_limit)
     try:
@@ -101,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  REST (Envoy)   {envoy.url}/api/v1/...\n"
             f"  gRPC (Envoy)   127.0.0.1:{ports.gateway}\n"
             f"  gRPC (direct)  {service.address}\n"
-            f"  Envoy admin    http://127.0.0.1:{ports.admin}\n\n"
+            f"  Envoy admin    http://127.0.0.1:{ports.admin} (metrics: /stats/prometheus)\n"
+            f"  metrics        {envoy.url}/metrics (AGENTLAB_METRICS_ADDRESS)\n\n"
             f"try:\n  {CURL.format(port=ports.gateway, auth=auth)}\n\n"
             "Ctrl-C stops both.",
             flush=True,
