@@ -295,6 +295,27 @@ def test_a_taken_metrics_port_stops_start_up(tmp_path: Path) -> None:
     assert f"cannot serve metrics on 127.0.0.1:{port} (AGENTLAB_METRICS_ADDRESS" in done.stderr
 
 
+def test_envoys_rate_limit_spares_metrics_and_counts_its_429s(start_stack: StackFactory) -> None:
+    stack = start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_RATE_LIMIT": "1/1"})
+    statuses = [
+        httpx.post(
+            f"{stack.url}/api/v1/execute", json={"prompt": "x", "model": "echo"}, timeout=30
+        ).status_code
+        for _ in range(3)
+    ]
+    assert statuses.count(429) >= 2
+    for _ in range(3):
+        scrape(f"{stack.url}/metrics")  # each 200, within a 1/s limit
+    envoy = scrape(f"http://127.0.0.1:{stack.envoy.ports.admin}/stats/prometheus")
+    limited = value(
+        envoy,
+        # prometheus-client's parser names a counter's sample with _total.
+        "envoy_http_local_rate_limit_rate_limited_total",
+        envoy_local_http_ratelimit_prefix="lab_rate_limit",
+    )
+    assert limited == statuses.count(429)
+
+
 def test_metrics_off_serves_none_and_envoy_says_so(start_stack: StackFactory) -> None:
     stack: Stack = start_stack(
         {"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_METRICS_ADDRESS": "off"}
