@@ -42,8 +42,15 @@ def parse_ports(argv: list[str] | None) -> Ports:
     parser.add_argument("--gateway-port", type=int, default=DEFAULT_PORTS.gateway)
     parser.add_argument("--service-port", type=int, default=DEFAULT_PORTS.service)
     parser.add_argument("--admin-port", type=int, default=DEFAULT_PORTS.admin)
+    # Where the service serves metrics unless AGENTLAB_METRICS_ADDRESS says.
+    parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS.metrics)
     args = parser.parse_args(argv)
-    return Ports(gateway=args.gateway_port, service=args.service_port, admin=args.admin_port)
+    return Ports(
+        gateway=args.gateway_port,
+        service=args.service_port,
+        admin=args.admin_port,
+        metrics=args.metrics_port,
+    )
 
 
 def service_env(environ: Mapping[str, str], port: int) -> dict[str, str]:
@@ -82,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # With keys, the example call needs one too.
     auth = '-H "Authorization: Bearer $KEY" ' if settings.api_keys_file else ""
-    if settings.metrics_address != OFF:
-        # Envoy's GET /metrics goes where the service serves them.
+    if env.get("AGENTLAB_METRICS_ADDRESS", "").strip() and settings.metrics_address != OFF:
+        # Set: Envoy's GET /metrics goes where the service serves them.
         ports = replace(ports, metrics=split_address(settings.metrics_address)[1])
     service = ServiceProcess(
         port=ports.service,

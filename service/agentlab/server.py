@@ -178,8 +178,10 @@ def backend_service(backend: str) -> str:
 
 async def serve(settings: Settings) -> None:
     server = Server.create(settings, build_registry(settings))
+    # Served until the process exits, the drain included (its thread is a
+    # daemon): stopping it would only add its poll interval (0.5 s) to exit.
     try:
-        stop_metrics = metrics_http.serve(settings.metrics_address)
+        metrics_http.serve(settings.metrics_address)
     except OSError as error:
         raise ConfigError(
             f"cannot serve metrics on {settings.metrics_address} (AGENTLAB_METRICS_ADDRESS; "
@@ -210,7 +212,6 @@ async def serve(settings: Settings) -> None:
         logger.info("stopping: draining for up to %.0f s", settings.shutdown_grace_s)
     finally:
         await server.stop(settings.shutdown_grace_s)
-        stop_metrics()
     logger.info("stopped")
 
 
