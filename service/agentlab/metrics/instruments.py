@@ -4,8 +4,8 @@ The GenAI ones follow the OpenTelemetry GenAI semantic conventions as an
 OpenTelemetry Prometheus exporter would print them (dots to underscores, the
 unit ``s`` as ``_seconds``), with the buckets the conventions recommend, so
 dashboards written for those conventions read them unchanged. The rest are
-the gateway's own (``agentlab_``). METRIC_NAMES.md-style contract: the deploy
-files (Grafana, Prometheus rules) use these names.
+the gateway's own (``agentlab_``). The names are a contract: the README's
+table lists them, and dashboards and alerting rules use them.
 """
 
 from __future__ import annotations
