@@ -10,16 +10,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentlab.config import ConfigError, Settings
+from agentlab.core.errors import Cancelled
+from agentlab.core.events import ExecutionFailed
+from agentlab.core.types import ExecutionMode, FlowStep, Metrics, StepStatus, Task
 from agentlab.devstack import Stack
 from agentlab.lab.graph import NODES
 from agentlab.metrics import instruments
+from agentlab.metrics.record import MAX_MODELS, OTHER_MODEL, execution_finished
 from tests.helpers.sse import read_events
 from tests.helpers.stacks import StackFactory
 
@@ -237,8 +243,6 @@ def test_model_names_past_the_bound_share_one_label(start_stack: StackFactory) -
     """Without a routing file any model name is served: past the bound, the
     names clients invent do not each get series of their own."""
     stack = start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo"})
-    from agentlab.metrics.record import MAX_MODELS, OTHER_MODEL
-
     with httpx.Client(base_url=stack.url, timeout=30) as client:
         for number in range(MAX_MODELS + 5):
             answer = client.post("/api/v1/execute", json={"prompt": "x", "model": f"m{number}"})
@@ -327,3 +331,44 @@ def test_metrics_off_serves_none_and_envoy_says_so(start_stack: StackFactory) ->
         f"{stack.url}/api/v1/execute", json={"prompt": "x", "model": "echo"}, timeout=30
     )
     assert executed.status_code == 200
+
+
+def test_a_failure_records_its_finished_nodes_only() -> None:
+    """In process: a failed execution's duration is recorded with its reason;
+    of its flow, the nodes that finished count, the one cut short does not
+    (its numbers are partial), and no first token or usage is recorded."""
+
+    class Lab:
+        backend, model_name = "embedded", "SmolLM2"
+
+    model = "test-failure-model"
+
+    def step(node: str, status: StepStatus) -> FlowStep:
+        metrics = Metrics(time_to_first_token_ms=5.0, completion_tokens=7)
+        return FlowStep(node, status, "in", "out", datetime.now(UTC), 20.0, metrics)
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    failed = ExecutionFailed(
+        Cancelled(), (step("plan", StepStatus.SUCCEEDED), step("answer", StepStatus.CANCELLED))
+    )
+    task = Task("prompt", model, ExecutionMode.ORCHESTRATION)
+    execution_finished(task, Lab(), failed, 0.25)  # type: ignore[arg-type]
+
+    labels = {
+        "gen_ai_operation_name": "invoke_agent",
+        "gen_ai_request_model": model,
+        "gen_ai_response_model": "SmolLM2",
+        "gen_ai_provider_name": "embedded",
+    }
+    duration = "gen_ai_server_request_duration_seconds"
+    assert sample(f"{duration}_count", **labels, error_type="CANCELLED") == 1
+    assert sample(f"{duration}_sum", **labels, error_type="CANCELLED") == 0.25
+    assert sample("gen_ai_server_time_to_first_token_seconds_count", **labels) == 0
+    plan = {"node": "plan", "gen_ai_request_model": model}
+    answer = {"node": "answer", "gen_ai_request_model": model}
+    assert sample("agentlab_node_duration_seconds_count", **plan) == 1
+    assert sample("agentlab_node_output_tokens_total", **plan) == 7
+    assert sample("agentlab_node_duration_seconds_count", **answer) == 0
+    assert sample("agentlab_node_output_tokens_total", **answer) == 0
