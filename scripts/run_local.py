@@ -19,10 +19,12 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping
+from dataclasses import replace
 
 from agentlab import preflight
 from agentlab.config import ConfigError, Settings
 from agentlab.devstack import DEFAULT_PORTS, EnvoyProcess, Ports, ServiceProcess
+from agentlab.metrics.exposition import OFF, split_address
 
 # Hosts a service can listen on and still be reached by Envoy, which sends
 # to 127.0.0.1 (gateway/envoy.yaml).
@@ -40,8 +42,15 @@ def parse_ports(argv: list[str] | None) -> Ports:
     parser.add_argument("--gateway-port", type=int, default=DEFAULT_PORTS.gateway)
     parser.add_argument("--service-port", type=int, default=DEFAULT_PORTS.service)
     parser.add_argument("--admin-port", type=int, default=DEFAULT_PORTS.admin)
+    # Where the service serves metrics unless AGENTLAB_METRICS_ADDRESS says.
+    parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS.metrics)
     args = parser.parse_args(argv)
-    return Ports(gateway=args.gateway_port, service=args.service_port, admin=args.admin_port)
+    return Ports(
+        gateway=args.gateway_port,
+        service=args.service_port,
+        admin=args.admin_port,
+        metrics=args.metrics_port,
+    )
 
 
 def service_env(environ: Mapping[str, str], port: int) -> dict[str, str]:
@@ -80,8 +89,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # With keys, the example call needs one too.
     auth = '-H "Authorization: Bearer $KEY" ' if settings.api_keys_file else ""
+    if env.get("AGENTLAB_METRICS_ADDRESS", "").strip() and settings.metrics_address != OFF:
+        # Set: Envoy's GET /metrics goes where the service serves them.
+        ports = replace(ports, metrics=split_address(settings.metrics_address)[1])
     service = ServiceProcess(
-        port=ports.service, environ=env, env={"AGENTLAB_GRPC_ADDRESS": env["AGENTLAB_GRPC_ADDRESS"]}
+        port=ports.service,
+        environ=env,
+        env={"AGENTLAB_GRPC_ADDRESS": env["AGENTLAB_GRPC_ADDRESS"]},
+        metrics_port=ports.metrics,
     )
     envoy = EnvoyProcess(ports=ports, rate_limit=settings.rate_limit)
     try:
@@ -101,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  REST (Envoy)   {envoy.url}/api/v1/...\n"
             f"  gRPC (Envoy)   127.0.0.1:{ports.gateway}\n"
             f"  gRPC (direct)  {service.address}\n"
-            f"  Envoy admin    http://127.0.0.1:{ports.admin}\n\n"
+            f"  Envoy admin    http://127.0.0.1:{ports.admin} (metrics: /stats/prometheus)\n"
+            f"  metrics        {envoy.url}/metrics (AGENTLAB_METRICS_ADDRESS)\n\n"
             f"try:\n  {CURL.format(port=ports.gateway, auth=auth)}\n\n"
             "Ctrl-C stops both.",
             flush=True,

@@ -129,7 +129,7 @@ def test_the_prompt_limit_agrees_with_the_contract() -> None:
 
 
 def test_envoy_config_is_rendered_for_other_ports() -> None:
-    rendered = render_envoy_config(Ports(gateway=18000, service=15051, admin=19901))
+    rendered = render_envoy_config(Ports(gateway=18000, service=15051, admin=19901, metrics=19464))
     config = yaml.safe_load(rendered)
     assert config["admin"]["address"]["socket_address"]["port_value"] == 19901
     listener = config["static_resources"]["listeners"][0]
@@ -147,7 +147,7 @@ def test_envoy_config_is_rendered_for_other_ports() -> None:
             return set().union(*(port_values(v) for v in node))
         return set()
 
-    assert port_values(config) == {18000, 15051, 19901}
+    assert port_values(config) == {18000, 15051, 19901, 19464}
 
 
 def test_a_misspelt_variable_is_refused_naming_the_right_one() -> None:

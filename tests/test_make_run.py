@@ -34,7 +34,12 @@ def listening(port: int) -> bool:
 
 
 def free_ports() -> dict[str, int]:
-    return {"gateway": free_port(), "service": free_port(), "admin": free_port()}
+    return {
+        "gateway": free_port(),
+        "service": free_port(),
+        "admin": free_port(),
+        "metrics": free_port(),
+    }
 
 
 def make_run(ports: dict[str, int], env: dict[str, str]) -> subprocess.Popen[str]:

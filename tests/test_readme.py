@@ -5,7 +5,8 @@ trailing `\\` continuing a command; a leading `$ ` is a prompt, and the lines
 after such a command are its output) and from inline code that is a whole
 command. Each runs with `bash -c` as printed, except that:
 
-- the ports become the test stack's (8000: Envoy, 50051: the service);
+- the ports become the test stack's (8000: Envoy, 50051: the service,
+  9901: Envoy's admin, 9464: the service's metrics);
 - placeholders are filled: `<id>` with a real execution's id; `$KEY` and
   `$ID` are set in the environment;
 - `curl` is a shell function that calls the real curl with one `--write-out`
@@ -42,6 +43,7 @@ from tests.helpers.stacks import StackFactory
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
 GATEWAY_PORT, SERVICE_PORT = 8000, 50051
+ADMIN_PORT, METRICS_PORT = 9901, 9464  # Envoy's admin, the service's metrics
 STATUS = "__readme_test_http_status__="
 # "*" is the registry's catch-all (agentlab.lab.registry.ANY_MODEL): every
 # other model name is served too, as without a routing file.
@@ -158,6 +160,8 @@ class ReadmeStack:
     def rewrite(self, text: str) -> str:
         text = re.sub(rf":{GATEWAY_PORT}\b", f":{self.stack.envoy.ports.gateway}", text)
         text = re.sub(rf":{SERVICE_PORT}\b", f":{self.stack.service.port}", text)
+        text = re.sub(rf":{ADMIN_PORT}\b", f":{self.stack.envoy.ports.admin}", text)
+        text = re.sub(rf":{METRICS_PORT}\b", f":{self.stack.envoy.ports.metrics}", text)
         text = text.replace("<id>", self.execution_id)
         unknown = _PLACEHOLDER.findall(text)
         assert not unknown, f"no value for {unknown} in {text!r}: add it to ReadmeStack.rewrite"

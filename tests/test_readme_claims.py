@@ -136,7 +136,11 @@ def test_envoys_ports_and_limits_are_the_readmes() -> None:
     }
     # The service's address: the README's AGENTLAB_GRPC_ADDRESS default.
     service = _configuration_table()["AGENTLAB_GRPC_ADDRESS"].strip("`").rsplit(":", 1)[1]
-    assert _find(config["static_resources"]["clusters"], "port_value") == [int(service)]
+    clusters = {cluster["name"]: cluster for cluster in config["static_resources"]["clusters"]}
+    assert _find(clusters.pop("agentlab_service"), "port_value") == [int(service)]
+    # And the service's metrics, behind GET /metrics: AGENTLAB_METRICS_ADDRESS's default.
+    metrics = _configuration_table()["AGENTLAB_METRICS_ADDRESS"].strip("`").rsplit(":", 1)[1]
+    assert _find(clusters, "port_value") == [int(metrics)]
 
     execute = re.search(r"Execute may take up to (\d+) s", README)
     assert execute

@@ -207,6 +207,8 @@ class Settings:
     retention_max_count: int | None = None
     retention_interval_s: float = 60.0
     retention_batch_size: int = 100
+    # Where Prometheus metrics are served over HTTP (host:port), or "off".
+    metrics_address: str = "127.0.0.1:9464"
 
     @classmethod
     def variables(cls) -> list[str]:
@@ -334,6 +336,7 @@ class Settings:
             retention_batch_size=number(
                 "RETENTION_BATCH_SIZE", defaults.retention_batch_size, _MAX_RETENTION_BATCH
             ),
+            metrics_address=_metrics_address(text("METRICS_ADDRESS", defaults.metrics_address)),
         )
 
     def described(self, env: Mapping[str, str]) -> list[tuple[str, str, bool]]:
@@ -348,6 +351,19 @@ class Settings:
                 shown = redact_url(value)
             rows.append((variable, shown, bool(env.get(variable, "").strip())))
         return rows
+
+
+def _metrics_address(raw: str) -> str:
+    """AGENTLAB_METRICS_ADDRESS: "off", or host:port; ConfigError otherwise."""
+    if raw.lower() == "off":
+        return "off"
+    host, colon, port = raw.rpartition(":")
+    if not colon or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            "AGENTLAB_METRICS_ADDRESS must be off or <host>:<port> with a port of 1 to 65535 "
+            f"(e.g. 127.0.0.1:9464), not {raw!r}"
+        )
+    return raw
 
 
 def redact_url(url: str) -> str:

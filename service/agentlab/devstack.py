@@ -55,6 +55,8 @@ class Ports:
     gateway: int = 8000
     service: int = 50051
     admin: int = 9901
+    # The service's metrics (AGENTLAB_METRICS_ADDRESS), behind Envoy's GET /metrics.
+    metrics: int = 9464
     # More service processes behind the same Envoy (replicas sharing a
     # database and Redis).
     replicas: tuple[int, ...] = ()
@@ -125,6 +127,7 @@ def render_envoy_config(
         DEFAULT_PORTS.gateway: ports.gateway,
         DEFAULT_PORTS.service: ports.service,
         DEFAULT_PORTS.admin: ports.admin,
+        DEFAULT_PORTS.metrics: ports.metrics,
     }
     found: set[int] = set()
 
@@ -149,7 +152,7 @@ def render_envoy_config(
     if missing:
         raise ValueError(f"{source} no longer has the default ports {sorted(missing)}")
     if ports.replicas:
-        [cluster] = config["static_resources"]["clusters"]
+        [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == _SERVICE]
         endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
         for port in ports.replicas:
             replica = copy.deepcopy(endpoints[0])
@@ -162,6 +165,7 @@ def render_envoy_config(
     return str(yaml.safe_dump(config, sort_keys=False))
 
 
+_SERVICE = "agentlab_service"
 _RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
 
 
@@ -246,6 +250,10 @@ class ServiceProcess:
     # without its AGENTLAB_* variables, so that tests and benchmarks depend on
     # their ``env`` alone. `make run` passes the user's, settings and all.
     environ: Mapping[str, str] | None = None
+    # Where it serves metrics unless ``env`` or ``environ`` says
+    # (AGENTLAB_METRICS_ADDRESS); None: a free port, so that processes
+    # started side by side (tests, replicas) do not contend for one.
+    metrics_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -258,6 +266,8 @@ class ServiceProcess:
             env = dict(self.environ)
         env.update({"AGENTLAB_GRPC_ADDRESS": self.address, "PYTHONUNBUFFERED": "1"})
         env.update(self.env)
+        if not env.get("AGENTLAB_METRICS_ADDRESS", "").strip():
+            env["AGENTLAB_METRICS_ADDRESS"] = f"127.0.0.1:{self.metrics_port or free_port()}"
         require_free(self.port, "the service")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agentlab"],
@@ -424,9 +434,12 @@ class Stack:
         rate_limit = Settings.from_env(
             {"AGENTLAB_RATE_LIMIT": (env or {}).get("AGENTLAB_RATE_LIMIT", "")}
         ).rate_limit
-        ports = Ports(gateway=free_port(), service=free_port(), admin=free_port())
+        ports = Ports(
+            gateway=free_port(), service=free_port(), admin=free_port(), metrics=free_port()
+        )
         service = ServiceProcess(
             port=ports.service,
+            metrics_port=ports.metrics,
             # Each stack keeps its executions apart unless told otherwise.
             env={"AGENTLAB_DATA_DIR": str(log_dir / "data"), **(env or {})},
             output=(log_dir / f"service-{ports.service}.log").open("wb"),

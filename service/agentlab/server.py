@@ -36,6 +36,8 @@ from agentlab.executions.stores import open_store
 from agentlab.health import OVERALL, Health
 from agentlab.lab.factory import build_registry
 from agentlab.lab.registry import LabRegistry
+from agentlab.metrics import exposition as metrics_http
+from agentlab.metrics import record as metrics
 from agentlab.telemetry import logs, tracing
 from agentlab.v1 import lab_service_pb2, lab_service_pb2_grpc
 
@@ -154,6 +156,7 @@ class Server:
         for backend in self.registry.backends:
             reachable = self.registry.state(backend.name).reachable
             await self.health.set(backend_service(backend.name), reachable)
+            metrics.backend_checked(backend.name, reachable)
         serving = self.registry.serving()
         await self.health.set(OVERALL, serving)
         await self.health.set(LAB_SERVICE, serving)
@@ -201,6 +204,15 @@ def backend_service(backend: str) -> str:
 
 async def serve(settings: Settings) -> None:
     server = Server.create(settings, build_registry(settings))
+    # Served until the process exits, the drain included (its thread is a
+    # daemon): stopping it would only add its poll interval (0.5 s) to exit.
+    try:
+        metrics_http.serve(settings.metrics_address)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot serve metrics on {settings.metrics_address} (AGENTLAB_METRICS_ADDRESS; "
+            f"is the port in use?): {error}"
+        ) from None
     await server.open()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 from agentlab.core.errors import ResourceExhausted
 from agentlab.core.runner import Stop
+from agentlab.metrics import record as metrics
 
 __all__ = ["Admission"]
 
@@ -33,11 +34,14 @@ class Admission:
         self._admitted = 0
         self.waiting: set[str] = set()
         """The executions waiting for a turn."""
+        self.running = 0
+        """The executions holding a turn."""
 
     def admit(self) -> None:
         """Count one more execution, or raise ResourceExhausted when the
         running and the queued are at their limits."""
         if self._admitted >= self._max_running + self._max_queued:
+            metrics.rejected(ResourceExhausted.reason)
             raise ResourceExhausted(self._max_running, self._max_queued, self._retry_after_s)
         self._admitted += 1
 
@@ -67,8 +71,11 @@ class Admission:
         finally:
             stop.detach()
             self.waiting.discard(execution_id)
+        if acquired:
+            self.running += 1
         try:
             yield acquired
         finally:
             if acquired:
+                self.running -= 1
                 self._turns.release()

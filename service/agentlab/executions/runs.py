@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -21,6 +22,7 @@ from agentlab.executions import codec
 from agentlab.executions.admission import Admission
 from agentlab.executions.model import EventBus, ExecutionStore
 from agentlab.executions.writer import EventWriter
+from agentlab.metrics import record as metrics
 from agentlab.telemetry import logs, tracing
 from agentlab.v1 import execution_pb2 as pb
 
@@ -167,6 +169,7 @@ class Runs:
                     await _cancel_queued(execution_id, prepared.task, final, writer)
                     return
                 started = False
+                began = time.perf_counter()
                 last: pb.ExecutionEvent | None = None
                 events = self._runner.stream(prepared, execution_id=execution_id, stop=stop)
                 async for event in events:
@@ -177,6 +180,9 @@ class Runs:
                     started = True
                     if codec.is_final(message):
                         last = message
+                        metrics.execution_finished(
+                            prepared.task, prepared.lab, event.kind, time.perf_counter() - began
+                        )
             # The lab's work is over: the turn (above) and the place go to
             # the next execution before the final event is stored and seen.
             self._uncount(local)

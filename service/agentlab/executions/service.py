@@ -34,6 +34,7 @@ from agentlab.executions.recovery import Recovery
 from agentlab.executions.retention import Sweeper
 from agentlab.executions.runs import Runs
 from agentlab.executions.submission import Submitted, submit
+from agentlab.metrics import record as metrics
 from agentlab.telemetry import logs, tracing
 from agentlab.v1 import execution_pb2 as pb
 
@@ -71,6 +72,7 @@ class Executions:
         self._admission = Admission(
             max_running=max_running, max_queued=max_queued, retry_after_s=retry_after_s
         )
+        metrics.report_load(self._admission)
         self._runs = Runs(runner, store, bus, self._admission)
         self._recovery = Recovery(
             runner, store, bus, self._runs, owner=owner, heartbeat_s=heartbeat_s, lease_s=lease_s

@@ -10,6 +10,7 @@ the limits, recorded QUEUED, and launched.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -20,6 +21,7 @@ from agentlab.executions.admission import Admission
 from agentlab.executions.fingerprint import fingerprint, fingerprint_of
 from agentlab.executions.model import ExecutionRecord, ExecutionStore, NewExecution
 from agentlab.executions.runs import Runs
+from agentlab.metrics import record as metrics
 
 __all__ = ["Submitted", "submit"]
 
@@ -85,6 +87,7 @@ async def submit(
                 )
             )
         )
+        began = time.perf_counter()
         try:
             record, created = await asyncio.shield(creating)
         except asyncio.CancelledError:
@@ -99,6 +102,7 @@ async def submit(
                 if not background and not request_id:
                     runs.stop(record.id)
             raise
+        metrics.store_write("create").observe(time.perf_counter() - began)
         if not created:
             # A call with the same key got there first, after the lookup.
             return _attach(record, work)

@@ -22,6 +22,7 @@ from agentlab.core.errors import NotFound
 from agentlab.executions import codec
 from agentlab.executions.errors import SubscriberLagged
 from agentlab.executions.model import ACTIVE_STATES, EventBus, ExecutionStore, StoredEvent
+from agentlab.metrics import record as metrics
 from agentlab.v1 import execution_pb2 as pb
 
 __all__ = ["watch"]
@@ -148,6 +149,7 @@ async def _follow(
             if item.sequence != last + 1:
                 break  # a gap
             event = codec.parsed(item)
+            metrics.bus_delivered(event.time.seconds + event.time.nanos / 1e9)
             last = item.sequence
             yield event
             if codec.is_final(event):

@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from datetime import datetime
 
 from agentlab.executions import codec
 from agentlab.executions.model import Ending, EventBus, ExecutionStore, StoredEvent
+from agentlab.metrics import record as metrics
 from agentlab.v1 import execution_pb2 as pb
 
 __all__ = ["EventWriter", "record_end"]
 
 logger = logging.getLogger(__name__)
+
+_APPEND_EVENTS = metrics.store_write("append_events")
 
 
 class EventWriter:
@@ -71,6 +75,8 @@ class EventWriter:
         self._write()
         assert self._task is not None
         await self._task
+        if ending is not None:
+            metrics.execution_ended(ending.state.value)
 
     async def abandon(self) -> None:
         """Stop after writing what is pending, without an ending; never raises."""
@@ -119,9 +125,11 @@ class EventWriter:
             return
         if batch:
             self.storing = True
+        began = time.perf_counter()
         await self._store.append_events(
             self._execution_id, batch, started_at=started_at, ending=ending
         )
+        _APPEND_EVENTS.observe(time.perf_counter() - began)
         if not batch:
             return
         try:
