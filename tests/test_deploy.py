@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import yaml
 
 from agentlab.api.auth import load_keys
 from agentlab.config import ConfigError, Settings
-from agentlab.devstack import ROOT, Stack, envoy_binary
+from agentlab.devstack import ROOT, Stack, envoy_binary, free_port
 from agentlab.routing import load_routing
 from tests.helpers.services import missing
 from tests.helpers.stacks import StackFactory
@@ -406,7 +407,9 @@ def test_kubernetes_service_is_headless_and_envoy_balances_over_it(
     [grpc] = [p for p in headless["spec"]["ports"] if p["name"] == "grpc"]
 
     envoy_config = yaml.safe_load(generated(kustomized, "agentlab-envoy")["data"]["envoy.yaml"])
-    [cluster] = envoy_config["static_resources"]["clusters"]
+    [cluster] = [
+        c for c in envoy_config["static_resources"]["clusters"] if c["name"] == "agentlab_service"
+    ]
     assert cluster["type"] == "STRICT_DNS"
     assert cluster["health_checks"][0]["grpc_health_check"] == {}
     assert cluster["outlier_detection"]
@@ -427,6 +430,11 @@ def test_kubernetes_envoy_drains_within_its_grace(kustomized: list[dict[str, Any
     assert sleeps_s(pre_stop) >= drain_time_s
     grace_s = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace_s > sleeps_s(pre_stop)
+    # Ready when Envoy is: its admin's /ready, through the stats listener.
+    [stats] = [p["containerPort"] for p in envoy["ports"] if p["name"] == "stats"]
+    assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "stats"}
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(stats)
     [mount] = envoy["volumeMounts"]
     [volume] = deployment["spec"]["template"]["spec"]["volumes"]
     assert (
@@ -503,3 +511,65 @@ def test_kubernetes_envoy_config_is_gateway_envoy_yaml_rendered(tmp_path: Path) 
     local.write_text(text.replace("/app/build/agentlab.pb", str(ROOT / "build" / "agentlab.pb")))
     validated = run([envoy_binary(), "--mode", "validate", "-c", str(local)])
     assert validated.returncode == 0, validated.stdout + validated.stderr
+
+
+@pytest.mark.e2e
+def test_kubernetes_envoy_config_serves_and_exposes_only_two_admin_pages(
+    tmp_path: Path, start_stack: StackFactory
+) -> None:
+    """deploy/kubernetes/envoy.yaml run for real (its ports moved to free
+    ones, the headless Service's name to a running service): REST calls go
+    through, and the stats listener answers GET /ready and
+    /stats/prometheus from the admin, and nothing else of it."""
+    stack: Stack = start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo"})
+    config: Any = yaml.safe_load((KUSTOMIZE_DIR / "envoy.yaml").read_text())
+    gateway, admin, stats = free_port(), free_port(), free_port()
+    moved = {8000: gateway, 9901: admin, 9902: stats, 50051: stack.service.port}
+
+    def move(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                key: moved.get(value, value) if key == "port_value" else move(value)
+                for key, value in node.items()
+            }
+        if isinstance(node, list):
+            return [move(item) for item in node]
+        if node == "agentlab-service":
+            return "127.0.0.1"
+        if node == "/app/build/agentlab.pb":
+            return str(ROOT / "build" / "agentlab.pb")
+        return node
+
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(move(config)))
+    with (tmp_path / "envoy.log").open("wb") as log:
+        envoy = subprocess.Popen(
+            [envoy_binary(), "-c", str(path), "--disable-hot-restart", "--log-level", "warn"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            with httpx.Client(timeout=10) as client:
+                for _ in range(100):
+                    try:
+                        if client.get(f"http://127.0.0.1:{stats}/ready").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    time.sleep(0.1)
+                answer = client.post(
+                    f"http://127.0.0.1:{gateway}/api/v1/execute",
+                    json={"prompt": "hi there", "model": "echo"},
+                )
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["output"] == "hi there"
+                assert client.get(f"http://127.0.0.1:{stats}/ready").text.strip() == "LIVE"
+                metrics = client.get(f"http://127.0.0.1:{stats}/stats/prometheus").text
+                assert 'envoy_cluster_upstream_rq{envoy_response_code="200"' in metrics
+                for method, page in (("GET", "/config_dump"), ("POST", "/quitquitquit"),
+                                     ("POST", "/ready"), ("GET", "/stats")):  # fmt: skip
+                    refused = client.request(method, f"http://127.0.0.1:{stats}{page}")
+                    assert refused.status_code == 404, (method, page)
+                assert envoy.poll() is None
+        finally:
+            envoy.terminate()
+            envoy.wait(timeout=10)
