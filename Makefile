@@ -7,6 +7,8 @@ INSTALLED := $(VENV)/.installed
 GENERATED := build/agentlab.pb
 PROTO_SOURCES := $(shell find protos third_party -name '*.proto')
 
+COMPOSE_V1 := .venv-compose/bin/docker-compose
+
 .PHONY: setup run test lint check bench clean
 
 setup: $(GENERATED)
@@ -44,7 +46,16 @@ lint: setup
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint
+# tests/test_deploy.py validates docker-compose.yml with Compose v1's
+# `docker-compose config` (PyPI; there is no Docker engine here), in a venv
+# of its own: it pins PyYAML 5, whose build on Python 3.11 needs Cython < 3.
+$(COMPOSE_V1):
+	$(PYTHON) -m venv .venv-compose
+	.venv-compose/bin/pip install --quiet "cython<3" wheel setuptools
+	.venv-compose/bin/pip install --quiet --no-build-isolation "pyyaml==5.4.1"
+	.venv-compose/bin/pip install --quiet docker-compose==1.29.2
+
+test: lint $(COMPOSE_V1)
 	$(BIN)/python -m pytest
 
 check: test
@@ -53,4 +64,4 @@ bench: setup
 	$(BIN)/python bench/bench.py
 
 clean:
-	rm -rf $(VENV) build service/agentlab/v1 service/buf
+	rm -rf $(VENV) .venv-compose build service/agentlab/v1 service/buf

@@ -7,11 +7,14 @@ The file itself is never run as it is: the per-client rate limit
 value stops the container with the reason and exit code 2.
 
   --print   write the rendered configuration to stdout instead of starting Envoy
+  --replica-port PORT   another service process on 127.0.0.1:PORT behind the
+            same cluster (repeatable; compose's second replica)
 Other arguments go to Envoy (e.g. --log-level warn).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -26,14 +29,32 @@ SOURCE = Path("gateway/envoy.yaml")
 DESCRIPTOR = Path("build/agentlab.pb")
 
 
+def replica_ports(argv: list[str]) -> tuple[tuple[int, ...], list[str]]:
+    """The ports of each ``--replica-port PORT`` in ``argv``, and the rest.
+    Raises ValueError for a port that is not a number from 1 to 65535."""
+    ports: list[int] = []
+    rest: list[str] = []
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument != "--replica-port":
+            rest.append(argument)
+            continue
+        value = next(arguments, "")
+        if not value.isdigit() or not 0 < int(value) < 65536:
+            raise ValueError(f"--replica-port needs a port number, not {value!r}")
+        ports.append(int(value))
+    return tuple(ports), rest
+
+
 def main(argv: list[str]) -> int:
     try:
         settings = Settings.from_env()
-    except ConfigError as error:
+        replicas, argv = replica_ports(argv)
+    except (ConfigError, ValueError) as error:
         print(f"envoy: configuration error: {error}", file=sys.stderr)
         return 2
     config = render_envoy_config(
-        DEFAULT_PORTS,
+        dataclasses.replace(DEFAULT_PORTS, replicas=replicas),
         descriptor=DESCRIPTOR.resolve(),
         rate_limit=settings.rate_limit,
         source=SOURCE,

@@ -200,23 +200,29 @@ def test_the_applied_configuration_shows_no_secret(tmp_path: Path) -> None:
 
 
 def test_docker_compose_passes_every_setting_through() -> None:
-    """docker-compose.yml hands the user's AGENTLAB_* variables to the service
-    (an unset one arrives empty, read as the default), all but the address
-    and data directory, which the compose file and the image fix."""
+    """docker-compose.yml hands the user's AGENTLAB_* variables to both
+    service replicas (an unset one arrives empty, read as the default), all
+    but the address and data directory, which the compose file and the image
+    fix, and the store and bus, which default to compose's own PostgreSQL and
+    Redis. (tests/test_deploy.py checks the rest of the compose file.)"""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    # The OTEL_* variables beside them are tests/test_tracing.py's to check.
-    environment = {
-        name: value
-        for name, value in compose["services"]["service"]["environment"].items()
-        if name.startswith("AGENTLAB_")
-    }
-    fixed = {"AGENTLAB_GRPC_ADDRESS": "127.0.0.1:50051"}
     passed = {name: f"${{{name}:-}}" for name in Settings.variables()}
     del passed["AGENTLAB_GRPC_ADDRESS"], passed["AGENTLAB_DATA_DIR"]
-    assert environment == {**fixed, **passed}
+    del passed["AGENTLAB_DATABASE_URL"], passed["AGENTLAB_REDIS_URL"]
+    # Each replica serves its metrics on a port of its own (Prometheus
+    # scrapes both: deploy/prometheus.yml).
+    del passed["AGENTLAB_METRICS_ADDRESS"]
+    replicas = (("service", 50051, 9464), ("service-2", 50052, 9465))
+    for name, port, metrics_port in replicas:
+        environment = compose["services"][name]["environment"]
+        assert environment["AGENTLAB_GRPC_ADDRESS"] == f"127.0.0.1:{port}"
+        assert environment["AGENTLAB_METRICS_ADDRESS"] == f"127.0.0.1:{metrics_port}"
+        assert environment["AGENTLAB_DATABASE_URL"].startswith("${AGENTLAB_DATABASE_URL:-")
+        assert environment["AGENTLAB_REDIS_URL"].startswith("${AGENTLAB_REDIS_URL:-")
+        assert passed.items() <= environment.items()
+        assert "./config:/app/config:ro" in compose["services"][name]["volumes"]
     assert "ENV AGENTLAB_DATA_DIR=/var/lib/agentlab" in (ROOT / "Dockerfile").read_text()
     assert Settings.from_env(dict.fromkeys(passed, "")) == Settings()
-    assert "./config:/app/config:ro" in compose["services"]["service"]["volumes"]
 
 
 @pytest.mark.e2e
