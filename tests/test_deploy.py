@@ -228,7 +228,9 @@ def test_start_envoy_renders_the_second_replica(tmp_path: Path) -> None:
     printed = start_envoy("--replica-port", "50052", "--print")
     assert printed.returncode == 0, printed.stderr
     config = yaml.safe_load(printed.stdout)
-    [cluster] = config["static_resources"]["clusters"]
+    [cluster] = [
+        c for c in config["static_resources"]["clusters"] if c["name"] == "agentlab_service"
+    ]
     ports = [
         e["endpoint"]["address"]["socket_address"]["port_value"]
         for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
