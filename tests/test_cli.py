@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -279,3 +280,45 @@ def test_ctrl_c_stops_the_orchestration_it_started(stack: Stack) -> None:
     assert f"cancelled execution {first['execution_id']}" in errors
     got = agentlab(stack, "executions", "get", first["execution_id"], "--json")
     assert json.loads(got.stdout)["state"] == "EXECUTION_STATE_CANCELLED"
+
+
+def running_with(stack: Stack, marker: str, count: int) -> list[str]:
+    """The ids of the ``count`` running executions whose prompt starts with
+    ``marker``, once there are that many (within 20 s)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        listed = agentlab(stack, "executions", "list", "--state", "running", "--json")
+        found = [e["execution_id"] for e in ndjson(listed.stdout) if e["prompt"].startswith(marker)]
+        if len(found) >= count:
+            return found
+        time.sleep(0.2)
+    pytest.fail(f"never saw {count} running executions of {marker}")
+
+
+@pytest.mark.parametrize(
+    ("command", "models"), [("run", ["echo"]), ("compare", ["echo", "other-name"])]
+)
+def test_ctrl_c_stops_what_run_and_compare_started(
+    stack: Stack, command: str, models: list[str]
+) -> None:
+    """Their calls carry a key, so the executions would outlive them."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
+    environ |= {"AGENTLAB_TARGET": stack.gateway_grpc, "AGENTLAB_API_KEY": KEY}
+    marker = f"ctrl-c-{command}"
+    long_prompt = marker + " " + " ".join(f"w{n}" for n in range(2000))  # 20 s of echo
+    model_options = [option for model in models for option in ("-m", model)]
+    with subprocess.Popen(
+        [AGENTLAB, command, long_prompt, *model_options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
+    ) as running:
+        ids = running_with(stack, marker, len(models))
+        running.send_signal(signal.SIGINT)
+        _, errors = running.communicate(timeout=30)
+    assert running.returncode == 130, errors
+    for execution_id in ids:
+        assert f"cancelled execution {execution_id}" in errors
+        got = agentlab(stack, "executions", "get", execution_id, "--json")
+        assert json.loads(got.stdout)["state"] == "EXECUTION_STATE_CANCELLED"

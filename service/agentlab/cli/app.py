@@ -15,6 +15,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from agentlab.cli.live import Progress
@@ -30,7 +31,7 @@ from agentlab.cli.output import (
     print_retry,
     stderr,
 )
-from agentlab.client import AsyncClient, LabServiceError
+from agentlab.client import AsyncClient, LabServiceError, new_request_id
 from agentlab.client.settings import API_KEY_VARIABLE, TARGET_VARIABLE
 from agentlab.v1 import execution_pb2 as pb
 
@@ -185,17 +186,26 @@ def run(
 ) -> None:
     """Execute one prompt and print the output (metrics on stderr, on a terminal)."""
 
+    key = request_id or (None if no_request_id else new_request_id())
+
     async def work(client: AsyncClient) -> int:
-        answer = await client.execute(
-            prompt,
-            model=model,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            seed=seed,
-            background=background,
-            request_id=request_id,
-            idempotent=not no_request_id,
-        )
+        try:
+            answer = await client.execute(
+                prompt,
+                model=model,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                seed=seed,
+                background=background,
+                request_id=key,
+                idempotent=not no_request_id,
+            )
+        except asyncio.CancelledError:
+            # Ctrl-C. A keyed execution outlives its call, and Execute
+            # answers its id only at the end: find it by its key.
+            if key and not background:
+                await _cancel_keyed(client, key)
+            raise
         if as_json:
             print_json(answer)
         elif background:
@@ -255,11 +265,32 @@ def orchestrate(
             # Ctrl-C. The keyed execution would outlive its call (that is
             # what lets a dropped stream resume): stop the one this started.
             if progress.execution_id and not progress.finished:
-                await client.cancel_execution(progress.execution_id, timeout_s=5)
-                stderr.print(f"cancelled execution {progress.execution_id}")
+                await _cancel(client, progress.execution_id)
             raise
 
     _run(context, work)
+
+
+async def _cancel_keyed(client: AsyncClient, key: str) -> None:
+    """Cancel the unfinished execution this caller started with ``key`` (or
+    a retry's ``key.N``), if the service recorded one."""
+    for state in (pb.EXECUTION_STATE_RUNNING, pb.EXECUTION_STATE_QUEUED):
+        page = await client.list_executions(page_size=100, state=state, timeout_s=5)
+        for execution in page.executions:
+            if execution.request_id == key or execution.request_id.startswith(f"{key}."):
+                await _cancel(client, execution.execution_id)
+                return
+
+
+async def _cancel(client: AsyncClient, execution_id: str) -> None:
+    """Cancel on the way out (Ctrl-C), saying so on stderr; a failure is
+    reported, not raised, so the other cancels still happen."""
+    try:
+        await client.cancel_execution(execution_id, timeout_s=5)
+    except LabServiceError as error:
+        stderr.print(f"could not cancel execution {execution_id}: {escape(str(error))}")
+        return
+    stderr.print(f"cancelled execution {execution_id}")
 
 
 async def _follow(
@@ -310,8 +341,9 @@ def compare(
 ) -> None:
     """The same prompt on several models at once, side by side per node."""
 
-    async def one(client: AsyncClient, model: str) -> Progress:
-        progress = Progress()
+    progresses = [Progress() for _ in models]
+
+    async def one(client: AsyncClient, model: str, progress: Progress) -> Progress:
         async for event in client.orchestrate(
             prompt,
             model=model,
@@ -327,9 +359,20 @@ def compare(
         with (
             stderr.status(f"running on {len(models)} models…") if stderr.is_terminal else _nothing()
         ):
-            outcomes = await asyncio.gather(
-                *(one(client, model) for model in models), return_exceptions=True
-            )
+            try:
+                outcomes = await asyncio.gather(
+                    *(
+                        one(client, model, progress)
+                        for model, progress in zip(models, progresses, strict=True)
+                    ),
+                    return_exceptions=True,
+                )
+            except asyncio.CancelledError:
+                # Ctrl-C: each keyed execution would run on without us.
+                for progress in progresses:
+                    if progress.execution_id and not progress.finished:
+                        await _cancel(client, progress.execution_id)
+                raise
         results: dict[str, Progress | LabServiceError] = {}
         for model, outcome in zip(models, outcomes, strict=True):
             if isinstance(outcome, LabServiceError | Progress):
