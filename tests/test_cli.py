@@ -322,3 +322,12 @@ def test_ctrl_c_stops_what_run_and_compare_started(
         assert f"cancelled execution {execution_id}" in errors
         got = agentlab(stack, "executions", "get", execution_id, "--json")
         assert json.loads(got.stdout)["state"] == "EXECUTION_STATE_CANCELLED"
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1"])
+def test_a_timeout_of_zero_or_less_is_a_usage_error(timeout: str) -> None:
+    # Not a call that fails at once with DEADLINE_EXCEEDED (exit 3, "try again").
+    done = agentlab(None, "-t", f"127.0.0.1:{free_port()}", "--timeout", timeout, "models")
+    assert done.returncode == 2, done.stderr
+    assert "--timeout" in done.stderr
+    assert "greater than 0" in done.stderr

@@ -113,6 +113,13 @@ NoKeyOption = Annotated[
 ]
 
 
+def _positive(value: float) -> float:
+    # Zero or less would only turn every call into DEADLINE_EXCEEDED (exit 3).
+    if value <= 0:
+        raise typer.BadParameter("must be greater than 0")
+    return value
+
+
 @app.callback()
 def _global(
     context: typer.Context,
@@ -130,7 +137,11 @@ def _global(
         typer.Option(envvar=API_KEY_VARIABLE, help="API key, sent as a Bearer token."),
     ] = None,
     timeout: Annotated[
-        float, typer.Option(help="Deadline of each unary call, retries included, in seconds.")
+        float,
+        typer.Option(
+            help="Deadline of each unary call, retries included, in seconds.",
+            callback=_positive,
+        ),
     ] = 300.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No retry notices.")] = False,
 ) -> None:
