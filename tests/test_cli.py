@@ -331,3 +331,28 @@ def test_a_timeout_of_zero_or_less_is_a_usage_error(timeout: str) -> None:
     assert done.returncode == 2, done.stderr
     assert "--timeout" in done.stderr
     assert "greater than 0" in done.stderr
+
+
+def test_a_closed_pipe_ends_orchestrate_quietly_and_cancels_its_execution(stack: Stack) -> None:
+    """`agentlab orchestrate … --json | head -1`: exit 141 as SIGPIPE would
+    give, no traceback, and the keyed execution does not run on unread."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
+    environ |= {"AGENTLAB_TARGET": stack.gateway_grpc, "AGENTLAB_API_KEY": KEY}
+    long_prompt = " ".join(f"w{n}" for n in range(2000))  # 20 s of echo per node
+    with subprocess.Popen(
+        [AGENTLAB, "orchestrate", long_prompt, "-m", "echo", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
+    ) as running:
+        assert running.stdout is not None
+        assert running.stderr is not None
+        first = json.loads(running.stdout.readline())
+        running.stdout.close()
+        errors = running.stderr.read()
+        running.wait(timeout=30)
+    assert running.returncode == 141, errors
+    assert errors.strip() == f"cancelled execution {first['execution_id']}"
+    got = agentlab(stack, "executions", "get", first["execution_id"], "--json")
+    assert json.loads(got.stdout)["state"] == "EXECUTION_STATE_CANCELLED"

@@ -6,6 +6,7 @@ stand in for the first two."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from rich.table import Table
 
 from agentlab.cli.live import Progress
 from agentlab.cli.output import (
+    EXIT_BROKEN_PIPE,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
@@ -31,7 +33,7 @@ from agentlab.cli.output import (
     print_retry,
     stderr,
 )
-from agentlab.client import AsyncClient, LabServiceError, new_request_id
+from agentlab.client import AsyncClient, DeadlineExceeded, LabServiceError, new_request_id
 from agentlab.client.settings import API_KEY_VARIABLE, TARGET_VARIABLE
 from agentlab.v1 import execution_pb2 as pb
 
@@ -174,6 +176,12 @@ def _run(context: typer.Context, work: Callable[[AsyncClient], Awaitable[int]]) 
         code = asyncio.run(main())
     except KeyboardInterrupt:  # asyncio.run cancelled main() first
         code = 130
+    except BrokenPipeError:
+        # stdout's reader went away (`| head -1`). Exit as a process that
+        # SIGPIPE ended would, and quietly: Python's flush of stdout at exit
+        # would otherwise print one more BrokenPipeError.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
     raise typer.Exit(code)
 
 
@@ -272,9 +280,10 @@ def orchestrate(
         progress = Progress()
         try:
             return await _follow(events(client), as_json=as_json, progress=progress)
-        except asyncio.CancelledError:
-            # Ctrl-C. The keyed execution would outlive its call (that is
-            # what lets a dropped stream resume): stop the one this started.
+        except (asyncio.CancelledError, BrokenPipeError):
+            # Ctrl-C, or stdout closed. The keyed execution would outlive its
+            # call (that is what lets a dropped stream resume): stop the one
+            # this started.
             if progress.execution_id and not progress.finished:
                 await _cancel(client, progress.execution_id)
             raise
@@ -298,6 +307,14 @@ async def _cancel(client: AsyncClient, execution_id: str) -> None:
     reported, not raised, so the other cancels still happen."""
     try:
         await client.cancel_execution(execution_id, timeout_s=5)
+    except DeadlineExceeded:
+        # The service stops it at once and then waits for its end to be
+        # recorded: a lab in the middle of a long prompt can take longer.
+        stderr.print(
+            f"asked to cancel execution {execution_id}; it had not stopped after 5 s "
+            f"(agentlab executions get {execution_id})"
+        )
+        return
     except LabServiceError as error:
         stderr.print(f"could not cancel execution {execution_id}: {escape(str(error))}")
         return
