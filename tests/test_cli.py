@@ -356,3 +356,28 @@ def test_a_closed_pipe_ends_orchestrate_quietly_and_cancels_its_execution(stack:
     assert errors.strip() == f"cancelled execution {first['execution_id']}"
     got = agentlab(stack, "executions", "get", first["execution_id"], "--json")
     assert json.loads(got.stdout)["state"] == "EXECUTION_STATE_CANCELLED"
+
+
+def test_compare_with_an_unreachable_model(start_stack: StackFactory) -> None:
+    """The reachable model's column is filled in; the other's node says it
+    failed (no zero rates) and its total gives the error; exit 3."""
+    models = (
+        "backends:\n"
+        "  fast: {kind: echo}\n"
+        f'  dead: {{kind: openai, url: "http://127.0.0.1:{free_port()}/v1"}}\n'
+        "models:\n"
+        "  good: {backend: fast}\n"
+        "  gone: {backend: dead, model: nothing}\n"
+    )
+    stack = start_stack({}, models=models)
+    done = agentlab(stack, "compare", "blue sky", "-m", "good", "-m", "gone")
+    assert done.returncode == 3, done.stderr
+    rows = {
+        cells[0]: cells[1:]
+        for line in done.stdout.splitlines()
+        if len(cells := [cell.strip() for cell in line.strip("│┃").split("│")]) == 3
+    }
+    assert "tok/s" in rows["plan"][0]
+    assert rows["plan"][1].startswith("failed after "), rows["plan"]
+    assert "tok/s" not in rows["plan"][1]
+    assert rows["Total"][1].startswith("failed: lab backend 'dead'"), rows["Total"]

@@ -459,6 +459,9 @@ def _comparison_table(results: dict[str, Progress | LabServiceError]) -> Table:
         if isinstance(outcome, LabServiceError):
             return ""
         for node in outcome.nodes:
+            if node.name == name and node.status != "succeeded":
+                # A failed node's zero rates would read as a measurement.
+                return f"{node.status} after {node.duration_ms or 0:.0f} ms"
             if node.name == name:
                 return (
                     f"{node.duration_ms or 0:.0f} / {node.ttft_ms or 0:.0f} ms; "
