@@ -51,7 +51,7 @@ def stack(start_module_stack: StackFactory) -> Stack:
 
 
 def agentlab(
-    stack: Stack | None, *args: str, env: dict[str, str] | None = None
+    stack: Stack | None, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """The command as a user runs it, its target and key from the environment."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTLAB_", "NO_COLOR"))}
@@ -59,7 +59,7 @@ def agentlab(
         environ |= {"AGENTLAB_TARGET": stack.gateway_grpc, "AGENTLAB_API_KEY": KEY}
     environ |= env or {}
     return subprocess.run(
-        [AGENTLAB, *args], capture_output=True, text=True, timeout=60, env=environ
+        [AGENTLAB, *args], capture_output=True, text=True, timeout=60, env=environ, input=stdin
     )
 
 
@@ -381,3 +381,20 @@ def test_compare_with_an_unreachable_model(start_stack: StackFactory) -> None:
     assert rows["plan"][1].startswith("failed after "), rows["plan"]
     assert "tok/s" not in rows["plan"][1]
     assert rows["Total"][1].startswith("failed: lab backend 'dead'"), rows["Total"]
+
+
+def test_a_prompt_from_stdin(stack: Stack) -> None:
+    """`-` reads the prompt from stdin, beyond what an argument may hold
+    (128 KiB: the service's own limit answers instead of the kernel's E2BIG)."""
+    piped = agentlab(stack, "run", "-", "-m", "echo", stdin="two lines\nfrom a pipe\n")
+    assert (piped.returncode, piped.stdout) == (0, "two lines\nfrom a pipe\n"), piped.stderr
+    events = agentlab(stack, "orchestrate", "-", "-m", "echo", "--json", stdin="piped words")
+    assert ndjson(events.stdout)[1]["node_started"]["input"] == "piped words"
+
+    huge = agentlab(stack, "-q", "run", "-", "-m", "echo", stdin="x" * 200_000)
+    assert huge.returncode == 4
+    assert "prompt: must be at most 32000 characters" in huge.stderr
+
+    empty = agentlab(stack, "run", "-", "-m", "echo", stdin="")
+    assert empty.returncode == 2
+    assert "empty prompt" in empty.stderr

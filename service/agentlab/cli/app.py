@@ -88,6 +88,22 @@ _STATES = {
     State.cancelled: pb.EXECUTION_STATE_CANCELLED,
 }
 
+
+def _read_prompt(value: str) -> str:
+    """``-`` reads the prompt from stdin (a file, a pipe): an argument is
+    limited to 128 KiB by the kernel, the contract's prompts are not."""
+    if value != "-":
+        return value
+    text = sys.stdin.read().rstrip("\n")
+    if not text:
+        raise typer.BadParameter("'-' read an empty prompt from stdin")
+    return text
+
+
+PromptArgument = Annotated[
+    str,
+    typer.Argument(help="The prompt; '-' reads it from stdin.", callback=_read_prompt),
+]
 JsonOption = Annotated[
     bool, typer.Option("--json", help="JSON on stdout (one object per line for lists and streams).")
 ]
@@ -191,7 +207,7 @@ def _run(context: typer.Context, work: Callable[[AsyncClient], Awaitable[int]]) 
 )
 def run(
     context: typer.Context,
-    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    prompt: PromptArgument,
     model: ModelOption = "",
     temperature: TemperatureOption = None,
     max_tokens: MaxTokensOption = None,
@@ -251,7 +267,7 @@ def run(
 )
 def orchestrate(
     context: typer.Context,
-    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    prompt: PromptArgument,
     model: ModelOption = "",
     mode: Annotated[Mode, typer.Option(help="The graph, or one model call.")] = Mode.orchestration,
     temperature: TemperatureOption = None,
@@ -359,7 +375,7 @@ async def _follow(
 )
 def compare(
     context: typer.Context,
-    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    prompt: PromptArgument,
     models: Annotated[list[str], typer.Option("--model", "-m", help="A model; repeat it.")],
     mode: Annotated[Mode, typer.Option(help="The graph, or one model call.")] = Mode.orchestration,
     temperature: TemperatureOption = None,
