@@ -398,3 +398,12 @@ def test_a_prompt_from_stdin(stack: Stack) -> None:
     empty = agentlab(stack, "run", "-", "-m", "echo", stdin="")
     assert empty.returncode == 2
     assert "empty prompt" in empty.stderr
+
+
+def test_cancel_of_a_finished_execution_says_there_was_nothing_to_cancel(stack: Stack) -> None:
+    finished = agentlab(stack, "run", "done already", "-m", "echo", "--json")
+    execution_id = json.loads(finished.stdout)["execution_id"]
+    cancelled = agentlab(stack, "executions", "cancel", execution_id)
+    assert cancelled.returncode == 0
+    assert cancelled.stdout.split() == [execution_id, "SUCCEEDED"]
+    assert "already finished: nothing to cancel" in cancelled.stderr

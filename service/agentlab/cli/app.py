@@ -679,6 +679,11 @@ def cancel_execution(
             print_json(execution)
         else:
             print(f"{execution.execution_id}  {_state_name(execution.state)}")
+        # The state alone reads like a failed cancel: say which case it is.
+        if execution.state in (pb.EXECUTION_STATE_SUCCEEDED, pb.EXECUTION_STATE_FAILED):
+            stderr.print("it had already finished: nothing to cancel")
+        elif execution.state in (pb.EXECUTION_STATE_RUNNING, pb.EXECUTION_STATE_QUEUED):
+            stderr.print("asked to stop; it had not stopped yet (agentlab executions get)")
         return EXIT_OK
 
     _run(context, work)
