@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def stack(start_module_stack: StackFactory) -> Stack:
 
 
 def agentlab(
-    stack: Stack | None, *args: str, env: dict[str, str] | None = None
+    stack: Stack | None, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """The command as a user runs it, its target and key from the environment."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTLAB_", "NO_COLOR"))}
@@ -58,7 +59,7 @@ def agentlab(
         environ |= {"AGENTLAB_TARGET": stack.gateway_grpc, "AGENTLAB_API_KEY": KEY}
     environ |= env or {}
     return subprocess.run(
-        [AGENTLAB, *args], capture_output=True, text=True, timeout=60, env=environ
+        [AGENTLAB, *args], capture_output=True, text=True, timeout=60, env=environ, input=stdin
     )
 
 
@@ -279,3 +280,130 @@ def test_ctrl_c_stops_the_orchestration_it_started(stack: Stack) -> None:
     assert f"cancelled execution {first['execution_id']}" in errors
     got = agentlab(stack, "executions", "get", first["execution_id"], "--json")
     assert json.loads(got.stdout)["state"] == "EXECUTION_STATE_CANCELLED"
+
+
+def running_with(stack: Stack, marker: str, count: int) -> list[str]:
+    """The ids of the ``count`` running executions whose prompt starts with
+    ``marker``, once there are that many (within 20 s)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        listed = agentlab(stack, "executions", "list", "--state", "running", "--json")
+        found = [e["execution_id"] for e in ndjson(listed.stdout) if e["prompt"].startswith(marker)]
+        if len(found) >= count:
+            return found
+        time.sleep(0.2)
+    pytest.fail(f"never saw {count} running executions of {marker}")
+
+
+@pytest.mark.parametrize(
+    ("command", "models"), [("run", ["echo"]), ("compare", ["echo", "other-name"])]
+)
+def test_ctrl_c_stops_what_run_and_compare_started(
+    stack: Stack, command: str, models: list[str]
+) -> None:
+    """Their calls carry a key, so the executions would outlive them."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
+    environ |= {"AGENTLAB_TARGET": stack.gateway_grpc, "AGENTLAB_API_KEY": KEY}
+    marker = f"ctrl-c-{command}"
+    long_prompt = marker + " " + " ".join(f"w{n}" for n in range(2000))  # 20 s of echo
+    model_options = [option for model in models for option in ("-m", model)]
+    with subprocess.Popen(
+        [AGENTLAB, command, long_prompt, *model_options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
+    ) as running:
+        ids = running_with(stack, marker, len(models))
+        running.send_signal(signal.SIGINT)
+        _, errors = running.communicate(timeout=30)
+    assert running.returncode == 130, errors
+    for execution_id in ids:
+        assert f"cancelled execution {execution_id}" in errors
+        got = agentlab(stack, "executions", "get", execution_id, "--json")
+        assert json.loads(got.stdout)["state"] == "EXECUTION_STATE_CANCELLED"
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1"])
+def test_a_timeout_of_zero_or_less_is_a_usage_error(timeout: str) -> None:
+    # Not a call that fails at once with DEADLINE_EXCEEDED (exit 3, "try again").
+    done = agentlab(None, "-t", f"127.0.0.1:{free_port()}", "--timeout", timeout, "models")
+    assert done.returncode == 2, done.stderr
+    assert "--timeout" in done.stderr
+    assert "greater than 0" in done.stderr
+
+
+def test_a_closed_pipe_ends_orchestrate_quietly_and_cancels_its_execution(stack: Stack) -> None:
+    """`agentlab orchestrate … --json | head -1`: exit 141 as SIGPIPE would
+    give, no traceback, and the keyed execution does not run on unread."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
+    environ |= {"AGENTLAB_TARGET": stack.gateway_grpc, "AGENTLAB_API_KEY": KEY}
+    long_prompt = " ".join(f"w{n}" for n in range(2000))  # 20 s of echo per node
+    with subprocess.Popen(
+        [AGENTLAB, "orchestrate", long_prompt, "-m", "echo", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
+    ) as running:
+        assert running.stdout is not None
+        assert running.stderr is not None
+        first = json.loads(running.stdout.readline())
+        running.stdout.close()
+        errors = running.stderr.read()
+        running.wait(timeout=30)
+    assert running.returncode == 141, errors
+    assert errors.strip() == f"cancelled execution {first['execution_id']}"
+    got = agentlab(stack, "executions", "get", first["execution_id"], "--json")
+    assert json.loads(got.stdout)["state"] == "EXECUTION_STATE_CANCELLED"
+
+
+def test_compare_with_an_unreachable_model(start_stack: StackFactory) -> None:
+    """The reachable model's column is filled in; the other's node says it
+    failed (no zero rates) and its total gives the error; exit 3."""
+    models = (
+        "backends:\n"
+        "  fast: {kind: echo}\n"
+        f'  dead: {{kind: openai, url: "http://127.0.0.1:{free_port()}/v1"}}\n'
+        "models:\n"
+        "  good: {backend: fast}\n"
+        "  gone: {backend: dead, model: nothing}\n"
+    )
+    stack = start_stack({}, models=models)
+    done = agentlab(stack, "compare", "blue sky", "-m", "good", "-m", "gone")
+    assert done.returncode == 3, done.stderr
+    rows = {
+        cells[0]: cells[1:]
+        for line in done.stdout.splitlines()
+        if len(cells := [cell.strip() for cell in line.strip("│┃").split("│")]) == 3
+    }
+    assert "tok/s" in rows["plan"][0]
+    assert rows["plan"][1].startswith("failed after "), rows["plan"]
+    assert "tok/s" not in rows["plan"][1]
+    assert rows["Total"][1].startswith("failed: lab backend 'dead'"), rows["Total"]
+
+
+def test_a_prompt_from_stdin(stack: Stack) -> None:
+    """`-` reads the prompt from stdin, beyond what an argument may hold
+    (128 KiB: the service's own limit answers instead of the kernel's E2BIG)."""
+    piped = agentlab(stack, "run", "-", "-m", "echo", stdin="two lines\nfrom a pipe\n")
+    assert (piped.returncode, piped.stdout) == (0, "two lines\nfrom a pipe\n"), piped.stderr
+    events = agentlab(stack, "orchestrate", "-", "-m", "echo", "--json", stdin="piped words")
+    assert ndjson(events.stdout)[1]["node_started"]["input"] == "piped words"
+
+    huge = agentlab(stack, "-q", "run", "-", "-m", "echo", stdin="x" * 200_000)
+    assert huge.returncode == 4
+    assert "prompt: must be at most 32000 characters" in huge.stderr
+
+    empty = agentlab(stack, "run", "-", "-m", "echo", stdin="")
+    assert empty.returncode == 2
+    assert "empty prompt" in empty.stderr
+
+
+def test_cancel_of_a_finished_execution_says_there_was_nothing_to_cancel(stack: Stack) -> None:
+    finished = agentlab(stack, "run", "done already", "-m", "echo", "--json")
+    execution_id = json.loads(finished.stdout)["execution_id"]
+    cancelled = agentlab(stack, "executions", "cancel", execution_id)
+    assert cancelled.returncode == 0
+    assert cancelled.stdout.split() == [execution_id, "SUCCEEDED"]
+    assert "already finished: nothing to cancel" in cancelled.stderr

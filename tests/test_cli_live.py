@@ -97,3 +97,40 @@ def test_orchestrate_draws_the_nodes_live_then_the_totals(tmux: list[str], stack
     assert any(line.startswith("Total: ") and "tok/s on echo" in line for line in lines)
     # The output follows the view, on stdout.
     assert "Request: w0 w1" in shown
+
+
+def test_a_narrow_terminal_shows_the_newest_text_and_whole_totals(
+    tmux: list[str], stack: Stack
+) -> None:
+    """On 80 columns, the running node's text wraps rather than being cut at
+    the width: its newest words show while it runs (cut, the screen kept the
+    oldest 80 characters of the tail), and so does the end of the totals."""
+    words = [f"w{n}" for n in range(60)]
+    shell = (
+        f"{shlex.quote(AGENTLAB)} orchestrate {shlex.quote(' '.join(words))} -m echo; "
+        f"echo {DONE} $?; sleep 600"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTLAB_", "NO_COLOR"))}
+    env["AGENTLAB_TARGET"] = stack.gateway_grpc
+    subprocess.run(
+        [*tmux, "new-session", "-d", "-s", "live", "-x", "80", "-y", "60", shell],
+        env=env,
+        check=True,
+        timeout=10,
+    )
+    newest_seen_running = False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        shown = screen(tmux)
+        if DONE in shown:
+            break
+        # The plan node echoes the prompt word by word: its last words are
+        # beyond the first line of its text.
+        if "plan: …" in shown and f" {words[-5]} " in f"{' '.join(shown.split())} ":
+            newest_seen_running = True
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"agentlab orchestrate did not finish:\n{screen(tmux)}")
+    assert f"{DONE} 0" in shown
+    assert newest_seen_running, f"the running node's newest words never showed:\n{shown}"
+    assert "tok/s on echo (echo)" in " ".join(shown.split()), shown

@@ -6,6 +6,7 @@ stand in for the first two."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -15,10 +16,12 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from agentlab.cli.live import Progress
 from agentlab.cli.output import (
+    EXIT_BROKEN_PIPE,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
@@ -30,7 +33,7 @@ from agentlab.cli.output import (
     print_retry,
     stderr,
 )
-from agentlab.client import AsyncClient, LabServiceError
+from agentlab.client import AsyncClient, DeadlineExceeded, LabServiceError, new_request_id
 from agentlab.client.settings import API_KEY_VARIABLE, TARGET_VARIABLE
 from agentlab.v1 import execution_pb2 as pb
 
@@ -85,6 +88,22 @@ _STATES = {
     State.cancelled: pb.EXECUTION_STATE_CANCELLED,
 }
 
+
+def _read_prompt(value: str) -> str:
+    """``-`` reads the prompt from stdin (a file, a pipe): an argument is
+    limited to 128 KiB by the kernel, the contract's prompts are not."""
+    if value != "-":
+        return value
+    text = sys.stdin.read().rstrip("\n")
+    if not text:
+        raise typer.BadParameter("'-' read an empty prompt from stdin")
+    return text
+
+
+PromptArgument = Annotated[
+    str,
+    typer.Argument(help="The prompt; '-' reads it from stdin.", callback=_read_prompt),
+]
 JsonOption = Annotated[
     bool, typer.Option("--json", help="JSON on stdout (one object per line for lists and streams).")
 ]
@@ -112,6 +131,13 @@ NoKeyOption = Annotated[
 ]
 
 
+def _positive(value: float) -> float:
+    # Zero or less would only turn every call into DEADLINE_EXCEEDED (exit 3).
+    if value <= 0:
+        raise typer.BadParameter("must be greater than 0")
+    return value
+
+
 @app.callback()
 def _global(
     context: typer.Context,
@@ -129,7 +155,11 @@ def _global(
         typer.Option(envvar=API_KEY_VARIABLE, help="API key, sent as a Bearer token."),
     ] = None,
     timeout: Annotated[
-        float, typer.Option(help="Deadline of each unary call, retries included, in seconds.")
+        float,
+        typer.Option(
+            help="Deadline of each unary call, retries included, in seconds.",
+            callback=_positive,
+        ),
     ] = 300.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No retry notices.")] = False,
 ) -> None:
@@ -162,6 +192,12 @@ def _run(context: typer.Context, work: Callable[[AsyncClient], Awaitable[int]]) 
         code = asyncio.run(main())
     except KeyboardInterrupt:  # asyncio.run cancelled main() first
         code = 130
+    except BrokenPipeError:
+        # stdout's reader went away (`| head -1`). Exit as a process that
+        # SIGPIPE ended would, and quietly: Python's flush of stdout at exit
+        # would otherwise print one more BrokenPipeError.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
     raise typer.Exit(code)
 
 
@@ -171,7 +207,7 @@ def _run(context: typer.Context, work: Callable[[AsyncClient], Awaitable[int]]) 
 )
 def run(
     context: typer.Context,
-    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    prompt: PromptArgument,
     model: ModelOption = "",
     temperature: TemperatureOption = None,
     max_tokens: MaxTokensOption = None,
@@ -185,17 +221,26 @@ def run(
 ) -> None:
     """Execute one prompt and print the output (metrics on stderr, on a terminal)."""
 
+    key = request_id or (None if no_request_id else new_request_id())
+
     async def work(client: AsyncClient) -> int:
-        answer = await client.execute(
-            prompt,
-            model=model,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            seed=seed,
-            background=background,
-            request_id=request_id,
-            idempotent=not no_request_id,
-        )
+        try:
+            answer = await client.execute(
+                prompt,
+                model=model,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                seed=seed,
+                background=background,
+                request_id=key,
+                idempotent=not no_request_id,
+            )
+        except asyncio.CancelledError:
+            # Ctrl-C. A keyed execution outlives its call, and Execute
+            # answers its id only at the end: find it by its key.
+            if key and not background:
+                await _cancel_keyed(client, key)
+            raise
         if as_json:
             print_json(answer)
         elif background:
@@ -222,7 +267,7 @@ def run(
 )
 def orchestrate(
     context: typer.Context,
-    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    prompt: PromptArgument,
     model: ModelOption = "",
     mode: Annotated[Mode, typer.Option(help="The graph, or one model call.")] = Mode.orchestration,
     temperature: TemperatureOption = None,
@@ -251,15 +296,45 @@ def orchestrate(
         progress = Progress()
         try:
             return await _follow(events(client), as_json=as_json, progress=progress)
-        except asyncio.CancelledError:
-            # Ctrl-C. The keyed execution would outlive its call (that is
-            # what lets a dropped stream resume): stop the one this started.
+        except (asyncio.CancelledError, BrokenPipeError):
+            # Ctrl-C, or stdout closed. The keyed execution would outlive its
+            # call (that is what lets a dropped stream resume): stop the one
+            # this started.
             if progress.execution_id and not progress.finished:
-                await client.cancel_execution(progress.execution_id, timeout_s=5)
-                stderr.print(f"cancelled execution {progress.execution_id}")
+                await _cancel(client, progress.execution_id)
             raise
 
     _run(context, work)
+
+
+async def _cancel_keyed(client: AsyncClient, key: str) -> None:
+    """Cancel the unfinished execution this caller started with ``key`` (or
+    a retry's ``key.N``), if the service recorded one."""
+    for state in (pb.EXECUTION_STATE_RUNNING, pb.EXECUTION_STATE_QUEUED):
+        page = await client.list_executions(page_size=100, state=state, timeout_s=5)
+        for execution in page.executions:
+            if execution.request_id == key or execution.request_id.startswith(f"{key}."):
+                await _cancel(client, execution.execution_id)
+                return
+
+
+async def _cancel(client: AsyncClient, execution_id: str) -> None:
+    """Cancel on the way out (Ctrl-C), saying so on stderr; a failure is
+    reported, not raised, so the other cancels still happen."""
+    try:
+        await client.cancel_execution(execution_id, timeout_s=5)
+    except DeadlineExceeded:
+        # The service stops it at once and then waits for its end to be
+        # recorded: a lab in the middle of a long prompt can take longer.
+        stderr.print(
+            f"asked to cancel execution {execution_id}; it had not stopped after 5 s "
+            f"(agentlab executions get {execution_id})"
+        )
+        return
+    except LabServiceError as error:
+        stderr.print(f"could not cancel execution {execution_id}: {escape(str(error))}")
+        return
+    stderr.print(f"cancelled execution {execution_id}")
 
 
 async def _follow(
@@ -300,7 +375,7 @@ async def _follow(
 )
 def compare(
     context: typer.Context,
-    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    prompt: PromptArgument,
     models: Annotated[list[str], typer.Option("--model", "-m", help="A model; repeat it.")],
     mode: Annotated[Mode, typer.Option(help="The graph, or one model call.")] = Mode.orchestration,
     temperature: TemperatureOption = None,
@@ -310,8 +385,9 @@ def compare(
 ) -> None:
     """The same prompt on several models at once, side by side per node."""
 
-    async def one(client: AsyncClient, model: str) -> Progress:
-        progress = Progress()
+    progresses = [Progress() for _ in models]
+
+    async def one(client: AsyncClient, model: str, progress: Progress) -> Progress:
         async for event in client.orchestrate(
             prompt,
             model=model,
@@ -327,9 +403,20 @@ def compare(
         with (
             stderr.status(f"running on {len(models)} models…") if stderr.is_terminal else _nothing()
         ):
-            outcomes = await asyncio.gather(
-                *(one(client, model) for model in models), return_exceptions=True
-            )
+            try:
+                outcomes = await asyncio.gather(
+                    *(
+                        one(client, model, progress)
+                        for model, progress in zip(models, progresses, strict=True)
+                    ),
+                    return_exceptions=True,
+                )
+            except asyncio.CancelledError:
+                # Ctrl-C: each keyed execution would run on without us.
+                for progress in progresses:
+                    if progress.execution_id and not progress.finished:
+                        await _cancel(client, progress.execution_id)
+                raise
         results: dict[str, Progress | LabServiceError] = {}
         for model, outcome in zip(models, outcomes, strict=True):
             if isinstance(outcome, LabServiceError | Progress):
@@ -388,6 +475,9 @@ def _comparison_table(results: dict[str, Progress | LabServiceError]) -> Table:
         if isinstance(outcome, LabServiceError):
             return ""
         for node in outcome.nodes:
+            if node.name == name and node.status != "succeeded":
+                # A failed node's zero rates would read as a measurement.
+                return f"{node.status} after {node.duration_ms or 0:.0f} ms"
             if node.name == name:
                 return (
                     f"{node.duration_ms or 0:.0f} / {node.ttft_ms or 0:.0f} ms; "
@@ -589,6 +679,11 @@ def cancel_execution(
             print_json(execution)
         else:
             print(f"{execution.execution_id}  {_state_name(execution.state)}")
+        # The state alone reads like a failed cancel: say which case it is.
+        if execution.state in (pb.EXECUTION_STATE_SUCCEEDED, pb.EXECUTION_STATE_FAILED):
+            stderr.print("it had already finished: nothing to cancel")
+        elif execution.state in (pb.EXECUTION_STATE_RUNNING, pb.EXECUTION_STATE_QUEUED):
+            stderr.print("asked to stop; it had not stopped yet (agentlab executions get)")
         return EXIT_OK
 
     _run(context, work)

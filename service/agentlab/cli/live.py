@@ -125,11 +125,11 @@ class Progress:
         parts: list[RenderableType] = [table]
         running = [node for node in self.nodes if node.status == "running"]
         if running and running[-1].text:
-            parts.append(Text(f"{running[-1].name}: …{running[-1].text[-_TAIL_CHARS:]}"))
+            parts.append(_wrapped(f"{running[-1].name}: …{running[-1].text[-_TAIL_CHARS:]}"))
         if self.result is not None:
             metrics = self.result.metrics
             parts.append(
-                Text(
+                _wrapped(
                     f"Total: {metrics.latency_ms:.0f} ms, first token "
                     f"{metrics.time_to_first_token_ms:.0f} ms, {metrics.prompt_tokens} prompt + "
                     f"{metrics.completion_tokens} completion tokens, "
@@ -137,8 +137,16 @@ class Progress:
                 )
             )
         if self.error is not None:
-            parts.append(Text(f"failed: {self.error.message}", style="red"))
+            parts.append(_wrapped(f"failed: {self.error.message}", style="red"))
         return Group(*parts)
+
+
+def _wrapped(line: str, style: str = "") -> Text:
+    """A line that wraps at the terminal's width. The CLI's stderr console
+    soft-wraps (a message stays one line in a log), and rich's Live crops
+    such a line at the width: the newest tokens and the end of the totals
+    would never show."""
+    return Text(line, style=style, no_wrap=False, overflow="fold")
 
 
 def _number(value: float | None) -> str:

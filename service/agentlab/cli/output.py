@@ -22,6 +22,7 @@ from agentlab.client.errors import LabServiceError, error_for_status
 from agentlab.client.retries import Retry
 
 __all__ = [
+    "EXIT_BROKEN_PIPE",
     "EXIT_FAILED",
     "EXIT_OK",
     "EXIT_REFUSED",
@@ -45,6 +46,9 @@ EXIT_UNAVAILABLE = 3
 # The gateway refused the request as it stands (invalid, unknown id, key):
 # trying again unchanged will not help.
 EXIT_REFUSED = 4
+# stdout was closed before everything was written (a pipe into `head`): what
+# a shell reports for a process ended by SIGPIPE, 128 + 13.
+EXIT_BROKEN_PIPE = 141
 
 _UNAVAILABLE = frozenset(
     {
