@@ -20,6 +20,7 @@ from agentlab.client import (
     Unknown,
     error_for_status,
 )
+from agentlab.client.settings import resolve_target
 
 
 def packed(message: object) -> any_pb2.Any:
@@ -110,3 +111,21 @@ def test_jitter_only_shortens_the_backoff() -> None:
     waits = [policy.delay_s(1) for _ in range(200)]
     assert all(0.5 <= wait <= 1.0 for wait in waits)
     assert len(set(waits)) > 1
+
+
+@pytest.mark.parametrize(
+    ("given", "dialled"),
+    [
+        ("localhost", "localhost:8000"),
+        ("10.0.0.7", "10.0.0.7:8000"),
+        ("gateway.internal:9000", "gateway.internal:9000"),
+        ("http://localhost:8000/", "localhost:8000"),
+        ("http://localhost", "localhost:8000"),
+        ("unix:/run/agentlab.sock", "unix:/run/agentlab.sock"),
+        ("dns:///gateway:8000", "dns:///gateway:8000"),
+        ("[::1]:8000", "[::1]:8000"),
+    ],
+)
+def test_a_target_without_a_port_dials_the_gateway_port_not_443(given: str, dialled: str) -> None:
+    assert resolve_target(given, env={}) == dialled
+    assert resolve_target(None, env={"AGENTLAB_TARGET": given}) == dialled
