@@ -175,8 +175,21 @@ def test_another_callers_execution_is_not_found(
             timeout=30,
         )
     assert over_grpc.value.code() == grpc.StatusCode.NOT_FOUND
+    # Nor may he compare it with his own, over REST or gRPC.
+    own = execute(bob)["execution_id"]
+    compared = bob.post(
+        "/executions:compare", json={"execution_ids": [own, source["execution_id"]]}
+    )
+    assert compared.status_code == 404, compared.text
+    with pytest.raises(grpc.RpcError) as compared_over_grpc:
+        grpc_stub.CompareExecutions(
+            svc.CompareExecutionsRequest(execution_ids=[source["execution_id"], own]),
+            metadata=(("authorization", f"Bearer {BOB}"),),
+            timeout=30,
+        )
+    assert compared_over_grpc.value.code() == grpc.StatusCode.NOT_FOUND
     # Bob's refused replays recorded nothing; Alice's own works.
-    assert listed_ids(bob) == before
+    assert listed_ids(bob) == before | {own}
     assert replay(alice, source["execution_id"], model="echo").status_code == 200
 
 
