@@ -227,6 +227,27 @@ async def test_grpc_replay_and_compare_of_a_source_that_failed_mid_way(
 
 
 @pytest.mark.e2e
+async def test_a_replay_that_fails_is_answered_as_a_failed_record(served: InProcess) -> None:
+    async with httpx.AsyncClient(base_url=f"{served.url}/api/v1", timeout=30) as client:
+        executed = await client.post(
+            "/execute",
+            json={"prompt": PROMPT, "model": "scripted", "mode": "EXECUTION_MODE_ORCHESTRATION"},
+        )
+        source = executed.json()["execution_id"]
+        answer = await client.post(f"/executions/{source}:replay", json={"model": "failing"})
+        assert answer.status_code == 200, answer.text
+        replay = answer.json()["execution"]
+        assert replay["state"] == "EXECUTION_STATE_FAILED"
+        assert replay["replay_of"] == source
+        assert "ran out of memory" in replay["error"]["message"]
+        assert [step["status"] for step in replay["result"]["flow"]] == [
+            "STEP_STATUS_SUCCEEDED",
+            "STEP_STATUS_FAILED",
+        ]
+        assert (await record(client, replay["execution_id"]))["state"] == replay["state"]
+
+
+@pytest.mark.e2e
 async def test_invalid_comparisons_are_refused(served: InProcess) -> None:
     async with httpx.AsyncClient(base_url=f"{served.url}/api/v1", timeout=30) as client:
         executed = await client.post("/execute", json={"prompt": PROMPT, "model": "echo"})
