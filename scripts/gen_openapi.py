@@ -220,6 +220,22 @@ def _constrained(schema: Schema, rules: Any) -> Schema:
     return {**schema, **constraints}
 
 
+def _constrained_list(items: Schema, rules: Any) -> Schema:
+    """An array of ``items`` with what JSON Schema can say of ``rules`` (a
+    buf.validate.RepeatedRules): its length, uniqueness, and each item's
+    own rules."""
+    schema: Schema = {"type": "array"}
+    if rules.HasField("items"):
+        items = _constrained(items, rules.items)
+    schema["items"] = items
+    for rule, keyword in (("min_items", "minItems"), ("max_items", "maxItems")):
+        if rules.HasField(rule):
+            schema[keyword] = getattr(rules, rule)
+    if rules.unique:
+        schema["uniqueItems"] = True
+    return schema
+
+
 def _prompt_limit(schema: Schema) -> Schema:
     """A prompt's schema with the service's default maximum in place of the
     contract's ceiling, and a description naming both and the setting."""
@@ -354,7 +370,10 @@ class Generator:
             }
         schema = self._value_schema(fld, output=output)
         if fld.label == FieldProto.LABEL_REPEATED:
-            return {"type": "array", "items": schema}
+            rules = None if output else self.rules.of(fld)
+            if rules is None or rules.WhichOneof("type") != "repeated":
+                return {"type": "array", "items": schema}
+            return _constrained_list(schema, rules.repeated)
         # A request's rules; a response is the service's own.
         if not output and (rules := self.rules.of(fld)) is not None:
             schema = _constrained(schema, rules)

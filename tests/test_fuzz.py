@@ -48,6 +48,8 @@ OPERATIONS = [
     "GET /api/v1/executions",
     "POST /api/v1/executions/{execution_id}:cancel",
     "GET /api/v1/executions/{execution_id}:watch",
+    "POST /api/v1/executions/{execution_id}:replay",
+    "POST /api/v1/executions:compare",
 ]
 
 REST_EXAMPLES = 30
@@ -192,6 +194,15 @@ def test_rest_api(
                 lambda execution_id: operation.as_strategy(
                     schemathesis.GenerationMode.POSITIVE,
                     path_parameters={"execution_id": execution_id},
+                )
+            )
+        )
+    if label == "POST /api/v1/executions:compare":
+        # Ids that exist, so that comparisons are answered (and checked) too.
+        strategies.append(
+            st.lists(st.sampled_from(execution_ids), min_size=2, unique=True).flatmap(
+                lambda ids: operation.as_strategy(
+                    schemathesis.GenerationMode.POSITIVE, body={"execution_ids": ids}
                 )
             )
         )

@@ -96,6 +96,21 @@ CALLS = {
         "/api/v1/executions/{id}:watch",
         "store",
     ),
+    "ReplayExecution": Call(
+        svc.ReplayExecutionRequest(execution_id="{id}", model="echo"),
+        "POST",
+        "/api/v1/executions/{id}:replay",
+        "store",
+        {"model": "echo"},
+    ),
+    # The store is gone: any well-formed ids reach it.
+    "CompareExecutions": Call(
+        svc.CompareExecutionsRequest(execution_ids=["0" * 32, "f" * 32]),
+        "POST",
+        "/api/v1/executions:compare",
+        "store",
+        {"execution_ids": ["0" * 32, "f" * 32]},
+    ),
     "ListModels": Call(svc.ListModelsRequest(), "GET", "/api/v1/models", "models"),
     "GetHealth": Call(svc.GetHealthRequest(), "GET", "/api/v1/health", "health"),
 }

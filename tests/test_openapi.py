@@ -156,7 +156,11 @@ def test_each_operation_takes_exactly_the_request_messages_fields(route: Route) 
         assert sorted(query) == sorted(set(message.fields_by_name) - set(route.variables))
     for name, fld in message.fields_by_name.items():
         expected = json_type(fld)
-        assert {k: documented[name].get(k) for k in expected} == expected, name
+        schema = documented[name]
+        if fld.is_repeated:
+            assert schema["type"] == "array", name
+            schema = schema["items"]
+        assert {k: schema.get(k) for k in expected} == expected, name
 
 
 # -- The limits: what the document says a field accepts, against what the
@@ -168,10 +172,14 @@ def violated(message_type: Descriptor, name: str, value: Any) -> bool | None:
     other fields left unset); None when the field's type cannot hold it."""
     request: Message = message_factory.GetMessageClass(message_type)()
     try:
-        setattr(request, name, value)
+        if isinstance(value, list):  # a repeated field's items
+            getattr(request, name).extend(value)
+        else:
+            setattr(request, name, value)
     except (ValueError, TypeError, OverflowError):
         return None
-    return any(v.field == name for v in RULES.violations(request))
+    # A repeated field's item is named with its index: `name[2]`.
+    return any(v.field == name or v.field.startswith(f"{name}[") for v in RULES.violations(request))
 
 
 def constraints(schema: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -225,7 +233,9 @@ def test_documented_limits_are_the_enforced_ones(
     refuses naming the field. A field documented without a bound takes any
     value its type holds; a pattern agrees with the service on every probe."""
     fld = message_type.fields_by_name[name]
-    if fld.type == FieldDescriptor.TYPE_STRING:
+    if fld.is_repeated:
+        check_list_limits(message_type, name, limits)
+    elif fld.type == FieldDescriptor.TYPE_STRING:
         if zero_allowed:
             assert violated(message_type, name, "") is False
         low, high = limits.get("minLength", 0), limits.get("maxLength")
@@ -272,6 +282,30 @@ def test_documented_limits_are_the_enforced_ones(
                 assert bound in TYPE_RANGES[fld.type]
 
 
+def check_list_limits(message_type: Descriptor, name: str, limits: dict[str, Any]) -> None:
+    """A repeated string field: its documented number of items, their
+    uniqueness and each item's pattern, against the service's verdict."""
+    assert message_type.fields_by_name[name].type == FieldDescriptor.TYPE_STRING, "extend this"
+    pattern = limits["items"].get("pattern")
+    candidates = [*PROBES, *(f"{n:032x}" for n in range(1, 200))]
+    fitting = [c for c in candidates if pattern is None or matches(pattern, c)]
+    low, high = limits.get("minItems", 0), limits.get("maxItems")
+    assert violated(message_type, name, fitting[: max(low, 1)]) is False
+    if low > 0:
+        assert violated(message_type, name, fitting[: low - 1]) is True
+    if high is not None:
+        assert violated(message_type, name, fitting[:high]) is False
+        assert violated(message_type, name, fitting[: high + 1]) is True
+    if limits.get("uniqueItems"):
+        assert violated(message_type, name, [fitting[0]] * max(low, 2)) is True
+    if pattern is not None:
+        others = fitting[-max(low - 1, 0) :] if low > 1 else []
+        for probe in PROBES:
+            if probe not in others:
+                fits = matches(pattern, probe)
+                assert violated(message_type, name, [probe, *others]) is (not fits), probe
+
+
 TYPE_RANGES = {
     FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
     FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
@@ -284,7 +318,16 @@ def test_every_field_the_service_limits_is_documented_with_a_limit() -> None:
     unbounded = []
     for _, message_type, name, limits, _ in LIMITS:
         fld = message_type.fields_by_name[name]
-        if limits.keys() & {"minLength", "maxLength", "pattern", "minimum", "maximum"}:
+        limiting = {
+            "minLength",
+            "maxLength",
+            "pattern",
+            "minimum",
+            "maximum",
+            "minItems",
+            "maxItems",
+        }
+        if limits.keys() & limiting:
             continue
         if fld.type == FieldDescriptor.TYPE_STRING:
             refused = violated(message_type, name, "A plain value") or violated(

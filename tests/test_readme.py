@@ -7,7 +7,8 @@ command. Each runs with `bash -c` as printed, except that:
 
 - the ports become the test stack's (8000: Envoy, 50051: the service,
   9901: Envoy's admin, 9464: the service's metrics);
-- placeholders are filled: `<id>` with a real execution's id; `$KEY` and
+- placeholders are filled: `<id>` with a real execution's id, `<replay_id>`
+  with its replay's on echo; `$KEY` and
   `$ID` are set in the environment;
 - `curl` is a shell function that calls the real curl with one `--write-out`
   added first (the HTTP status, to stderr) and records the arguments it got,
@@ -156,6 +157,7 @@ def test_the_extraction_reads_prompts_output_and_continuations() -> None:
 class ReadmeStack:
     stack: Stack
     execution_id: str
+    replay_id: str
 
     def rewrite(self, text: str) -> str:
         text = re.sub(rf":{GATEWAY_PORT}\b", f":{self.stack.envoy.ports.gateway}", text)
@@ -163,6 +165,7 @@ class ReadmeStack:
         text = re.sub(rf":{ADMIN_PORT}\b", f":{self.stack.envoy.ports.admin}", text)
         text = re.sub(rf":{METRICS_PORT}\b", f":{self.stack.envoy.ports.metrics}", text)
         text = text.replace("<id>", self.execution_id)
+        text = text.replace("<replay_id>", self.replay_id)
         unknown = _PLACEHOLDER.findall(text)
         assert not unknown, f"no value for {unknown} in {text!r}: add it to ReadmeStack.rewrite"
         return text
@@ -178,7 +181,13 @@ def readme_stack(start_module_stack: StackFactory) -> ReadmeStack:
         timeout=30,
     )
     assert answer.status_code == 200, answer.text
-    return ReadmeStack(stack, answer.json()["execution_id"])
+    execution_id = answer.json()["execution_id"]
+    # Its replay, for `<replay_id>` (the README compares the two).
+    replay = httpx.post(
+        f"{stack.url}/api/v1/executions/{execution_id}:replay", json={"model": "echo"}, timeout=30
+    )
+    assert replay.status_code == 200, replay.text
+    return ReadmeStack(stack, execution_id, replay.json()["execution"]["execution_id"])
 
 
 def script(command: str, args_file: Path) -> str:

@@ -944,3 +944,22 @@ async def test_postgres_a_write_queued_as_the_writers_finish_is_written() -> Non
     assert (await first, await second) == ("first", "second")
     assert await asyncio.wait_for(latecomer, 2.0) == "late"
     await store.close()
+
+
+# --- replays ---------------------------------------------------------------
+
+
+async def test_a_replays_source_round_trips(store: ExecutionStore) -> None:
+    source, _ = await store.create(new_execution())
+    replay_new = new_execution(request_id="replay-1", replay_of=source.id)
+    replay, created = await store.create(replay_new)
+    assert created
+    assert (source.replay_of, replay.replay_of) == ("", source.id)
+    # Read back every way a record is read: by id, by key, in a page.
+    assert (await store.get(replay.id)) == replay
+    assert (await store.find("alice", "replay-1")) == replay
+    page, _ = await store.page(page_size=10)
+    assert {record.id: record.replay_of for record in page} == {
+        source.id: "",
+        replay.id: source.id,
+    }

@@ -18,6 +18,7 @@ __all__ = [
     "completed",
     "execution",
     "models",
+    "replay_task",
     "task",
 ]
 
@@ -37,6 +38,28 @@ def task(request: svc.ExecuteRequest | svc.OrchestrateRequest, default_mode: Exe
             temperature=request.temperature if request.HasField("temperature") else None,
             max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
             seed=request.seed if request.HasField("seed") else None,
+        ),
+    )
+
+
+def replay_task(source: ExecutionRecord, request: svc.ReplayExecutionRequest) -> Task:
+    """The source's prompt and mode on the requested model (the source's
+    when none is named), with each option the request sets in place of the
+    source's."""
+    stored = source.options
+
+    def option(name: str) -> float | int | None:
+        return getattr(request, name) if request.HasField(name) else stored.get(name)
+
+    temperature, max_tokens, seed = option("temperature"), option("max_tokens"), option("seed")
+    return Task(
+        prompt=source.prompt,
+        model=request.model or source.model,
+        mode=ExecutionMode(source.mode),
+        options=GenerationOptions(
+            temperature=None if temperature is None else float(temperature),
+            max_tokens=None if max_tokens is None else int(max_tokens),
+            seed=None if seed is None else int(seed),
         ),
     )
 
@@ -93,6 +116,7 @@ def execution(
         background=record.background,
         create_time=timestamp(record.created_at),
         last_sequence=record.last_sequence,
+        replay_of=record.replay_of,
     )
     options = record.options
     if "temperature" in options:

@@ -12,14 +12,16 @@ its call does when the call leaves is the executions' job
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
 from agentlab.api import convert, paging, resume, sizing
 from agentlab.api.auth import current_caller
-from agentlab.core.errors import NotFound, NotServing
+from agentlab.core.errors import InvalidArgument, NotFound, NotServing
 from agentlab.core.types import ExecutionMode, ModelInfo
+from agentlab.executions.call import StoredFailure
 from agentlab.executions.service import Executions
 from agentlab.health import Health
 from agentlab.v1 import execution_pb2 as pb
@@ -115,6 +117,43 @@ class LabServicer(svc_grpc.LabServiceServicer):
         ) as events:
             async for event in events:
                 yield svc.WatchExecutionResponse(event=sizing.fit(event))
+
+    async def ReplayExecution(
+        self, request: svc.ReplayExecutionRequest, context: Context
+    ) -> svc.ReplayExecutionResponse:
+        caller = current_caller()
+        source = await self._executions.get(request.execution_id, caller)
+        async with self._executions.call(
+            convert.replay_task(source, request),
+            caller=caller,
+            request_id=request.request_id,
+            background=request.background,
+            # As Execute: a background or keyed replay outlives its call.
+            leaving_cancels=not request.background and not request.request_id,
+            time_remaining_s=context.time_remaining(),
+            replay_of=source.id,
+        ) as call:
+            if request.background:
+                return svc.ReplayExecutionResponse(execution=convert.execution(call.record))
+            # A replay that failed is an answer (its record says how), not
+            # a failure of this call.
+            with contextlib.suppress(StoredFailure):
+                await call.final()
+            replay = await self._executions.get(call.record.id)
+        return svc.ReplayExecutionResponse(execution=convert.execution(replay))
+
+    async def CompareExecutions(
+        self, request: svc.CompareExecutionsRequest, context: Context
+    ) -> svc.CompareExecutionsResponse:
+        compared = await self._executions.compare(request.execution_ids, current_caller())
+        if not sizing.fits(compared):
+            raise InvalidArgument(
+                "execution_ids",
+                "the comparison of these executions is larger than a response may be "
+                f"({sizing.BUDGET_BYTES // (1024 * 1024)} MiB); compare fewer at a time",
+                reason="COMPARISON_TOO_LARGE",
+            )
+        return compared
 
     async def ListModels(
         self, request: svc.ListModelsRequest, context: Context

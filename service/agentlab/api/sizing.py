@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from agentlab.v1 import execution_pb2 as pb
 
-__all__ = ["BUDGET_BYTES", "MESSAGE_BUDGET_BYTES", "cost", "fit", "page"]
+__all__ = ["BUDGET_BYTES", "MESSAGE_BUDGET_BYTES", "cost", "fit", "fits", "page"]
 
 BUDGET_BYTES = 3 * 1024 * 1024
 """The most a response may cost: 1 MiB under gRPC's default 4 MiB; its JSON
@@ -65,6 +65,12 @@ def _message_cost(message: Any) -> int:
     # under the budget and need no scan.
     size: int = message.ByteSize()
     return size if size * 3 <= MESSAGE_BUDGET_BYTES else cost(message.SerializeToString())
+
+
+def fits(message: Any, budget: int = BUDGET_BYTES) -> bool:
+    """Whether ``message`` (any message: those ``fit`` cannot shorten)
+    costs at most ``budget``."""
+    return _message_cost(message) <= budget
 
 
 def _slots(message: Any) -> Iterator[tuple[Any, str, str]]:

@@ -24,11 +24,30 @@ __all__ = ["VERSION", "fingerprint", "fingerprint_of"]
 VERSION = 1
 
 
-def fingerprint(*, mode: str, model: str, prompt: str, options: dict[str, float | int]) -> str:
+def fingerprint(
+    *,
+    mode: str,
+    model: str,
+    prompt: str,
+    options: dict[str, float | int],
+    replay_of: str = "",
+) -> str:
     """A SHA-256 in hex of the work's canonical JSON. ``options`` holds only
-    the options the request set; 1 and 1.0 differ, as they do in the record."""
+    the options the request set; 1 and 1.0 differ, as they do in the record.
+    A replay's key is bound to its source too (``replay_of``), which is
+    hashed only when set, so fingerprints of other requests stay as they
+    were."""
+    work: dict[str, object] = {
+        "v": VERSION,
+        "mode": mode,
+        "model": model,
+        "prompt": prompt,
+        "options": options,
+    }
+    if replay_of:
+        work["replay_of"] = replay_of
     canonical = json.dumps(
-        {"v": VERSION, "mode": mode, "model": model, "prompt": prompt, "options": options},
+        work,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -43,5 +62,9 @@ def fingerprint_of(record: ExecutionRecord) -> str:
     if record.fingerprint:
         return record.fingerprint
     return fingerprint(
-        mode=record.mode, model=record.model, prompt=record.prompt, options=record.options
+        mode=record.mode,
+        model=record.model,
+        prompt=record.prompt,
+        options=record.options,
+        replay_of=record.replay_of,
     )

@@ -103,6 +103,12 @@ SQLITE: tuple[Migration, ...] = (
         # request fields they keep (agentlab.executions.fingerprint).
         ("ALTER TABLE executions ADD COLUMN fingerprint TEXT NOT NULL DEFAULT ''",),
     ),
+    Migration(
+        3,
+        "the execution a replay replays",
+        # Empty in rows made before: none of them is a replay.
+        ("ALTER TABLE executions ADD COLUMN replay_of TEXT NOT NULL DEFAULT ''",),
+    ),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -159,6 +165,11 @@ POSTGRES: tuple[Migration, ...] = (
         # A constant default: PostgreSQL 11+ adds the column without
         # rewriting the table.
         ("ALTER TABLE executions ADD COLUMN fingerprint text NOT NULL DEFAULT ''",),
+    ),
+    Migration(
+        3,
+        "the execution a replay replays",
+        ("ALTER TABLE executions ADD COLUMN replay_of text NOT NULL DEFAULT ''",),
     ),
 )
 

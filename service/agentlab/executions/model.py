@@ -81,6 +81,8 @@ class NewExecution:
     # The request's fingerprint (executions.fingerprint): what request_id
     # is bound to; "" without a request_id.
     fingerprint: str = ""
+    # The execution this one replays (ReplayExecution); "" for none.
+    replay_of: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,9 @@ class ExecutionRecord:
     # "" without a request_id, and for records made before the store kept
     # it: executions.fingerprint then computes it from the fields above.
     fingerprint: str = ""
+    # The execution this one replays; "" for none (and for records made
+    # before the store kept it).
+    replay_of: str = ""
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ T = TypeVar("T")
 
 _COLUMNS = (
     "id, request_id, caller, model, mode, prompt, options, background, state, created_at,"
-    " started_at, ended_at, owner, heartbeat_at, last_sequence, result, error, fingerprint"
+    " started_at, ended_at, owner, heartbeat_at, last_sequence, result, error, fingerprint,"
+    " replay_of"
 )
 _ACTIVE = [state.value for state in ACTIVE_STATES]
 _FINISHED = [state.value for state in FINISHED_STATES]
@@ -131,6 +132,7 @@ class PostgresStore:
             created_at,
             new.owner,
             new.fingerprint,
+            new.replay_of,
         )
 
         async def insert(conn: Any) -> tuple[ExecutionRecord, bool]:
@@ -548,7 +550,7 @@ async def _keep_session(conn: Any) -> None:
 
 _INSERT_VALUES = f"""
     INSERT INTO executions ({_COLUMNS})
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, NULL, $11, $10, 0, NULL, NULL, $12)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, NULL, $11, $10, 0, NULL, NULL, $12, $13)
     ON CONFLICT (caller, request_id) WHERE request_id <> '' DO NOTHING
 """
 _INSERT_RETURNING = f"{_INSERT_VALUES} RETURNING {_COLUMNS}"

@@ -61,6 +61,7 @@ def record_from_row(row: Row, time: Callable[[Any], datetime]) -> ExecutionRecor
         result=row["result"],
         error=row["error"],
         fingerprint=row["fingerprint"],
+        replay_of=row["replay_of"],
     )
 
 
@@ -98,4 +99,5 @@ def queued_record(new: NewExecution, created_at: datetime) -> ExecutionRecord:
         result=None,
         error=None,
         fingerprint=new.fingerprint,
+        replay_of=new.replay_of,
     )

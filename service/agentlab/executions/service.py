@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 from agentlab.core.errors import NotFound
 from agentlab.core.runner import Runner
@@ -22,6 +22,7 @@ from agentlab.core.types import Task
 from agentlab.executions import cancel, watch
 from agentlab.executions.admission import Admission
 from agentlab.executions.call import Call, held, with_deadline
+from agentlab.executions.compare import compare
 from agentlab.executions.model import (
     ACTIVE_STATES,
     Cursor,
@@ -37,6 +38,7 @@ from agentlab.executions.submission import Submitted, submit
 from agentlab.metrics import record as metrics
 from agentlab.telemetry import logs, tracing
 from agentlab.v1 import execution_pb2 as pb
+from agentlab.v1 import lab_service_pb2 as svc
 
 __all__ = ["Executions", "Submitted"]
 
@@ -136,7 +138,13 @@ class Executions:
         await self._recovery.recover()
 
     async def submit(
-        self, task: Task, *, caller: str = "", request_id: str = "", background: bool = False
+        self,
+        task: Task,
+        *,
+        caller: str = "",
+        request_id: str = "",
+        background: bool = False,
+        replay_of: str = "",
     ) -> Submitted:
         """Record the execution and start its work (see submission.submit)."""
         return await submit(
@@ -149,6 +157,7 @@ class Executions:
             caller=caller,
             request_id=request_id,
             background=background,
+            replay_of=replay_of,
         )
 
     @contextlib.asynccontextmanager
@@ -161,15 +170,17 @@ class Executions:
         background: bool = False,
         leaving_cancels: bool,
         time_remaining_s: float | None = None,
+        replay_of: str = "",
     ) -> AsyncIterator[Call]:
         """Submit ``task`` for one call and yield the execution; on leaving
         before its final event, cancel it when ``leaving_cancels`` and this
         call created it (executions/call.py). Only then does the caller's
-        deadline (``time_remaining_s``, seconds) limit the execution."""
+        deadline (``time_remaining_s``, seconds) limit the execution.
+        ``replay_of``: the execution this one replays (see replay_task)."""
         if leaving_cancels:
             task = with_deadline(task, time_remaining_s)
         submitted = await self.submit(
-            task, caller=caller, request_id=request_id, background=background
+            task, caller=caller, request_id=request_id, background=background, replay_of=replay_of
         )
 
         created = submitted.created
@@ -207,6 +218,15 @@ class Executions:
         if record is None or (caller is not None and record.caller != caller):
             raise NotFound("execution", execution_id)
         return record
+
+    async def compare(
+        self, execution_ids: Sequence[str], caller: str | None = None
+    ) -> svc.CompareExecutionsResponse:
+        """The executions lined up against the first (executions/compare.py);
+        NOT_FOUND, as get, for any that is not the caller's."""
+        records = [await self.get(execution_id, caller) for execution_id in execution_ids]
+        # Word diffs of long outputs take a while: not on the event loop.
+        return await asyncio.to_thread(compare, records)
 
     async def page(
         self,

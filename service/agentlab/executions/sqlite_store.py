@@ -70,7 +70,8 @@ _MICROSECOND = timedelta(microseconds=1)
 
 _COLUMNS = (
     "id, request_id, caller, model, mode, prompt, options, background, state, created_at,"
-    " started_at, ended_at, owner, heartbeat_at, last_sequence, result, error, fingerprint"
+    " started_at, ended_at, owner, heartbeat_at, last_sequence, result, error, fingerprint,"
+    " replay_of"
 )
 _ACTIVE = tuple(state.value for state in ACTIVE_STATES)
 _ACTIVE_SQL = "(" + ", ".join("?" for _ in _ACTIVE) + ")"
@@ -132,7 +133,7 @@ class SqliteStore:
                 db.execute(
                     f"""
                     INSERT INTO executions ({_COLUMNS})
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, 0, NULL, NULL, ?)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, 0, NULL, NULL, ?, ?)
                     ON CONFLICT (caller, request_id) WHERE request_id <> '' DO NOTHING
                     """,
                     (
@@ -149,6 +150,7 @@ class SqliteStore:
                         new.owner,
                         created_at,
                         new.fingerprint,
+                        new.replay_of,
                     ),
                 ).rowcount
                 == 1

@@ -46,6 +46,7 @@ async def submit(
     caller: str = "",
     request_id: str = "",
     background: bool = False,
+    replay_of: str = "",
 ) -> Submitted:
     """Record the execution and start its work; a bad request, or one
     beyond the limits of executions, raises before anything is recorded.
@@ -55,12 +56,19 @@ async def submit(
     a retry finds it even after the routing file dropped the model, and
     a recorded key is never refused for the limits. The key is bound to
     the request it came with: a different request raises
-    IdempotencyKeyReused."""
+    IdempotencyKeyReused. ``replay_of``: the execution this one replays
+    (ReplayExecution), recorded with it and part of what its key binds."""
     options = _options(task.options)
     # Only a key is bound to its request: a call without one is never
     # looked up again, so its fingerprint is not worth computing.
     work = (
-        fingerprint(mode=task.mode.value, model=task.model, prompt=task.prompt, options=options)
+        fingerprint(
+            mode=task.mode.value,
+            model=task.model,
+            prompt=task.prompt,
+            options=options,
+            replay_of=replay_of,
+        )
         if request_id
         else ""
     )
@@ -84,6 +92,7 @@ async def submit(
                     created_at=datetime.now(UTC),
                     owner=owner,
                     fingerprint=work,
+                    replay_of=replay_of,
                 )
             )
         )
