@@ -70,10 +70,19 @@ def service_env(environ: Mapping[str, str], port: int) -> dict[str, str]:
     return {**environ, "AGENTLAB_GRPC_ADDRESS": address}
 
 
+def metrics_env(environ: Mapping[str, str], port: int) -> dict[str, str]:
+    """``environ`` with the service's metrics on ``port`` unless
+    AGENTLAB_METRICS_ADDRESS says where: set before the configuration is
+    read, so that what make run prints is where they are served."""
+    if environ.get("AGENTLAB_METRICS_ADDRESS", "").strip():
+        return dict(environ)
+    return {**environ, "AGENTLAB_METRICS_ADDRESS": f"127.0.0.1:{port}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ports = parse_ports(argv)
     try:
-        env = service_env(os.environ, ports.service)
+        env = metrics_env(service_env(os.environ, ports.service), ports.metrics)
         settings = Settings.from_env(env)
         applied = preflight.check(settings, env)
     except ConfigError as error:
@@ -89,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # With keys, the example call needs one too.
     auth = '-H "Authorization: Bearer $KEY" ' if settings.api_keys_file else ""
-    if env.get("AGENTLAB_METRICS_ADDRESS", "").strip() and settings.metrics_address != OFF:
-        # Set: Envoy's GET /metrics goes where the service serves them.
+    if settings.metrics_address != OFF:
+        # Envoy's GET /metrics goes where the service serves them.
         ports = replace(ports, metrics=split_address(settings.metrics_address)[1])
     service = ServiceProcess(
         port=ports.service,
@@ -99,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics_port=ports.metrics,
     )
     envoy = EnvoyProcess(ports=ports, rate_limit=settings.rate_limit)
+    metrics = (
+        "off (AGENTLAB_METRICS_ADDRESS=off)"
+        if settings.metrics_address == OFF
+        else f"{envoy.url}/metrics, the service's own http://{settings.metrics_address}/metrics"
+    )
     try:
         print(f"starting the service on {service.address} ...", flush=True)
         service.start()
@@ -117,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  gRPC (Envoy)   127.0.0.1:{ports.gateway}\n"
             f"  gRPC (direct)  {service.address}\n"
             f"  Envoy admin    http://127.0.0.1:{ports.admin} (metrics: /stats/prometheus)\n"
-            f"  metrics        {envoy.url}/metrics (AGENTLAB_METRICS_ADDRESS)\n\n"
+            f"  metrics        {metrics}\n\n"
             f"try:\n  {CURL.format(port=ports.gateway, auth=auth)}\n\n"
             "Ctrl-C stops both.",
             flush=True,

@@ -12,6 +12,7 @@ from buf.validate import validate_pb2
 from agentlab import preflight
 from agentlab.config import (
     CONTRACT_MAX_PROMPT_CHARS,
+    MAX_DURATION_S,
     ConfigError,
     RateLimit,
     Settings,
@@ -234,6 +235,10 @@ def test_docker_compose_passes_every_setting_through() -> None:
         ({"AGENTLAB_MODELS_FILE": "{tmp}/keys.yaml"}, "models"),
         ({"AGENTLAB_API_KEY_FILE": "{tmp}/keys.yaml"}, "did you mean AGENTLAB_API_KEYS_FILE"),
         ({"AGENTLAB_RATE_LIMIT": "100/s"}, "AGENTLAB_RATE_LIMIT must be off or"),
+        # Once a hang without a word (recovery's date arithmetic overflowed),
+        # and a start-up whose every retention sweep failed.
+        ({"AGENTLAB_EXECUTION_LEASE_S": "inf"}, "AGENTLAB_EXECUTION_LEASE_S must be at most"),
+        ({"AGENTLAB_RETENTION_MAX_AGE": "1000000d"}, "it must be at most 36500d"),
     ],
 )
 def test_python_m_agentlab_refuses_what_it_cannot_honour(
@@ -274,3 +279,27 @@ def test_a_bus_that_cannot_be_reached_stops_start_up_in_one_line(tmp_path: Path)
     assert "AGENTLAB_REDIS_URL" in done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert "hunter2" not in done.stderr
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e300", "3153600001"])
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "AGENTLAB_EXECUTION_HEARTBEAT_S",
+        "AGENTLAB_EXECUTION_LEASE_S",
+        "AGENTLAB_HEALTH_INTERVAL_S",
+        "AGENTLAB_SHUTDOWN_GRACE_S",
+        "AGENTLAB_ECHO_TOKEN_DELAY_S",
+        "AGENTLAB_RETENTION_INTERVAL_S",
+    ],
+)
+def test_durations_are_finite_and_at_most_a_century(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable) as raised:
+        Settings.from_env({variable: value})
+    message = str(raised.value)
+    assert "must be a number" in message or "at most 3153600000 (100 years)" in message
+
+
+def test_the_longest_duration_is_accepted() -> None:
+    settings = Settings.from_env({"AGENTLAB_EXECUTION_LEASE_S": str(MAX_DURATION_S)})
+    assert settings.execution_lease_s == MAX_DURATION_S

@@ -295,8 +295,9 @@ def test_dashboard_covers_the_agreed_metrics() -> None:
 @pytest.mark.e2e
 def test_dashboards_envoy_series_are_what_envoy_exports(start_stack: StackFactory) -> None:
     """The Envoy panels' series exist in a real Envoy's /stats/prometheus for
-    the service cluster, after a request through it."""
-    stack: Stack = start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo"})
+    the service cluster and the rate limit (on, as in production), after a
+    request through it."""
+    stack: Stack = start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_RATE_LIMIT": "100"})
     answer = httpx.post(
         f"{stack.url}/api/v1/execute", json={"prompt": "hi", "model": "echo"}, timeout=30
     )
@@ -308,6 +309,7 @@ def test_dashboards_envoy_series_are_what_envoy_exports(start_stack: StackFactor
         line.split("{")[0]
         for line in stats.splitlines()
         if 'envoy_cluster_name="agentlab_service"' in line
+        or 'envoy_local_http_ratelimit_prefix="lab_rate_limit"' in line
     }
     envoy_names = {
         n for q in dashboard_queries() for n in metric_names(q) if n.startswith("envoy_")

@@ -84,6 +84,25 @@ def test_every_line_a_request_causes_names_the_request_execution_and_trace(
 
 
 @pytest.mark.e2e
+def test_an_invalid_traceparent_names_no_trace(stack: Stack) -> None:
+    """Upper-case hex is not W3C Trace Context: tracing would start a trace
+    of its own, so the lines (tracing off here) must not claim the caller's."""
+    trace_id = secrets.token_hex(16)
+    answer = httpx.post(
+        f"{stack.url}/api/v1/execute",
+        json={"prompt": "Say hi", "model": "unreachable"},
+        headers={"traceparent": f"00-{trace_id.upper()}-{secrets.token_hex(8)}-01"},
+        timeout=30,
+    )
+    assert answer.status_code == 503, answer.text
+    caused = [
+        line for line in _lines(stack) if line["request_id"] == answer.headers["x-request-id"]
+    ]
+    assert caused
+    assert {line["trace_id"] for line in caused} == {""}
+
+
+@pytest.mark.e2e
 def test_prompts_and_outputs_are_not_logged_at_info(stack: Stack) -> None:
     secret = f"zebra-{secrets.token_hex(6)}"
     request_ids = []
@@ -169,6 +188,11 @@ def test_an_unknown_log_format_is_refused() -> None:
         (f"00-{'0' * 32}-{'cd' * 8}-01", ""),
         ("garbage", ""),
         (f"00-{'zz' * 16}-{'cd' * 8}-01", ""),
+        # Invalid by W3C Trace Context, and so ignored by tracing when on:
+        (f"00-{'AB' * 16}-{'cd' * 8}-01", ""),  # upper-case hex
+        (f"00-{'ab' * 16}-{'0' * 16}-01", ""),  # a zero parent id
+        (f"ff-{'ab' * 16}-{'cd' * 8}-01", ""),  # the forbidden version
+        (f" 00-{'ab' * 16}-{'cd' * 8}-01 ", "ab" * 16),  # spaces around are allowed
     ],
 )
 def test_the_trace_id_of_a_traceparent(traceparent: str, trace_id: str) -> None:

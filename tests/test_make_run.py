@@ -261,6 +261,12 @@ def test_the_users_configuration_reaches_the_service(configured: dict[str, str])
         for secret in (FRONTEND, SECOND, digest_as_the_readme_says(FRONTEND)):
             assert secret not in output
         assert 'Authorization: Bearer $KEY"' in output  # the example call shows a key
+        # The metrics port it printed (once the default 9464 whatever
+        # --metrics-port said) is where the service serves them.
+        metrics = f"127.0.0.1:{ports['metrics']}"
+        assert re.search(rf"^  AGENTLAB_METRICS_ADDRESS +{metrics}$", output, re.M), output
+        assert f"the service's own http://{metrics}/metrics" in output, output
+        assert "agentlab_executions_running" in httpx.get(f"http://{metrics}/metrics").text
 
         prompt = {"prompt": "Dime 3 números primos", "model": "mistral7b"}
         without = httpx.post(f"{url}/api/v1/execute", json=prompt, timeout=30)

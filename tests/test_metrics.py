@@ -23,9 +23,10 @@ from agentlab.core.errors import Cancelled
 from agentlab.core.events import ExecutionFailed
 from agentlab.core.types import ExecutionMode, FlowStep, Metrics, StepStatus, Task
 from agentlab.devstack import Stack
+from agentlab.executions.model import FINISHED_STATES
 from agentlab.lab.graph import NODES
 from agentlab.metrics import instruments
-from agentlab.metrics.record import MAX_MODELS, OTHER_MODEL, execution_finished
+from agentlab.metrics.record import ENDED_STATES, MAX_MODELS, OTHER_MODEL, execution_finished
 from tests.helpers.sse import read_events
 from tests.helpers.stacks import StackFactory
 
@@ -372,3 +373,22 @@ def test_a_failure_records_its_finished_nodes_only() -> None:
     assert sample("agentlab_node_output_tokens_total", **plan) == 7
     assert sample("agentlab_node_duration_seconds_count", **answer) == 0
     assert sample("agentlab_node_output_tokens_total", **answer) == 0
+
+
+def test_end_states_and_refusal_reasons_are_series_from_start_up(
+    start_stack: StackFactory,
+) -> None:
+    """A fresh service already serves 0 for every end state and 429 reason:
+    rate() of a series born at its first increment misses that increment,
+    and a dashboard shows "no data" rather than 0 until it comes."""
+    stack = start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo"})
+    samples = scrape(f"{stack.url}/metrics")
+    for state in ("SUCCEEDED", "FAILED", "CANCELLED"):
+        key = ("agentlab_executions_total", frozenset({("state", state)}))
+        assert samples.get(key) == 0.0, state
+    key = ("agentlab_requests_rejected_total", frozenset({("reason", "TOO_MANY_EXECUTIONS")}))
+    assert samples.get(key) == 0.0
+
+
+def test_the_end_states_are_the_stores_finished_states() -> None:
+    assert tuple(state.value for state in FINISHED_STATES) == ENDED_STATES

@@ -5,10 +5,13 @@ label. Skipped without the `prometheus` binary, failed in CI."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from agentlab.devstack import Stack, free_port
+from agentlab.devstack import ROOT, Stack, free_port
 from agentlab.metrics import instruments
 from tests.helpers.services import missing
 from tests.helpers.stacks import StackFactory
@@ -62,6 +65,13 @@ class Prometheus:
 def scraping(tmp_path: Path, start_stack: StackFactory) -> Iterator[tuple[Stack, Prometheus]]:
     binary = _prometheus_binary()
     stack = start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo"})
+    with prometheus_for(stack, tmp_path, binary) as prometheus:
+        yield stack, prometheus
+
+
+@contextmanager
+def prometheus_for(stack: Stack, tmp_path: Path, binary: str) -> Iterator[Prometheus]:
+    """A Prometheus scraping ``stack`` every second, as the README says."""
     ports = stack.envoy.ports
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
@@ -104,7 +114,7 @@ def scraping(tmp_path: Path, start_stack: StackFactory) -> Iterator[tuple[Stack,
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError((tmp_path / "prometheus.log").read_text(errors="replace"))
             time.sleep(0.1)
-        yield stack, prometheus
+        yield prometheus
     finally:
         proc.terminate()
         try:
@@ -145,3 +155,55 @@ def test_prometheus_scrapes_the_service_and_envoy(scraping: tuple[Stack, Prometh
         'envoy_cluster_upstream_rq_completed{envoy_cluster_name="agentlab_service"}', 3
     )
     assert upstream["metric"]["job"] == "envoy"
+
+
+# Dashboard panels with no data in the traffic below, and why.
+NEEDS_A_FAILED_EXECUTION = {
+    "sum by (gen_ai_request_model, error_type) "
+    '(rate(gen_ai_server_request_duration_seconds_count{error_type!=""}[$__rate_interval]))',
+}
+
+
+def test_every_dashboard_query_has_data_on_a_live_stack(
+    tmp_path: Path, start_stack: StackFactory
+) -> None:
+    """Each query of deploy/grafana's dashboard, run by a real Prometheus
+    scraping a stack after Execute, Orchestrate, a 429 from the service and
+    one from Envoy's rate limit, returns series: a name, label or selector
+    that only looked right would come back empty."""
+    binary = _prometheus_binary()
+    stack = start_stack(
+        {
+            "AGENTLAB_DEFAULT_BACKEND": "echo",
+            "AGENTLAB_RATE_LIMIT": "20/20",
+            "AGENTLAB_MAX_RUNNING_EXECUTIONS": "1",
+            "AGENTLAB_MAX_QUEUED_EXECUTIONS": "1",
+            "AGENTLAB_ECHO_TOKEN_DELAY_S": "0.05",
+        }
+    )
+    with prometheus_for(stack, tmp_path, binary) as prometheus:
+        prometheus.wait('count(up{job=~"agentlab|envoy"} == 1)', 2)
+        with httpx.Client(base_url=stack.url, timeout=30) as client:
+            execute = {"prompt": "uno dos", "model": "mistral7b"}
+            assert client.post("/api/v1/execute", json=execute).status_code == 200
+            streamed = client.post("/api/v1/orchestrate", json=execute)
+            assert streamed.status_code == 200
+            with ThreadPoolExecutor(4) as pool:
+                statuses = list(
+                    pool.map(
+                        lambda _: client.post("/api/v1/execute", json=execute).status_code, range(4)
+                    )
+                )
+            assert 429 in statuses, statuses  # the service's: one running, one waiting
+            burst = [client.get("/api/v1/models").status_code for _ in range(40)]
+            assert 429 in burst, burst  # Envoy's bucket of 20
+        dashboard = json.loads((ROOT / "deploy/grafana/dashboards/agentlab.json").read_text())
+        queries = [
+            target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+        ]
+        empty = set(queries)
+        deadline = time.monotonic() + 30
+        while empty - NEEDS_A_FAILED_EXECUTION and time.monotonic() < deadline:
+            time.sleep(1)
+            empty = {q for q in empty if not prometheus.query(q.replace("$__rate_interval", "1m"))}
+        assert not empty - NEEDS_A_FAILED_EXECUTION, empty - NEEDS_A_FAILED_EXECUTION

@@ -979,3 +979,12 @@ def test_envoys_circuit_breakers_are_the_readmes() -> None:
     [default] = [t for t in thresholds if t["priority"] == "DEFAULT"]
     assert default["max_requests"] == int(claim.group(1).replace(",", ""))
     assert default["max_pending_requests"] >= default["max_requests"]
+
+
+def test_each_section_heading_is_there_once() -> None:
+    """Two merges once left two "## Operating it" sections, the second after
+    "Other commands": a reader following the first missed Compose and
+    Kubernetes."""
+    headings = re.findall(r"^#{2,3} .+$", README, re.MULTILINE)
+    repeated = {h for h in headings if headings.count(h) > 1}
+    assert not repeated, repeated

@@ -448,6 +448,11 @@ def test_the_age_is_a_number_with_a_unit_or_off(
         ("AGENTLAB_RETENTION_MAX_AGE", "0d", "above 0"),
         ("AGENTLAB_RETENTION_MAX_AGE", "-1h", "above 0"),
         ("AGENTLAB_RETENTION_MAX_AGE", "5w", "s, m, h or d"),
+        ("AGENTLAB_RETENTION_MAX_AGE", "1000000d", "at most 36500d"),
+        ("AGENTLAB_RETENTION_MAX_AGE", "1e300d", "at most 36500d"),
+        ("AGENTLAB_RETENTION_MAX_AGE", "876001h", "at most 36500d"),
+        ("AGENTLAB_RETENTION_INTERVAL_S", "inf", "at most"),
+        ("AGENTLAB_RETENTION_INTERVAL_S", "nan", "must be a number"),
         ("AGENTLAB_RETENTION_MAX_COUNT", "0", "at least 1"),
         ("AGENTLAB_RETENTION_MAX_COUNT", "many", "an integer"),
         ("AGENTLAB_RETENTION_INTERVAL_S", "0", "above 0"),
@@ -603,3 +608,27 @@ async def test_a_watch_whose_execution_is_deleted_under_it_ends_with_not_found(
     with pytest.raises(NotFound):
         await read_on()
     assert len(seen) == REPLAY_PAGE
+
+
+async def test_a_sweep_works_at_the_longest_age_and_lease_the_settings_accept() -> None:
+    """An age of 1000000d was accepted once and failed every sweep (a date
+    before year 1): the longest the settings take must still make one."""
+    settings = Settings.from_env(
+        {"AGENTLAB_RETENTION_MAX_AGE": "36500d", "AGENTLAB_EXECUTION_LEASE_S": "3153600000"}
+    )
+    assert settings.retention_max_age.seconds is not None
+
+    class NoneFinished:
+        async def nth_newest_finished(self, n: int) -> Cursor | None:
+            return None
+
+    policy = RetentionPolicy(
+        max_age_s=settings.retention_max_age.seconds,
+        max_count=3,
+        grace_s=settings.execution_lease_s,
+    )
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    expiry = await policy.expiry(NoneFinished(), now)  # type: ignore[arg-type]
+    assert expiry is not None
+    assert expiry.before.created_at == now - timedelta(days=36500)
+    assert expiry.ended_before == now - timedelta(seconds=3153600000)

@@ -13,6 +13,7 @@ import grpc
 import httpx
 import pytest
 import yaml
+from opentelemetry.sdk.trace import TracerProvider
 
 from agentlab.devstack import LabServiceProcess, Stack, free_port
 from agentlab.lab.graph import NODES
@@ -299,3 +300,26 @@ def test_docker_compose_passes_the_otel_variables_through() -> None:
         environment = compose["services"][name]["environment"]
         for variable in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SDK_DISABLED"):
             assert environment[variable] == f"${{{variable}:-}}", (name, variable)
+
+
+def test_docker_compose_passes_the_sampler_with_the_sdks_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """README's advice for heavy traffic (OTEL_TRACES_SAMPLER=...traceidratio)
+    once could not reach a compose replica; unset, the values compose gives
+    must sample as an unset variable does (an empty one makes the SDK warn)."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    defaults = {"OTEL_TRACES_SAMPLER": "parentbased_always_on", "OTEL_TRACES_SAMPLER_ARG": "1.0"}
+    for name in ("service", "service-2", "lab"):
+        environment = compose["services"][name]["environment"]
+        for variable, default in defaults.items():
+            assert environment[variable] == f"${{{variable}:-{default}}}", (name, variable)
+    for variable in defaults:
+        monkeypatch.delenv(variable, raising=False)
+    unset = TracerProvider().sampler.get_description()
+    for variable, default in defaults.items():
+        monkeypatch.setenv(variable, default)
+    assert TracerProvider().sampler.get_description() == unset
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.1")
+    assert "0.1" in TracerProvider().sampler.get_description()

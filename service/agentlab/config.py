@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 __all__ = [
     "CLIENT_VARIABLES",
     "CONTRACT_MAX_PROMPT_CHARS",
+    "MAX_DURATION_S",
     "PREFIX",
     "ConfigError",
     "MaxAge",
@@ -50,6 +51,12 @@ CONTRACT_MAX_PROMPT_CHARS = 1_000_000
 # practice, and a batch beyond it holds the store's write lock for seconds.
 _MAX_RETENTION_COUNT = 1_000_000_000
 _MAX_RETENTION_BATCH = 10_000
+# The longest duration any setting takes, seconds (about 100 years): the
+# service subtracts leases and ages from today's date, and a datetime cannot
+# go back much further (AGENTLAB_EXECUTION_LEASE_S=inf hung start-up; an
+# age of 1000000d failed every retention sweep). Longer is "never" in all
+# but name, and the age limit says so with off.
+MAX_DURATION_S = 100 * 365 * 86400.0
 
 
 class ConfigError(ValueError):
@@ -146,6 +153,11 @@ class MaxAge:
             raise ConfigError(problem) from None
         if not 0 < amount < math.inf:  # NaN too
             raise ConfigError(f"{problem}: it must be above 0 (no limit is written off)")
+        if amount * _AGE_UNITS[unit] > MAX_DURATION_S:
+            raise ConfigError(
+                f"{problem}: it must be at most {MAX_DURATION_S / 86400:.0f}d "
+                "(no limit is written off)"
+            )
         return cls(amount * _AGE_UNITS[unit])
 
 
@@ -276,8 +288,14 @@ class Settings:
                 value = float(raw)
             except ValueError:
                 raise ConfigError(f"AGENTLAB_{name} must be a number, not {raw!r}") from None
-            if not value >= 0:
+            if math.isnan(value):
+                raise ConfigError(f"AGENTLAB_{name} must be a number, not {raw!r}")
+            if value < 0:
                 raise ConfigError(f"AGENTLAB_{name} must not be negative, not {raw}")
+            if value > MAX_DURATION_S:  # inf too
+                raise ConfigError(
+                    f"AGENTLAB_{name} must be at most {MAX_DURATION_S:.0f} (100 years), not {raw}"
+                )
             return value
 
         models_file = text("MODELS_FILE", "")

@@ -17,12 +17,14 @@ from typing import Protocol
 
 from prometheus_client import Counter, Histogram
 
+from agentlab.core.errors import ResourceExhausted
 from agentlab.core.events import EventKind, ExecutionCompleted, ExecutionFailed
 from agentlab.core.ports import Lab
 from agentlab.core.types import ExecutionMode, FlowStep, StepStatus, Task
 from agentlab.metrics import instruments as m
 
 __all__ = [
+    "ENDED_STATES",
     "OTHER_MODEL",
     "backend_checked",
     "bus_delivered",
@@ -38,6 +40,15 @@ OPERATION = {ExecutionMode.INFERENCE: "chat", ExecutionMode.ORCHESTRATION: "invo
 
 MAX_MODELS = 100
 OTHER_MODEL = "other"
+
+# Every end state and refusal reason there is, at 0 from start-up: a series
+# born at its first increment loses that increment to rate() and increase()
+# (they need a sample before it), and reads "no data" on a dashboard or to an
+# alert until then, rather than 0.
+ENDED_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+for _state in ENDED_STATES:
+    m.EXECUTIONS.labels(_state)
+m.REJECTED.labels(ResourceExhausted.reason)
 """The model label of requested names past the first MAX_MODELS: without a
 routing file any name is served, and a label value per name a client
 invents would grow every series without bound."""

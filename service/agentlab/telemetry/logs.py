@@ -22,6 +22,9 @@ import logging
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
+from opentelemetry.trace import get_current_span
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
 from agentlab.telemetry import tracing
 
 __all__ = [
@@ -43,6 +46,7 @@ execution_id: ContextVar[str] = ContextVar("agentlab_execution_id", default="")
 # The caller's trace id when tracing is off (from its traceparent); with
 # tracing on, the current span's wins.
 trace_id: ContextVar[str] = ContextVar("agentlab_trace_id", default="")
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
 
 
 class JsonFormatter(logging.Formatter):
@@ -78,13 +82,11 @@ def configure(level: str, log_format: str) -> None:
 
 
 def trace_id_of(traceparent: str) -> str:
-    """The trace id of a W3C ``traceparent`` value ("" if it is not one):
-    what the log lines carry while tracing is off."""
-    parts = traceparent.strip().split("-")
-    if len(parts) < 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
-        return ""
-    try:
-        int(parts[1], 16)
-    except ValueError:
-        return ""
-    return parts[1].lower()
+    """The trace id of a W3C ``traceparent`` value ("" if it is not a valid
+    one): what the log lines carry while tracing is off. Parsed by
+    OpenTelemetry's own propagator, so that a header tracing would ignore
+    (upper-case hex, a zero parent id, version ff) names no trace here
+    either, and the logs agree with the spans whether tracing is on or off."""
+    context = _TRACE_CONTEXT.extract({"traceparent": traceparent})
+    span_context = get_current_span(context).get_span_context()
+    return format(span_context.trace_id, "032x") if span_context.is_valid else ""
