@@ -15,17 +15,14 @@ Run as ``python bench/floor.py PORT`` (FloorServer does).
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
-from typing import IO
 
 import grpc
+from server_process import ServerProcess
 
-from agentlab.devstack import free_port
 from agentlab.v1 import execution_pb2, lab_service_pb2, lab_service_pb2_grpc
 
 __all__ = ["FloorServer"]
@@ -68,53 +65,22 @@ async def _serve(port: int) -> None:
     await server.wait_for_termination()
 
 
-class FloorServer:
+class FloorServer(ServerProcess):
     """``with FloorServer(log) as floor:`` serves the floor on ``floor.port``
-    (127.0.0.1), one process (``floor.pid``); ready once a TCP connect works."""
+    (127.0.0.1), one process (``floor.pid``)."""
 
-    def __init__(self, output: IO[bytes] | None = None) -> None:
-        self.port = free_port()
-        self._output = output
-        self._proc: subprocess.Popen[bytes] | None = None
+    name = "the floor server"
 
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None, "not started"
-        return self._proc.pid
+    def command(self) -> list[str]:
+        return [sys.executable, str(Path(__file__)), str(self.port)]
 
-    def __enter__(self) -> FloorServer:
-        self._proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__)), str(self.port)],
-            stdout=self._output,
-            stderr=subprocess.STDOUT if self._output else None,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"the floor server exited with {self._proc.returncode}")
+    def ready(self) -> bool:
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             try:
-                with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-                    grpc.channel_ready_future(channel).result(timeout=0.5)
-                return self
+                grpc.channel_ready_future(channel).result(timeout=0.5)
             except grpc.FutureTimeoutError:
-                continue
-        self.__exit__(None, None, None)
-        raise TimeoutError("the floor server did not answer within 30 s")
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+                return False
+        return True
 
 
 if __name__ == "__main__":
