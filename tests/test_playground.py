@@ -125,7 +125,12 @@ async def test_a_streamed_run_lights_up_each_node_with_its_tokens(
         )
         assert any(option.startswith("echo (echo") for option in options), options
         await run_streamed(page, "Name three prime numbers.")
-        await page.wait_for_selector(".node-card[data-status=running]", timeout=60_000)
+        # Tokens show while their node still runs: streamed, not drawn at the end.
+        await page.wait_for_function(
+            "[...document.querySelectorAll('.node-card[data-status=running] .tokens')]"
+            ".some(tokens => tokens.textContent.length > 0)",
+            timeout=60_000,
+        )
         await page.screenshot(path=tmp_path / "running.png", full_page=True)
         await wait_finished(page)
         await page.screenshot(path=tmp_path / "finished.png", full_page=True)
@@ -258,3 +263,46 @@ async def test_a_missing_or_wrong_key_shows_the_error(stack: Stack, tmp_path: Pa
         )
         await page.screenshot(path=tmp_path / "wrong-key.png", full_page=True)
         assert await page.text_content("#execution-id") == ""
+
+
+async def test_execute_shows_the_whole_run_at_its_end(stack: Stack) -> None:
+    async with playground(stack) as page:
+        await page.fill("#prompt", "one two three")
+        await page.select_option("#model", "echo")
+        await page.select_option("#mode", "EXECUTION_MODE_INFERENCE")
+        await page.click("#run-execute")
+        await wait_finished(page)
+        cards = await node_cards(page)
+        assert cards == [{"node": "inference", "status": "finished", "tokens": "one two three"}]
+        assert await page.text_content("#output") == "one two three"
+
+
+async def test_the_history_pages_and_filters(stack: Stack) -> None:
+    # Eleven quick runs on echo: more than one page of ten whatever else the
+    # module's tests ran.
+    for number in range(11):
+        await api(stack, "POST", "/execute", {"prompt": f"run {number}", "model": "echo"})
+    rows_js = (
+        "rows => rows.map(row => [row.dataset.id, row.cells[1].textContent,"
+        " row.cells[2].textContent])"
+    )
+    async with playground(stack) as page:
+        await page.fill("#history-model", "echo")
+        await page.dispatch_event("#history-model", "change")
+        await page.select_option("#history-state", "EXECUTION_STATE_SUCCEEDED")
+        await page.wait_for_function(
+            "[...document.querySelectorAll('#history tbody tr')].length === 10"
+            " && [...document.querySelectorAll('#history tbody tr')]"
+            ".every(row => row.cells[2].textContent === 'SUCCEEDED')"
+        )
+        first = await page.eval_on_selector_all("#history tbody tr", rows_js)
+        assert {(model, state) for _, model, state in first} == {("echo", "SUCCEEDED")}
+        await page.click("#history-next")
+        await page.wait_for_function(
+            f"!{[row[0] for row in first]!r}.includes("
+            "document.querySelector('#history tbody tr')?.dataset.id ?? 'none')"
+        )
+        second = await page.eval_on_selector_all("#history tbody tr", rows_js)
+        assert second
+        assert not {row[0] for row in second} & {row[0] for row in first}
+        assert {(model, state) for _, model, state in second} == {("echo", "SUCCEEDED")}

@@ -523,14 +523,17 @@ async function loadModels() {
   }
 }
 
-const historyPages = { current: "", next: "" };
+const historyPages = { current: "", next: "", asked: 0 };
 
 async function refreshHistory(pageToken = "") {
+  // Filters change quickly: only the latest request's answer is shown.
+  const asked = ++historyPages.asked;
   const query = new URLSearchParams({ page_size: "10" });
   if ($("history-model").value.trim()) query.set("model", $("history-model").value.trim());
   if ($("history-state").value) query.set("state", $("history-state").value);
   if (pageToken) query.set("page_token", pageToken);
   const page = await call("GET", `/api/v1/executions?${query}`);
+  if (asked !== historyPages.asked) return;
   historyPages.current = pageToken;
   historyPages.next = page.next_page_token || "";
   $("history-next").disabled = !historyPages.next;
