@@ -257,10 +257,14 @@ async def test_a_missing_or_wrong_key_shows_the_error(stack: Stack, tmp_path: Pa
         await page.fill("#api-key", "not-the-key")
         await page.dispatch_event("#api-key", "change")
         await page.fill("#prompt", "hello")
-        await page.click("#run-stream")
-        await page.wait_for_function(
-            "document.getElementById('error').textContent.startsWith('401')"
-        )
+        await page.evaluate("document.getElementById('error').hidden = true")
+        async with page.expect_response(lambda r: r.url.endswith("/api/v1/orchestrate")) as sent:
+            await page.click("#run-stream")
+        answer = await sent.value
+        assert answer.status == 401
+        assert answer.request.headers["authorization"] == "Bearer not-the-key"
+        await page.wait_for_selector("#error:not([hidden])")
+        assert await page.text_content("#error") == "401: the API key is not valid"
         await page.screenshot(path=tmp_path / "wrong-key.png", full_page=True)
         assert await page.text_content("#execution-id") == ""
 

@@ -96,6 +96,7 @@ async function guarded(action) {
 const cy = cytoscape({
   container: $("graph"),
   userZoomingEnabled: false,
+  maxZoom: 1.2, // else one node fills the box
   style: [
     {
       selector: "node",
