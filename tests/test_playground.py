@@ -237,6 +237,11 @@ async def test_a_reload_mid_run_resumes_the_watch_where_it_stopped(
         # Nothing lost and nothing twice across the reload.
         assert [card["tokens"] for card in cards] == [s["output"] for s in record["result"]["flow"]]
         assert record["last_sequence"] > resumed_from
+        # The history, loaded while it ran, shows its end.
+        await page.wait_for_function(
+            f"document.querySelector(\"#history tr[data-id='{record['execution_id']}']\")"
+            "?.cells[2].textContent === 'SUCCEEDED'"
+        )
 
 
 async def test_cancel_stops_the_open_run(stack: Stack) -> None:

@@ -318,6 +318,7 @@ async function watch() {
     }
     if (!TERMINAL.has(view.state)) await new Promise((done) => setTimeout(done, 1000));
   }
+  if (TERMINAL.has(view.state)) await refreshHistory(); // it still lists the run as running
 }
 
 function stopStream() {
