@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from agentlab.devstack import ROOT, Stack
+from agentlab.devstack import ROOT, Stack, free_port
 from tests.helpers.browser import chromium_browser
 from tests.helpers.stacks import StackFactory
 
@@ -315,3 +315,30 @@ async def test_the_history_pages_and_filters(stack: Stack) -> None:
         assert second
         assert not {row[0] for row in second} & {row[0] for row in first}
         assert {(model, state) for _, model, state in second} == {("echo", "SUCCEEDED")}
+
+
+async def test_the_model_picker_shows_which_models_are_unreachable(
+    start_stack: StackFactory,
+) -> None:
+    routing = (
+        "backends:\n"
+        f"  down: {{kind: ollama, url: 'http://127.0.0.1:{free_port()}'}}\n"
+        "models:\n"
+        "  gone: {backend: down, model: 'mistral:7b'}\n"
+    )
+    stack = await asyncio.to_thread(
+        start_stack, {"AGENTLAB_DEFAULT_BACKEND": "echo"}, keys={"researcher": KEY}, models=routing
+    )
+    for _ in range(100):  # the service finds the backend down on its first probe
+        models = {m["name"]: m["ready"] for m in (await api(stack, "GET", "/models"))["models"]}
+        if models["gone"] is False:
+            break
+        await asyncio.sleep(0.1)
+    assert models == {"gone": False, "echo": True}
+    async with playground(stack) as page:
+        options = await page.eval_on_selector_all(
+            "#model option",
+            "options => options.map(o => [o.value, o.textContent, o.disabled])",
+        )
+        assert ["gone", "gone (down, unreachable)", True] in options
+        assert ["echo", "echo (echo)", False] in options
