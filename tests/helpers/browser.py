@@ -17,7 +17,7 @@ from typing import Any
 from agentlab.devstack import free_port
 from tests.helpers.services import missing
 
-__all__ = ["chromium_page", "frontend_origin"]
+__all__ = ["chromium_browser", "chromium_page", "frontend_origin"]
 
 # Root needs --no-sandbox; the rest keeps a headless run quiet and small.
 _ARGS = [
@@ -74,19 +74,26 @@ def frontend_origin() -> Iterator[str]:
 
 
 @asynccontextmanager
-async def chromium_page() -> AsyncIterator[Any]:
-    """A Playwright page in headless Chromium, opened on the frontend origin."""
+async def chromium_browser() -> AsyncIterator[Any]:
+    """A Playwright Browser: headless Chromium, closed after."""
     executable = _require_chromium()
     from playwright.async_api import async_playwright
 
-    with frontend_origin() as origin:
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(
-                executable_path=executable, args=_ARGS, headless=True
-            )
-            try:
-                page = await browser.new_page()
-                await page.goto(f"{origin}/")
-                yield page
-            finally:
-                await browser.close()
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=executable, args=_ARGS, headless=True
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@asynccontextmanager
+async def chromium_page() -> AsyncIterator[Any]:
+    """A Playwright page in headless Chromium, opened on the frontend origin."""
+    async with chromium_browser() as browser:
+        with frontend_origin() as origin:
+            page = await browser.new_page()
+            await page.goto(f"{origin}/")
+            yield page
