@@ -342,3 +342,34 @@ async def test_the_model_picker_shows_which_models_are_unreachable(
         )
         assert ["gone", "gone (down, unreachable)", True] in options
         assert ["echo", "echo (echo)", False] in options
+        # With a routing file a model is required (400 without one): the page
+        # offers no "service's default" and starts on a model that can run.
+        assert sorted(value for value, _, _ in options) == ["echo", "gone"]
+        assert await page.input_value("#model") == "echo"
+        await page.fill("#prompt", "left as chosen")
+        await page.select_option("#mode", "EXECUTION_MODE_INFERENCE")
+        await page.click("#run-execute")
+        await wait_finished(page)
+        assert await page.text_content("#execution-state") == "SUCCEEDED"
+        assert await page.text_content("#output") == "left as chosen"
+
+
+async def test_the_page_asks_for_nothing_the_gateway_lacks(stack: Stack) -> None:
+    # A browser asks for /favicon.ico unless the page names an icon: a 404
+    # in the console of every visit.
+    # (Playwright reports that request only as a console error.) The key is
+    # in sessionStorage before the page loads, so no 401 is expected either.
+    errors: list[str] = []
+
+    def on_console(message: Any) -> None:
+        if message.type == "error":
+            errors.append(f"{message.text} {message.location.get('url')}")
+
+    async with chromium_browser() as browser:
+        page = await browser.new_page()
+        await page.add_init_script(f"sessionStorage.setItem('agentlab.apiKey', '{KEY}')")
+        page.on("console", on_console)
+        await page.goto(f"{stack.url}/", wait_until="load")
+        await page.wait_for_selector("#model option[value=echo]", state="attached")
+        await page.wait_for_timeout(1000)
+    assert errors == []

@@ -508,10 +508,13 @@ async function loadModels() {
   for (const select of [$("model"), $("replay-model")]) {
     const chosen = select.value;
     select.replaceChildren();
-    if (select.id === "model") {
-      // No model named: the service's default route.
+    // "*" is the route for any other name, so a run may leave the model out;
+    // with a routing file there is none and the service requires a model
+    // (400), so the first ready model is chosen instead.
+    const anyName = models.find((model) => model.name === "*");
+    if (select.id === "model" && anyName) {
       select.appendChild(Object.assign(document.createElement("option"), {
-        value: "", textContent: "(the service's default)",
+        value: "", textContent: `(the service's default: ${anyName.backend})`,
       }));
     }
     for (const model of models) {
@@ -522,6 +525,10 @@ async function loadModels() {
       select.appendChild(option);
     }
     if (chosen) select.value = chosen;
+    if (select.selectedOptions.length === 0 || select.selectedOptions[0].disabled) {
+      const ready = [...select.options].find((option) => !option.disabled);
+      if (ready) select.value = ready.value;
+    }
   }
 }
 
