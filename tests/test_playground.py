@@ -171,7 +171,9 @@ async def test_a_run_opened_from_the_history_replays_on_echo_side_by_side(
     source = executed["execution_id"]
     async with playground(stack) as page:
         await page.select_option("#history-state", "EXECUTION_STATE_SUCCEEDED")
-        row = page.locator(f"#history tr[data-id='{source}']")
+        # Only once the filtered page is shown: a click on a row an earlier
+        # answer drew could land on the next page's row in its place.
+        row = page.locator(f"#history:not([aria-busy]) tr[data-id='{source}']")
         await row.wait_for()
         await row.locator("button.open").click()
         await page.wait_for_function(
@@ -300,7 +302,8 @@ async def test_the_history_pages_and_filters(stack: Stack) -> None:
         await page.dispatch_event("#history-model", "change")
         await page.select_option("#history-state", "EXECUTION_STATE_SUCCEEDED")
         await page.wait_for_function(
-            "[...document.querySelectorAll('#history tbody tr')].length === 10"
+            "!document.getElementById('history').hasAttribute('aria-busy')"
+            " && [...document.querySelectorAll('#history tbody tr')].length === 10"
             " && [...document.querySelectorAll('#history tbody tr')]"
             ".every(row => row.cells[2].textContent === 'SUCCEEDED')"
         )

@@ -535,8 +535,19 @@ async function loadModels() {
 const historyPages = { current: "", next: "", asked: 0 };
 
 async function refreshHistory(pageToken = "") {
-  // Filters change quickly: only the latest request's answer is shown.
+  // Filters change quickly: only the latest request's answer is shown, and
+  // the table is aria-busy until it is (screen readers, and the tests, wait
+  // for that rather than for rows an older answer may replace).
   const asked = ++historyPages.asked;
+  $("history").setAttribute("aria-busy", "true");
+  try {
+    await showHistory(asked, pageToken);
+  } finally {
+    if (asked === historyPages.asked) $("history").removeAttribute("aria-busy");
+  }
+}
+
+async function showHistory(asked, pageToken) {
   const query = new URLSearchParams({ page_size: "10" });
   if ($("history-model").value.trim()) query.set("model", $("history-model").value.trim());
   if ($("history-state").value) query.set("state", $("history-state").value);
