@@ -177,13 +177,20 @@ def test_the_store_stays_bounded_under_sustained_load(start_stack: StackFactory)
     )
     print(summary)
     # Bounded: the rows never exceed what the count keeps plus what ended
-    # within the grace or since the last sweep (on a busy machine, up to a
-    # couple of rounds' worth), however many went through.
-    assert max(r.executions for r in readings) <= KEEP + 2 * PER_ROUND, summary
-    # The file stops growing: the later rounds, which wrote as much again,
-    # leave it no bigger than the first rounds' peak (with room for where
-    # the write-ahead log happens to be between checkpoints).
+    # within the grace (the 3 s lease) or since the last sweep, however many
+    # went through. How many end within 3 s depends on the machine's speed:
+    # a quiet 2-core machine ran up to two and a half rounds in that time
+    # (142 rows seen, with KEEP 40), a busy one fewer. What must not happen
+    # is growth: the later rounds, which wrote as much again, leave no more
+    # rows than the first rounds' peak allows. (Without retention the rows
+    # would reach all 500.)
     half = ROUNDS // 2
+    rows = [r.executions for r in readings]
+    assert max(rows) <= KEEP + 3 * PER_ROUND, summary
+    assert max(rows[half:]) <= 1.5 * max(rows[:half]), summary
+    # The file stops growing: the later rounds leave it no bigger than the
+    # first rounds' peak (with room for where the write-ahead log happens to
+    # be between checkpoints).
     assert max(sizes[half:]) <= 1.5 * max(sizes[:half]) + 8_000_000, summary
     # And far below what was written (payloads alone; without retention the
     # file would hold it all, and more).
