@@ -20,8 +20,8 @@ import statistics
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,13 +212,13 @@ class _RawHttp:
         return first, total
 
 
-def ttft(ours_url: str, peer_url: str, runs: int, warmup: int = 20) -> tuple[float, float]:
-    """p50 milliseconds to the first token event, ours and the peer's, one
-    stream at a time; the two alternate run by run so a drift in the
-    machine's load spreads over both."""
+def ttft(urls: Sequence[str], runs: int, warmup: int = 20) -> list[float]:
+    """p50 milliseconds to the first token event of each URL's side, one
+    stream at a time; the sides alternate run by run so a drift in the
+    machine's load spreads over all of them."""
     body = json.dumps(SSE_BODY).encode()
-    clients = (_RawHttp(ours_url), _RawHttp(peer_url))
-    firsts: tuple[list[float], list[float]] = ([], [])
+    clients = [_RawHttp(url) for url in urls]
+    firsts: list[list[float]] = [[] for _ in urls]
     try:
         for run in range(warmup + runs):
             for client, samples in zip(clients, firsts, strict=True):
@@ -228,7 +228,7 @@ def ttft(ours_url: str, peer_url: str, runs: int, warmup: int = 20) -> tuple[flo
     finally:
         for client in clients:
             client.close()
-    return statistics.median(firsts[0]), statistics.median(firsts[1])
+    return [statistics.median(samples) for samples in firsts]
 
 
 # --------------------------------------------------------------------------
@@ -283,14 +283,19 @@ def measure_peer_rows(
     start_stack: Callable[[Mapping[str, str]], AbstractContextManager[Stack]],
 ) -> list[Row]:
     """The table's rows for REST Execute (SQLite, then PostgreSQL + Redis),
-    the SSE relay and time to first token. ``stack`` is ours with the default
-    store; ``start_stack(env)`` starts another (for PostgreSQL). Every wrk
-    run is appended to ``details``."""
+    the SSE relay and time to first token, each with the floor's figure
+    beside it (bench/floor.py: the stack alone). ``stack`` is ours with the
+    default store; ``start_stack(env)`` starts another (for PostgreSQL).
+    Every wrk run is appended to ``details``."""
     rows: list[Row] = []
     ours = _stack_side("ours", stack)
-    with (log_dir / "fastapi-peer.log").open("wb") as log, FastApiPeer(log) as fastapi:
+    with (
+        (log_dir / "fastapi-peer.log").open("wb") as log,
+        FastApiPeer(log) as fastapi,
+        _floor_side(log_dir) as floor,
+    ):
         peer = Side("peer", fastapi.url, {"uvicorn": fastapi.pid})
-        for side in (ours, peer):
+        for side in (ours, peer, floor):
             _check(side.url, "/api/v1/execute", EXECUTE_BODY, b'"output"')
             _check(side.url, "/api/v1/orchestrate", SSE_BODY, b"execution_completed")
 
@@ -299,6 +304,12 @@ def measure_peer_rows(
             for side, result in zip((mine, peer), results, strict=True):
                 details.append(_detail(label, side.name, result))
             return results
+
+        def bare(path: str, label: str) -> wrk.WrkResult:
+            body = EXECUTE_BODY if path.endswith("execute") else SSE_BODY
+            result = _load(floor, path, body, opts)
+            details.append(_detail(label, floor.name, result))
+            return result
 
         a, b = both("/api/v1/execute", EXECUTE_BODY, "REST Execute, SQLite")
         rows.append(
@@ -310,8 +321,9 @@ def measure_peer_rows(
                 _goal1(a, b),
             )
         )
-
-        rows.append(_floor_row(log_dir, opts, peer_rate=b.rate, ours_rate=a.rate, details=details))
+        rows.append(
+            _floor_row(FLOOR_PATH, bare("/api/v1/execute", "REST Execute, floor"), a, b, "req")
+        )
 
         pg_path = "REST Execute, echo, PostgreSQL+Redis (req/s)"
         pg_goal = f">={GOAL2_RATIO}x"
@@ -349,9 +361,14 @@ def measure_peer_rows(
                 + _classes(a),
             )
         )
+        rows.append(
+            _floor_row(
+                SSE_FLOOR_PATH, bare("/api/v1/orchestrate", "SSE 20 tokens, floor"), a, b, "stream"
+            )
+        )
 
         _progress(f"time to first token: {opts.ttft_runs} streams each, one at a time")
-        mine_ms, theirs_ms = ttft(ours.url, peer.url, opts.ttft_runs)
+        mine_ms, theirs_ms, floor_ms = ttft((ours.url, peer.url, floor.url), opts.ttft_runs)
         added = mine_ms - theirs_ms
         rows.append(
             Row(
@@ -362,26 +379,24 @@ def measure_peer_rows(
                 p50_ms=mine_ms,
                 goal=f"added <={GOAL3_TTFT_ADDED_MS:g} ms",
                 met=added <= GOAL3_TTFT_ADDED_MS,
-                note=f"added {added:+.2f} ms over the peer ({opts.ttft_runs} streams each)",
+                note=(
+                    f"added {added:+.2f} ms over the peer ({opts.ttft_runs} streams each); "
+                    f"the floor's first token came at {floor_ms:.2f} ms, "
+                    f"{floor_ms - theirs_ms:+.2f} ms over the peer's: the stack alone"
+                ),
             )
         )
     return rows
 
 
 FLOOR_PATH = "REST Execute floor: bare grpc.aio + Envoy, nothing recorded (req/s)"
+SSE_FLOOR_PATH = "SSE floor: bare grpc.aio + Envoy, nothing recorded (streams/s)"
 
 
-def _floor_row(
-    log_dir: Path,
-    opts: Options,
-    *,
-    peer_rate: float,
-    ours_rate: float,
-    details: list[dict[str, Any]],
-) -> Row:
-    """The same wrk load on bench/floor.py's do-nothing servicer behind the
-    same Envoy config: the ceiling of this stack on this machine. Its ratio
-    to the peer bounds what any change inside the service can reach."""
+@contextmanager
+def _floor_side(log_dir: Path) -> Iterator[Side]:
+    """bench/floor.py's do-nothing servicer behind an Envoy of the same
+    config as ours: the ceiling of this stack on this machine."""
     with (
         (log_dir / "floor.log").open("wb") as log,
         FloorServer(log) as floor,
@@ -391,30 +406,34 @@ def _floor_row(
         envoy = EnvoyProcess(ports=ports, output=envoy_log).start()
         try:
             assert envoy.proc is not None
-            side = Side(
+            yield Side(
                 "floor",
                 envoy.url,
                 {"svc": floor.pid, "envoy": envoy.proc.pid},
                 f"http://127.0.0.1:{ports.admin}",
             )
-            _check(side.url, "/api/v1/execute", EXECUTE_BODY, b'"output"')
-            result = _load(side, "/api/v1/execute", EXECUTE_BODY, opts)
         finally:
             envoy.stop()
-    details.append(_detail("REST Execute, floor", side.name, result))
+
+
+def _floor_row(
+    path: str, floor: wrk.WrkResult, ours: wrk.WrkResult, peer: wrk.WrkResult, unit: str
+) -> Row:
+    """The floor's run read against the same peer run as ours: its ratio
+    bounds what any change inside the service can reach."""
     return Row(
-        path=FLOOR_PATH,
-        ours=result.rate,
-        peer=peer_rate,
-        ratio=_ratio(result.rate, peer_rate),
-        p50_ms=result.p50_ms,
-        p99_ms=result.p99_ms,
-        non_2xx=result.failures,
-        cpu=_cpu(result, None, "req").replace(" | -", ""),
+        path=path,
+        ours=floor.rate,
+        peer=peer.rate,
+        ratio=_ratio(floor.rate, peer.rate),
+        p50_ms=floor.p50_ms,
+        p99_ms=floor.p99_ms,
+        non_2xx=floor.failures,
+        cpu=_cpu(floor, None, unit).replace(" | -", ""),
         note=(
             "the stack alone: Envoy's transcoder in front of a grpc.aio servicer that answers "
             "at once (bench/floor.py); the service reached "
-            f"{_ratio(ours_rate, result.rate):.0%} of it; no change inside the service can pass it"
+            f"{_ratio(ours.rate, floor.rate):.0%} of it; no change inside the service can pass it"
         ),
     )
 

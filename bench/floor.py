@@ -1,13 +1,16 @@
-"""The floor of the REST Execute path: what Envoy's transcoder and a Python
-grpc.aio server cost when the server does nothing else.
+"""The floor of the REST paths: what Envoy's transcoder and a Python grpc.aio
+server cost when the server does nothing else.
 
 A LabService whose Execute answers at once with the shape the echo backend
-gives (the prompt as output, one "inference" step, metrics), with no store,
-no admission, no lab and no interceptors, behind the same Envoy config as the
-service. The peer table's floor row loads it with wrk like the real service:
-the gap between this row and the peer is what the stack alone costs (Envoy's
-hop, HTTP/2, grpc.aio's per-call work), which no change inside the service can
-win back; the gap between this row and ours is the service's own work.
+gives (the prompt as output, one "inference" step, metrics), and whose
+Orchestrate streams the events the echo backend's inference gives (started,
+node started, a token per word, node finished, completed), with no store, no
+admission, no lab and no interceptors, behind the same Envoy config as the
+service. The peer table's floor rows load it with wrk like the real service
+(and time its first token the same way): the gap between a floor row and the
+peer is what the stack alone costs (Envoy's hop, its transcoder, HTTP/2,
+grpc.aio's per-call and per-message work), which no change inside the service
+can win back; the gap between the floor and ours is the service's own work.
 
 Run as ``python bench/floor.py PORT`` (FloorServer does).
 """
@@ -18,6 +21,7 @@ import asyncio
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -28,33 +32,73 @@ from agentlab.v1 import execution_pb2, lab_service_pb2, lab_service_pb2_grpc
 __all__ = ["FloorServer"]
 
 
+def _result(
+    execution_id: str, prompt: str, output: str, model: str, words: int, start: float
+) -> tuple[execution_pb2.FlowStep, execution_pb2.ExecuteResponse]:
+    """The step and the response the echo backend's inference ends with."""
+    metrics = execution_pb2.Metrics(
+        latency_ms=(time.perf_counter() - start) * 1000,
+        completion_tokens=words,
+        backend="echo",
+        model="echo",
+        requested_model=model,
+    )
+    step = execution_pb2.FlowStep(
+        node="inference",
+        status=execution_pb2.STEP_STATUS_SUCCEEDED,
+        input=prompt,
+        output=output,
+        metrics=metrics,
+    )
+    response = execution_pb2.ExecuteResponse(
+        execution_id=execution_id,
+        output=output,
+        flow=[step],
+        metrics=metrics,
+        state=execution_pb2.EXECUTION_STATE_SUCCEEDED,
+    )
+    return step, response
+
+
 class _Floor(lab_service_pb2_grpc.LabServiceServicer):
     async def Execute(
         self, request: lab_service_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
     ) -> execution_pb2.ExecuteResponse:
         start = time.perf_counter()
         words = len(request.prompt.split())
-        metrics = execution_pb2.Metrics(
-            latency_ms=(time.perf_counter() - start) * 1000,
-            completion_tokens=words,
-            backend="echo",
-            model="echo",
-            requested_model=request.model,
+        _, response = _result(
+            uuid.uuid4().hex, request.prompt, request.prompt, request.model, words, start
         )
-        step = execution_pb2.FlowStep(
-            node="inference",
-            status=execution_pb2.STEP_STATUS_SUCCEEDED,
-            input=request.prompt,
-            output=request.prompt,
-            metrics=metrics,
+        return response
+
+    async def Orchestrate(
+        self, request: lab_service_pb2.OrchestrateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[lab_service_pb2.OrchestrateResponse]:
+        start, execution_id = time.perf_counter(), uuid.uuid4().hex
+        words = request.prompt.split()
+        output = " ".join(words)
+        step, response = _result(
+            execution_id, request.prompt, output, request.model, len(words), start
         )
-        return execution_pb2.ExecuteResponse(
-            execution_id=uuid.uuid4().hex,
-            output=request.prompt,
-            flow=[step],
-            metrics=metrics,
-            state=execution_pb2.EXECUTION_STATE_SUCCEEDED,
-        )
+        Event = execution_pb2.ExecutionEvent
+        events = [
+            Event(
+                execution_started=execution_pb2.ExecutionStarted(
+                    mode=request.mode, requested_model=request.model
+                )
+            ),
+            Event(node_started=execution_pb2.NodeStarted(node="inference", input=request.prompt)),
+            *(
+                Event(token_delta=execution_pb2.TokenDelta(node="inference", text=word + " "))
+                for word in words
+            ),
+            Event(node_finished=execution_pb2.NodeFinished(step=step)),
+            Event(execution_completed=execution_pb2.ExecutionCompleted(result=response)),
+        ]
+        for sequence, event in enumerate(events, 1):
+            event.sequence, event.execution_id = sequence, execution_id
+            event.time.GetCurrentTime()
+            yield lab_service_pb2.OrchestrateResponse(event=event)
 
 
 async def _serve(port: int) -> None:

@@ -24,7 +24,10 @@ MEASURED_BY_WRK = (
 )
 TTFT = "TTFT, one stream at a time (ms p50)"
 # bench/floor.py behind the same Envoy: measured, no goal of its own.
-FLOOR = "REST Execute floor: bare grpc.aio + Envoy, nothing recorded (req/s)"
+FLOORS = (
+    "REST Execute floor: bare grpc.aio + Envoy, nothing recorded (req/s)",
+    "SSE floor: bare grpc.aio + Envoy, nothing recorded (streams/s)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +61,17 @@ def test_the_table_has_every_path_with_positive_rates_and_their_ratio(
     quick_table: dict[str, Any],
 ) -> None:
     rows = {row["path"]: row for row in quick_table["table"]}
-    assert set(rows) == {*MEASURED_BY_WRK, TTFT, FLOOR}
-    floor = rows.pop(FLOOR)
-    assert floor["ours"] > 0, floor
-    # The same peer run as the Execute row's: the floor is read against it.
-    assert floor["peer"] == rows[MEASURED_BY_WRK[0]]["peer"], floor
-    assert floor["met"] is None, floor
-    assert not floor["goal"], floor
-    assert floor["non_2xx"] == 0, floor
-    assert "svc" in floor["cpu"], floor
-    assert "envoy" in floor["cpu"], floor
+    assert set(rows) == {*MEASURED_BY_WRK, TTFT, *FLOORS}
+    # Each floor is read against the same peer run as the row it bounds.
+    for path, bounded in zip(FLOORS, (MEASURED_BY_WRK[0], MEASURED_BY_WRK[2]), strict=True):
+        floor = rows.pop(path)
+        assert floor["ours"] > 0, floor
+        assert floor["peer"] == rows[bounded]["peer"], floor
+        assert floor["met"] is None, floor
+        assert not floor["goal"], floor
+        assert floor["non_2xx"] == 0, floor
+        assert "svc" in floor["cpu"], floor
+        assert "envoy" in floor["cpu"], floor
     pg = rows["REST Execute, echo, PostgreSQL+Redis (req/s)"]
     if pg["note"].startswith("skipped"):
         assert not in_ci(), pg["note"]  # CI has PostgreSQL and Redis
@@ -96,6 +100,7 @@ def test_the_table_has_every_path_with_positive_rates_and_their_ratio(
     )
     ttft = rows[TTFT]
     assert ttft["met"] == (ttft["ours"] - ttft["peer"] <= 1.0)
+    assert "the floor's first token came at" in ttft["note"], ttft
 
 
 def test_each_wrk_run_counts_requests_and_the_cpu_of_each_process(
@@ -108,6 +113,7 @@ def test_each_wrk_run_counts_requests_and_the_cpu_of_each_process(
         ("SSE 20 tokens", "ours"),
         ("SSE 20 tokens", "peer"),
         ("REST Execute, floor", "floor"),
+        ("SSE 20 tokens, floor", "floor"),
     }
     for r in runs:
         assert r["requests"] > 0, r
