@@ -11,6 +11,7 @@ field. Screenshots go to each test's tmp_path.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -255,6 +256,15 @@ async def test_cancel_stops_the_open_run(stack: Stack) -> None:
         assert await page.text_content("#execution-state") == "CANCELLED"
         record = await stored(stack, await page.text_content("#execution-id"))
         assert record["state"] == "EXECUTION_STATE_CANCELLED"
+        # The cut node shows the tokens it streamed (it showed "tokens 0").
+        [cut] = [s for s in record["result"]["flow"] if s["status"] == "STEP_STATUS_CANCELLED"]
+        streamed = len(cut["output"].split())
+        assert streamed > 0, cut
+        assert cut["metrics"]["completion_tokens"] == streamed, cut
+        metrics = await page.text_content(
+            f".node-card[data-node={cut['node']}][data-status=cancelled] .metrics"
+        )
+        assert metrics.startswith(f"tokens {streamed} · "), metrics
 
 
 async def test_a_missing_or_wrong_key_shows_the_error(stack: Stack, tmp_path: Path) -> None:
@@ -318,6 +328,15 @@ async def test_the_history_pages_and_filters(stack: Stack) -> None:
         assert second
         assert not {row[0] for row in second} & {row[0] for row in first}
         assert {(model, state) for _, model, state in second} == {("echo", "SUCCEEDED")}
+        # And back: the first page again, as it was.
+        await page.click("#history-previous")
+        await page.wait_for_function(
+            f"document.querySelector('#history tbody tr')?.dataset.id === {first[0][0]!r}"
+            " && !document.getElementById('history').hasAttribute('aria-busy')"
+        )
+        assert await page.eval_on_selector_all("#history tbody tr", rows_js) == first
+        assert await page.is_disabled("#history-previous")
+        assert not await page.is_disabled("#history-next")
 
 
 async def test_the_model_picker_shows_which_models_are_unreachable(
@@ -376,3 +395,66 @@ async def test_the_page_asks_for_nothing_the_gateway_lacks(stack: Stack) -> None
         await page.wait_for_selector("#model option[value=echo]", state="attached")
         await page.wait_for_timeout(1000)
     assert errors == []
+
+
+async def test_a_double_click_on_run_starts_one_run(stack: Stack) -> None:
+    prompt = f"once {secrets.token_hex(4)} " + SLOW_PROMPT
+    async with playground(stack) as page:
+        await page.fill("#prompt", prompt)
+        await page.select_option("#model", "echo")
+        await page.select_option("#mode", "EXECUTION_MODE_INFERENCE")
+        await page.dblclick("#run-execute")
+        # Disabled while the run is under way, the other run button too.
+        assert await page.is_disabled("#run-execute")
+        assert await page.is_disabled("#run-stream")
+        await wait_finished(page)
+        await page.wait_for_function("!document.getElementById('run-execute').disabled")
+    listed = await api(stack, "GET", "/executions?model=echo&page_size=100")
+    runs = [e for e in listed["executions"] if e.get("prompt") == prompt]
+    assert len(runs) == 1, runs
+
+
+async def test_a_reload_keeps_the_run_form(stack: Stack) -> None:
+    async with playground(stack) as page:
+        await page.fill("#prompt", "kept across a reload")
+        await page.select_option("#model", "echo")
+        await page.select_option("#mode", "EXECUTION_MODE_INFERENCE")
+        await page.fill("#temperature", "0.3")
+        await page.fill("#max-tokens", "7")
+        await page.fill("#seed", "42")
+        await page.reload()
+        await page.wait_for_selector("#model option[value=echo]", state="attached")
+        assert await page.input_value("#prompt") == "kept across a reload"
+        assert await page.input_value("#model") == "echo"
+        assert await page.input_value("#mode") == "EXECUTION_MODE_INFERENCE"
+        assert await page.input_value("#temperature") == "0.3"
+        assert await page.input_value("#max-tokens") == "7"
+        assert await page.input_value("#seed") == "42"
+
+
+async def test_the_pickers_never_offer_the_catch_all_route_as_a_model(stack: Stack) -> None:
+    # Without a routing file ListModels names the catch-all route "*": sent
+    # as a model, a run or a replay would be recorded under the name "*".
+    names = {m["name"] for m in (await api(stack, "GET", "/models"))["models"]}
+    assert "*" in names
+    async with playground(stack) as page:
+        for picker in ("#model", "#replay-model"):
+            values = await page.eval_on_selector_all(
+                f"{picker} option", "options => options.map(o => o.value)"
+            )
+            assert "*" not in values, (picker, values)
+            assert values[0] == "", (picker, values)  # the default, or the run's own
+        # A replay on "the run's own model" runs on the source's model.
+        source = (await api(stack, "POST", "/execute", {"prompt": "a b c", "model": "echo"}))[
+            "execution_id"
+        ]
+        await page.goto(f"{stack.url}/#/executions/{source}")
+        await page.reload()
+        await wait_finished(page)
+        assert await page.input_value("#replay-model") == ""
+        await page.click("#replay")
+        await page.wait_for_selector("#compare-panel:not([hidden])", timeout=90_000)
+        headings = await page.eval_on_selector_all(
+            "#compare th", "cells => cells.map(c => c.textContent)"
+        )
+        assert headings[1].startswith("replay: echo (SUCCEEDED)"), headings

@@ -9,6 +9,11 @@ const KEY_STORAGE = "agentlab.apiKey";
 // The open execution's view (nodes, tokens, last event sequence): a reload
 // restores it and resumes the watch from there with Last-Event-ID.
 const VIEW_STORAGE = "agentlab.view";
+// The run form's fields: a reload keeps what was typed and chosen.
+const FORM_STORAGE = "agentlab.form";
+const FORM_FIELDS = ["prompt", "model", "mode", "temperature", "max-tokens", "seed", "replay-model"];
+// ListModels' name for the route that serves any other name.
+const ANY_MODEL = "*";
 const TERMINAL = new Set([
   "EXECUTION_STATE_SUCCEEDED",
   "EXECUTION_STATE_FAILED",
@@ -144,6 +149,9 @@ const chart = new Chart($("chart"), {
 // The view of one execution: its nodes in the order they started.
 let view = emptyView();
 let stream = null; // the AbortController of the stream being read
+// Whether a run or a replay this page started is under way: its buttons
+// stay disabled until it ends, so a double click starts one run, not two.
+let busy = false;
 
 function emptyView() {
   return { id: "", state: "", output: "", lastSequence: 0, nodes: [] };
@@ -172,7 +180,9 @@ function render() {
   $("output").textContent = view.output;
   const open = Boolean(view.id);
   $("cancel").disabled = !open || TERMINAL.has(view.state);
-  $("replay").disabled = !open || !TERMINAL.has(view.state);
+  $("replay").disabled = busy || !open || !TERMINAL.has(view.state);
+  $("run-stream").disabled = busy;
+  $("run-execute").disabled = busy;
 
   cy.batch(() => {
     view.nodes.forEach((node, index) => {
@@ -318,7 +328,7 @@ async function watch() {
     }
     if (!TERMINAL.has(view.state)) await new Promise((done) => setTimeout(done, 1000));
   }
-  if (TERMINAL.has(view.state)) await refreshHistory(); // it still lists the run as running
+  if (TERMINAL.has(view.state)) await firstHistoryPage(); // it still lists the run as running
 }
 
 function stopStream() {
@@ -357,7 +367,7 @@ async function runStreamed() {
   }
   // Cut before its end: the rest comes from the watch route.
   if (view.id && !TERMINAL.has(view.state)) await watch();
-  refreshHistory();
+  firstHistoryPage();
 }
 
 async function runExecute() {
@@ -370,7 +380,7 @@ async function runExecute() {
   view.output = result.output;
   view.state = result.state || "EXECUTION_STATE_SUCCEEDED";
   update();
-  refreshHistory();
+  firstHistoryPage();
 }
 
 /** Shows a stored execution; one still running is then watched live. */
@@ -498,7 +508,7 @@ async function replayAndCompare() {
     execution_ids: [source, execution.execution_id],
   });
   renderComparison(comparison);
-  refreshHistory();
+  firstHistoryPage();
 }
 
 // ---- models and history ----------------------------------------------------
@@ -506,18 +516,26 @@ async function replayAndCompare() {
 async function loadModels() {
   const { models } = await call("GET", "/api/v1/models");
   for (const select of [$("model"), $("replay-model")]) {
-    const chosen = select.value;
+    const chosen = select.value || savedForm[select.id] || "";
     select.replaceChildren();
     // "*" is the route for any other name, so a run may leave the model out;
     // with a routing file there is none and the service requires a model
     // (400), so the first ready model is chosen instead.
-    const anyName = models.find((model) => model.name === "*");
+    const anyName = models.find((model) => model.name === ANY_MODEL);
     if (select.id === "model" && anyName) {
       select.appendChild(Object.assign(document.createElement("option"), {
         value: "", textContent: `(the service's default: ${anyName.backend})`,
       }));
     }
-    for (const model of models) {
+    if (select.id === "replay-model") {
+      // An empty model replays on the run's own (ReplayExecutionRequest.model).
+      select.appendChild(Object.assign(document.createElement("option"), {
+        value: "", textContent: "(the run's own model)",
+      }));
+    }
+    // "*" routes any other name: sent as a model, it would be recorded as
+    // the name "*"; the "service's default" option above stands for it.
+    for (const model of models.filter((model) => model.name !== ANY_MODEL)) {
       const option = document.createElement("option");
       option.value = model.name;
       option.textContent = `${model.name} (${model.backend}${model.ready ? "" : ", unreachable"})`;
@@ -532,7 +550,26 @@ async function loadModels() {
   }
 }
 
-const historyPages = { current: "", next: "", asked: 0 };
+// The page shown, the next one, and the tokens of the pages before it
+// (the API pages forward only: Previous goes back through these).
+const historyPages = { current: "", next: "", before: [], asked: 0 };
+
+/** The first page again (a filter changed, a run ended), then Next and
+ * Previous from there. */
+function firstHistoryPage() {
+  historyPages.before = [];
+  return refreshHistory();
+}
+
+async function nextHistoryPage() {
+  const from = historyPages.current;
+  await refreshHistory(historyPages.next);
+  historyPages.before.push(from);
+}
+
+async function previousHistoryPage() {
+  await refreshHistory(historyPages.before.pop() || "");
+}
 
 async function refreshHistory(pageToken = "") {
   // Filters change quickly: only the latest request's answer is shown, and
@@ -557,6 +594,7 @@ async function showHistory(asked, pageToken) {
   historyPages.current = pageToken;
   historyPages.next = page.next_page_token || "";
   $("history-next").disabled = !historyPages.next;
+  $("history-previous").disabled = !pageToken;
   const body = $("history").tBodies[0];
   body.replaceChildren();
   for (const execution of page.executions || []) {
@@ -576,8 +614,37 @@ async function showHistory(asked, pageToken) {
 
 // ---- start -----------------------------------------------------------------
 
+/** Runs `action` with the run and replay buttons disabled; a click while
+ * they are (a double click's second) does nothing. */
+async function whileBusy(action) {
+  if (busy) return;
+  busy = true;
+  render();
+  try {
+    await action();
+  } finally {
+    busy = false;
+    render();
+  }
+}
+
 function bind(id, action) {
   $(id).addEventListener("click", () => guarded(action));
+}
+
+const savedForm = JSON.parse(sessionStorage.getItem(FORM_STORAGE) || "{}");
+for (const id of FORM_FIELDS) {
+  // The pickers get their options from the gateway: loadModels() chooses
+  // the saved model once they are there.
+  if (savedForm[id] !== undefined && $(id).tagName !== "SELECT") $(id).value = savedForm[id];
+  $(id).addEventListener("change", saveForm);
+  $(id).addEventListener("input", saveForm);
+}
+if (savedForm.mode) $("mode").value = savedForm.mode;
+
+function saveForm() {
+  const form = Object.fromEntries(FORM_FIELDS.map((id) => [id, $(id).value]));
+  sessionStorage.setItem(FORM_STORAGE, JSON.stringify(form));
 }
 
 $("api-key").value = sessionStorage.getItem(KEY_STORAGE) || "";
@@ -585,17 +652,18 @@ $("api-key").addEventListener("change", () => {
   sessionStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
   guarded(async () => {
     await loadModels();
-    await refreshHistory();
+    await firstHistoryPage();
   });
 });
-bind("run-stream", runStreamed);
-bind("run-execute", runExecute);
+bind("run-stream", () => whileBusy(runStreamed));
+bind("run-execute", () => whileBusy(runExecute));
 bind("cancel", cancelExecution);
-bind("replay", replayAndCompare);
-bind("history-refresh", () => refreshHistory());
-bind("history-next", () => refreshHistory(historyPages.next));
-$("history-model").addEventListener("change", () => guarded(() => refreshHistory()));
-$("history-state").addEventListener("change", () => guarded(() => refreshHistory()));
+bind("replay", () => whileBusy(replayAndCompare));
+bind("history-refresh", () => refreshHistory(historyPages.current));
+bind("history-next", nextHistoryPage);
+bind("history-previous", previousHistoryPage);
+$("history-model").addEventListener("change", () => guarded(firstHistoryPage));
+$("history-state").addEventListener("change", () => guarded(firstHistoryPage));
 
 /** After a reload: the execution named in the address, restored from the
  * saved view and resumed from its last event, or opened afresh. */
@@ -615,6 +683,6 @@ async function resume() {
 window.playground = { cy, chart, view: () => view };
 guarded(async () => {
   await loadModels();
-  await refreshHistory();
+  await firstHistoryPage();
   await resume();
 });

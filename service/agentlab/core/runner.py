@@ -388,15 +388,17 @@ class _Run:
                 output="".join(node.text),
                 start_time=node.start_time,
                 duration_ms=(now - node.started) * 1000,
-                # Token counts arrive with a node's end, so a cut node has
-                # only its timings.
+                # The backend's own counts arrive with a node's end: a cut
+                # node counts the deltas it streamed instead (every backend
+                # streams a token per delta; longer text, split at the
+                # delta bound, counts a little more), and its prompt as 0.
                 metrics=self._metrics(
                     started=node.started,
                     ended=now,
                     first_token=node.first_token,
                     prompt_tokens=0,
-                    completion_tokens=0,
-                    generation_seconds=0.0,
+                    completion_tokens=len(node.text),
+                    generation_seconds=now - node.first_token if node.first_token else 0.0,
                 ),
             )
             for node in self.open_nodes.values()
