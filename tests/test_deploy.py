@@ -390,6 +390,8 @@ def test_kubernetes_service_pods_probe_grpc_health_and_drain(
     assert "service" not in service["readinessProbe"]["grpc"]
     settings = generated(kustomized, "agentlab-settings")["data"]
     assert settings["AGENTLAB_GRPC_ADDRESS"] == f"0.0.0.0:{grpc_port}"
+    # A cluster's log collector parses lines: one JSON object each.
+    assert settings["AGENTLAB_LOG_FORMAT"] == "json"
     grace_s = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     drain_s = sleeps_s(service["lifecycle"]["preStop"]["exec"]["command"]) + float(
         settings["AGENTLAB_SHUTDOWN_GRACE_S"]
