@@ -50,17 +50,46 @@ def stack(start_module_stack: StackFactory) -> Stack:
     )
 
 
+def environment(stack: Stack | None) -> dict[str, str]:
+    """A user's environment for the command: none of this process's
+    AGENTLAB_* or NO_COLOR, the stack's target and key (if any)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTLAB_", "NO_COLOR"))}
+    if stack is not None:
+        environ |= {"AGENTLAB_TARGET": stack.gateway_grpc, "AGENTLAB_API_KEY": KEY}
+    return environ
+
+
 def agentlab(
     stack: Stack | None, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """The command as a user runs it, its target and key from the environment."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTLAB_", "NO_COLOR"))}
-    if stack is not None:
-        environ |= {"AGENTLAB_TARGET": stack.gateway_grpc, "AGENTLAB_API_KEY": KEY}
-    environ |= env or {}
     return subprocess.run(
-        [AGENTLAB, *args], capture_output=True, text=True, timeout=60, env=environ, input=stdin
+        [AGENTLAB, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment(stack) | (env or {}),
+        input=stdin,
     )
+
+
+def spawn(stack: Stack, *args: str) -> subprocess.Popen[str]:
+    """The command started as agentlab() runs it, stdout and stderr piped,
+    for the tests that signal it or close its stdout while it runs."""
+    return subprocess.Popen(
+        [AGENTLAB, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(stack),
+    )
+
+
+def state_of(stack: Stack, execution_id: str) -> str:
+    """The execution's state as `executions get --json` says it."""
+    got = agentlab(stack, "executions", "get", execution_id, "--json")
+    state: str = json.loads(got.stdout)["state"]
+    return state
 
 
 def ndjson(text: str) -> list[dict[str, Any]]:
@@ -123,8 +152,7 @@ def test_background_run_then_get_watch_and_list(stack: Stack) -> None:
     plain_watch = agentlab(stack, "executions", "watch", execution_id)
     assert plain_watch.stdout == "later on\n"
 
-    got = agentlab(stack, "executions", "get", execution_id, "--json")
-    assert json.loads(got.stdout)["state"] == "EXECUTION_STATE_SUCCEEDED"
+    assert state_of(stack, execution_id) == "EXECUTION_STATE_SUCCEEDED"
     plain_get = agentlab(stack, "executions", "get", execution_id)
     assert plain_get.stdout.splitlines()[0].split() == [execution_id, "SUCCEEDED", "echo"]
     assert "later on" in plain_get.stdout
@@ -262,24 +290,15 @@ def test_every_readme_command_runs_as_printed(stack: Stack) -> None:
 
 
 def test_ctrl_c_stops_the_orchestration_it_started(stack: Stack) -> None:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
-    environ |= {"AGENTLAB_TARGET": stack.gateway_grpc, "AGENTLAB_API_KEY": KEY}
     long_prompt = " ".join(f"w{n}" for n in range(2000))  # 20 s of echo per node
-    with subprocess.Popen(
-        [AGENTLAB, "orchestrate", long_prompt, "-m", "echo", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=environ,
-    ) as running:
+    with spawn(stack, "orchestrate", long_prompt, "-m", "echo", "--json") as running:
         assert running.stdout is not None
         first = json.loads(running.stdout.readline())
         running.send_signal(signal.SIGINT)
         _, errors = running.communicate(timeout=30)
     assert running.returncode == 130
     assert f"cancelled execution {first['execution_id']}" in errors
-    got = agentlab(stack, "executions", "get", first["execution_id"], "--json")
-    assert json.loads(got.stdout)["state"] == "EXECUTION_STATE_CANCELLED"
+    assert state_of(stack, first["execution_id"]) == "EXECUTION_STATE_CANCELLED"
 
 
 def running_with(stack: Stack, marker: str, count: int) -> list[str]:
@@ -302,26 +321,17 @@ def test_ctrl_c_stops_what_run_and_compare_started(
     stack: Stack, command: str, models: list[str]
 ) -> None:
     """Their calls carry a key, so the executions would outlive them."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
-    environ |= {"AGENTLAB_TARGET": stack.gateway_grpc, "AGENTLAB_API_KEY": KEY}
     marker = f"ctrl-c-{command}"
     long_prompt = marker + " " + " ".join(f"w{n}" for n in range(2000))  # 20 s of echo
     model_options = [option for model in models for option in ("-m", model)]
-    with subprocess.Popen(
-        [AGENTLAB, command, long_prompt, *model_options],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=environ,
-    ) as running:
+    with spawn(stack, command, long_prompt, *model_options) as running:
         ids = running_with(stack, marker, len(models))
         running.send_signal(signal.SIGINT)
         _, errors = running.communicate(timeout=30)
     assert running.returncode == 130, errors
     for execution_id in ids:
         assert f"cancelled execution {execution_id}" in errors
-        got = agentlab(stack, "executions", "get", execution_id, "--json")
-        assert json.loads(got.stdout)["state"] == "EXECUTION_STATE_CANCELLED"
+        assert state_of(stack, execution_id) == "EXECUTION_STATE_CANCELLED"
 
 
 @pytest.mark.parametrize("timeout", ["0", "-1"])
@@ -336,16 +346,8 @@ def test_a_timeout_of_zero_or_less_is_a_usage_error(timeout: str) -> None:
 def test_a_closed_pipe_ends_orchestrate_quietly_and_cancels_its_execution(stack: Stack) -> None:
     """`agentlab orchestrate … --json | head -1`: exit 141 as SIGPIPE would
     give, no traceback, and the keyed execution does not run on unread."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLAB_")}
-    environ |= {"AGENTLAB_TARGET": stack.gateway_grpc, "AGENTLAB_API_KEY": KEY}
     long_prompt = " ".join(f"w{n}" for n in range(2000))  # 20 s of echo per node
-    with subprocess.Popen(
-        [AGENTLAB, "orchestrate", long_prompt, "-m", "echo", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=environ,
-    ) as running:
+    with spawn(stack, "orchestrate", long_prompt, "-m", "echo", "--json") as running:
         assert running.stdout is not None
         assert running.stderr is not None
         first = json.loads(running.stdout.readline())
@@ -354,8 +356,7 @@ def test_a_closed_pipe_ends_orchestrate_quietly_and_cancels_its_execution(stack:
         running.wait(timeout=30)
     assert running.returncode == 141, errors
     assert errors.strip() == f"cancelled execution {first['execution_id']}"
-    got = agentlab(stack, "executions", "get", first["execution_id"], "--json")
-    assert json.loads(got.stdout)["state"] == "EXECUTION_STATE_CANCELLED"
+    assert state_of(stack, first["execution_id"]) == "EXECUTION_STATE_CANCELLED"
 
 
 def test_compare_with_an_unreachable_model(start_stack: StackFactory) -> None:

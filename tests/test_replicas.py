@@ -4,28 +4,20 @@ execution started on one is watched and cancelled through the other."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 
-from agentlab.devstack import EnvoyProcess, Ports, ServiceProcess, free_port
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.helpers.services import postgres_schema, postgres_url, redis_url
+from tests.helpers.stacks import Replicas, start_replicas
 
 # Two service processes and an Envoy.
 pytestmark = pytest.mark.e2e
-
-
-@dataclass
-class Replicas:
-    first: ServiceProcess
-    second: ServiceProcess
-    envoy: EnvoyProcess
 
 
 @pytest.fixture
@@ -41,34 +33,14 @@ def replicas(tmp_path: Path, schema: str) -> Iterator[Replicas]:
         "AGENTLAB_DATABASE_URL": f"{postgres_url()}?search_path={schema}",
         "AGENTLAB_REDIS_URL": redis_url(),
     }
-    with (
-        (tmp_path / "a.log").open("wb") as first_log,
-        (tmp_path / "b.log").open("wb") as second_log,
-        (tmp_path / "envoy.log").open("wb") as envoy_log,
-    ):
-        first = ServiceProcess(port=free_port(), env=env, output=first_log)
-        second = ServiceProcess(port=free_port(), env=env, output=second_log)
-        envoy = EnvoyProcess(
-            ports=Ports(
-                gateway=free_port(), service=first.port, admin=free_port(), replicas=(second.port,)
-            ),
-            output=envoy_log,
-        )
-        try:
-            first.start()
-            second.start()
-            envoy.start()
-            yield Replicas(first, second, envoy)
-        finally:
-            envoy.stop()
-            second.stop()
-            first.stop()
+    with start_replicas(2, env, tmp_path) as started:
+        yield started
 
 
 async def test_start_on_one_watch_and_cancel_through_the_other(replicas: Replicas) -> None:
     async with (
-        grpc.aio.insecure_channel(replicas.first.address) as first,
-        grpc.aio.insecure_channel(replicas.second.address) as second,
+        grpc.aio.insecure_channel(replicas.services[0].address) as first,
+        grpc.aio.insecure_channel(replicas.services[1].address) as second,
     ):
         started = await svc_grpc.LabServiceStub(first).Execute(
             svc.ExecuteRequest(

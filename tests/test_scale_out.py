@@ -29,11 +29,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agentlab.devstack import EnvoyProcess, Ports, ServiceProcess, free_port
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
 from tests.helpers.services import postgres_schema, postgres_url, redis_url
+from tests.helpers.stacks import Replicas, start_replicas
 
 pytestmark = pytest.mark.e2e
 
@@ -71,13 +71,6 @@ class Load:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-@dataclass
-class Replicas:
-    services: list[ServiceProcess]
-    envoy: EnvoyProcess
-    envoy_log: Path
-
-
 @pytest.fixture
 def schema() -> Iterator[str]:
     with postgres_schema("scale_out") as name:
@@ -91,31 +84,8 @@ def replicas(tmp_path: Path, schema: str) -> Iterator[Replicas]:
         "AGENTLAB_DATABASE_URL": f"{postgres_url()}?search_path={schema}",
         "AGENTLAB_REDIS_URL": redis_url(),
     }
-    logs = [(tmp_path / f"service-{i}.log").open("wb") for i in range(3)]
-    envoy_log_path = tmp_path / "envoy.log"
-    envoy_log = envoy_log_path.open("wb")
-    services = [ServiceProcess(port=free_port(), env=env, output=log) for log in logs]
-    first, *others = services
-    envoy = EnvoyProcess(
-        ports=Ports(
-            gateway=free_port(),
-            service=first.port,
-            admin=free_port(),
-            replicas=tuple(s.port for s in others),
-        ),
-        output=envoy_log,
-    )
-    try:
-        for service in services:
-            service.start()
-        envoy.start()
-        yield Replicas(services, envoy, envoy_log_path)
-    finally:
-        envoy.stop()
-        for service in services:
-            service.stop()
-        for log in (*logs, envoy_log):
-            log.close()
+    with start_replicas(3, env, tmp_path) as started:
+        yield started
 
 
 async def one_call(stub: svc_grpc.LabServiceStub, kind: str, load: Load) -> None:

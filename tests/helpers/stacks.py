@@ -2,19 +2,22 @@
 processes on free ports) for tests, and stopping every one started, as
 aiohttp's ``aiohttp_server`` does for servers. The fixtures ``start_stack``
 (one test) and ``start_module_stack`` (one module) in conftest.py hand out a
-StackFactory."""
+StackFactory. ``start_replicas``: several service processes behind one
+Envoy, for the tests of replicas sharing PostgreSQL and Redis."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from agentlab.api.auth import digest
-from agentlab.devstack import Stack
+from agentlab.devstack import EnvoyProcess, Ports, ServiceProcess, Stack, free_port
 
-__all__ = ["StackFactory", "numbered"]
+__all__ = ["Replicas", "StackFactory", "numbered", "start_replicas"]
 
 
 class StackFactory:
@@ -102,3 +105,44 @@ def numbered(parent: Path, name: str = "stack") -> Callable[[], Path]:
         return path
 
     return directory
+
+
+@dataclass
+class Replicas:
+    services: list[ServiceProcess]
+    # In front of them all: services[0] is its main host, the others its
+    # replicas (Ports.replicas).
+    envoy: EnvoyProcess
+
+
+@contextmanager
+def start_replicas(n: int, env: Mapping[str, str], directory: Path) -> Iterator[Replicas]:
+    """``n`` service processes with ``env`` (their shared database and Redis
+    in it), started, then one Envoy in front of them; their output in
+    ``directory`` (service-0.log, ..., envoy.log). On exit, even after a
+    failed start, Envoy is stopped first (nothing new reaches a draining
+    service), then the services, and the logs are closed."""
+    with ExitStack() as cleanup:
+        logs = [
+            cleanup.enter_context((directory / f"service-{i}.log").open("wb")) for i in range(n)
+        ]
+        envoy_log = cleanup.enter_context((directory / "envoy.log").open("wb"))
+        services = [ServiceProcess(port=free_port(), env=env, output=log) for log in logs]
+        first, *others = services
+        envoy = EnvoyProcess(
+            ports=Ports(
+                gateway=free_port(),
+                service=first.port,
+                admin=free_port(),
+                replicas=tuple(s.port for s in others),
+            ),
+            output=envoy_log,
+        )
+        # ExitStack unwinds in reverse and goes on past a failed stop: each
+        # stop is registered before its start, which may fail half-way.
+        for service in services:
+            cleanup.callback(service.stop)
+            service.start()
+        cleanup.callback(envoy.stop)
+        envoy.start()
+        yield Replicas(services, envoy)

@@ -119,7 +119,7 @@ class AsyncClient:
         ``request_id`` (``request_id``, or a fresh one) and is retried on
         UNAVAILABLE / RESOURCE_EXHAUSTED; with ``idempotent=False`` and no
         ``request_id`` it is sent once, never repeated."""
-        key = request_id or (new_request_id() if idempotent else "")
+        keys = _Keys.for_call(request_id, idempotent=idempotent)
         request = svc.ExecuteRequest(
             prompt=prompt,
             model=model,
@@ -129,7 +129,6 @@ class AsyncClient:
             seed=seed,
             background=background,
         )
-        keys = _Keys(key)
 
         async def attempt(remaining: float | None) -> pb.ExecuteResponse:
             request.request_id = keys.current
@@ -139,7 +138,7 @@ class AsyncClient:
             return answer
 
         return await self._unary(
-            "Execute", attempt, safe=bool(key), timeout_s=timeout_s, after_error=keys.after
+            "Execute", attempt, safe=keys.keyed, timeout_s=timeout_s, after_error=keys.after
         )
 
     async def list_models(self, *, timeout_s: float | None = None) -> list[svc.Model]:
@@ -251,7 +250,7 @@ class AsyncClient:
         with the key, after it WatchExecution resumes after the last sequence
         seen, so each event arrives exactly once. Without, a drop raises.
         An error before the first event raises its LabServiceError."""
-        key = request_id or (new_request_id() if idempotent else "")
+        keys = _Keys.for_call(request_id, idempotent=idempotent)
         request = svc.OrchestrateRequest(
             prompt=prompt,
             model=model,
@@ -260,13 +259,12 @@ class AsyncClient:
             max_tokens=max_tokens,
             seed=seed,
         )
-        keys = _Keys(key)
 
         def start() -> Any:
             request.request_id = keys.current
             return self._stub.Orchestrate(request, metadata=self._metadata)
 
-        return self._resumable("Orchestrate", start, 0, resumable=bool(key), keys=keys)
+        return self._resumable("Orchestrate", start, 0, resumable=keys.keyed, keys=keys)
 
     def watch(
         self, execution_id: str, *, after_sequence: int = 0
@@ -403,6 +401,17 @@ class _Keys:
         self._base = base
         self._number = 1
         self.current = base
+
+    @classmethod
+    def for_call(cls, request_id: str | None, *, idempotent: bool) -> _Keys:
+        """Those of a call of Execute or Orchestrate: from ``request_id``,
+        else with ``idempotent`` a fresh key, else none (sent once)."""
+        return cls(request_id or (new_request_id() if idempotent else ""))
+
+    @property
+    def keyed(self) -> bool:
+        """Whether the call has a key: only then is it safe to repeat."""
+        return bool(self._base)
 
     def after(self, error: LabServiceError) -> None:
         if not self._base or not error.from_service:
