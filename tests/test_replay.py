@@ -9,6 +9,7 @@ test builds itself."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
@@ -235,3 +236,30 @@ def test_request_id_makes_a_replay_idempotent(alice: httpx.Client) -> None:
     other = replay(alice, source, model="mirror", request_id="replay-once")
     assert other.status_code == 409, other.text
     assert details_of(other.json(), "ErrorInfo")[0]["reason"] == "IDEMPOTENCY_KEY_REUSED"
+
+
+def test_a_keyed_replay_retried_after_its_source_is_gone_gets_its_replay(
+    stack: Stack, alice: httpx.Client
+) -> None:
+    source = execute(alice)["execution_id"]
+    first = replay(alice, source, model="echo", request_id="outlives-its-source")
+    assert first.status_code == 200, first.text
+    replay_id = first.json()["execution"]["execution_id"]
+    # Retention deletes the source (its events go with it: ON DELETE CASCADE).
+    with sqlite3.connect(stack.log_dir / "data" / "agentlab.db", timeout=10) as db:
+        db.execute("PRAGMA foreign_keys = ON")
+        assert db.execute("DELETE FROM executions WHERE id = ?", (source,)).rowcount == 1
+    assert alice.get(f"/executions/{source}").status_code == 404
+
+    again = replay(alice, source, model="echo", request_id="outlives-its-source")
+    assert again.status_code == 200, again.text
+    assert again.json()["execution"]["execution_id"] == replay_id
+    assert again.json()["execution"]["state"] == "EXECUTION_STATE_SUCCEEDED"
+    # The key still binds its request: another model with it is refused...
+    other = replay(alice, source, model="mirror", request_id="outlives-its-source")
+    assert other.status_code == 409, other.text
+    assert details_of(other.json(), "ErrorInfo")[0]["reason"] == "IDEMPOTENCY_KEY_REUSED"
+    # ...and without the key, or with a new one, the source is simply gone.
+    for fields in ({}, {"request_id": "a-new-key"}):
+        gone = replay(alice, source, model="echo", **fields)
+        assert gone.status_code == 404, gone.text

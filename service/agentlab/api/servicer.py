@@ -22,6 +22,7 @@ from agentlab.api.auth import current_caller
 from agentlab.core.errors import InvalidArgument, NotFound, NotServing
 from agentlab.core.types import ExecutionMode, ModelInfo
 from agentlab.executions.call import StoredFailure
+from agentlab.executions.model import ExecutionRecord
 from agentlab.executions.service import Executions
 from agentlab.health import Health
 from agentlab.v1 import execution_pb2 as pb
@@ -122,7 +123,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
         self, request: svc.ReplayExecutionRequest, context: Context
     ) -> svc.ReplayExecutionResponse:
         caller = current_caller()
-        source = await self._executions.get(request.execution_id, caller)
+        source = await self._replay_source(request, caller)
         async with self._executions.call(
             convert.replay_task(source, request),
             caller=caller,
@@ -131,7 +132,7 @@ class LabServicer(svc_grpc.LabServiceServicer):
             # As Execute: a background or keyed replay outlives its call.
             leaving_cancels=not request.background and not request.request_id,
             time_remaining_s=context.time_remaining(),
-            replay_of=source.id,
+            replay_of=request.execution_id,
         ) as call:
             if request.background:
                 return svc.ReplayExecutionResponse(execution=convert.execution(call.record))
@@ -141,6 +142,23 @@ class LabServicer(svc_grpc.LabServiceServicer):
                 await call.final()
             replay = await self._executions.get(call.record.id)
         return svc.ReplayExecutionResponse(execution=convert.execution(replay))
+
+    async def _replay_source(
+        self, request: svc.ReplayExecutionRequest, caller: str
+    ) -> ExecutionRecord:
+        """The execution a replay runs again. A retry of a keyed replay whose
+        source has gone since (retention) gets its replay as before: the
+        replay recorded the source's prompt, mode and options, so it stands
+        in for the source, and the key's binding still checks the request
+        against it. NOT_FOUND otherwise, as GetExecution."""
+        try:
+            return await self._executions.get(request.execution_id, caller)
+        except NotFound:
+            if request.request_id:
+                known = await self._executions.find(caller, request.request_id)
+                if known is not None and known.replay_of == request.execution_id:
+                    return known
+            raise
 
     async def CompareExecutions(
         self, request: svc.CompareExecutionsRequest, context: Context

@@ -219,6 +219,10 @@ class Executions:
             raise NotFound("execution", execution_id)
         return record
 
+    async def find(self, caller: str, request_id: str) -> ExecutionRecord | None:
+        """The caller's execution recorded with ``request_id``, if any."""
+        return await self._store.find(caller, request_id)
+
     async def compare(
         self, execution_ids: Sequence[str], caller: str | None = None
     ) -> svc.CompareExecutionsResponse:
