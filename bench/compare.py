@@ -239,24 +239,38 @@ def _ratio(ours: float, peer: float) -> float:
     return ours / peer if peer > 0 else math.nan
 
 
-def _execute_row(path: str, ours: wrk.WrkResult, peer: wrk.WrkResult, goal: str, met: bool) -> Row:
+def _wrk_row(path: str, mine: wrk.WrkResult, peer: wrk.WrkResult, **rest: Any) -> Row:
+    """A row of one wrk run (``mine``: ours, or the floor's) read against the
+    peer's run of the same path; ``rest``: the row's cpu, goal, met, note."""
     return Row(
         path=path,
-        ours=ours.rate,
+        ours=mine.rate,
         peer=peer.rate,
-        ratio=_ratio(ours.rate, peer.rate),
-        p50_ms=ours.p50_ms,
-        p99_ms=ours.p99_ms,
-        non_2xx=ours.failures,
+        ratio=_ratio(mine.rate, peer.rate),
+        p50_ms=mine.p50_ms,
+        p99_ms=mine.p99_ms,
+        non_2xx=mine.failures,
+        **rest,
+    )
+
+
+def _peer_note(ours: wrk.WrkResult, peer: wrk.WrkResult) -> str:
+    return (
+        f"peer p50 {peer.p50_ms:.2f} / p99 {peer.p99_ms:.2f} ms, {peer.failures} non-2xx"
+        + (f"; ours {ours.socket_errors} socket errors" if ours.socket_errors else "")
+        + _classes(ours)
+    )
+
+
+def _execute_row(path: str, ours: wrk.WrkResult, peer: wrk.WrkResult, goal: str, met: bool) -> Row:
+    return _wrk_row(
+        path,
+        ours,
+        peer,
         cpu=_cpu(ours, peer, "req"),
         goal=goal,
         met=met,
-        note=(
-            f"peer p50 {peer.p50_ms:.2f} / p99 {peer.p99_ms:.2f} ms, "
-            f"{peer.failures} non-2xx"
-            + (f"; ours {ours.socket_errors} socket errors" if ours.socket_errors else "")
-            + _classes(ours)
-        ),
+        note=_peer_note(ours, peer),
     )
 
 
@@ -344,21 +358,15 @@ def measure_peer_rows(
             rows.append(_execute_row(pg_path, a, b, pg_goal, _ratio(a.rate, b.rate) >= GOAL2_RATIO))
 
         a, b = both("/api/v1/orchestrate", SSE_BODY, "SSE 20 tokens")
-        sse_ratio = _ratio(a.rate, b.rate)
         rows.append(
-            Row(
-                path="SSE 20 tokens (streams/s)",
-                ours=a.rate,
-                peer=b.rate,
-                ratio=sse_ratio,
-                p50_ms=a.p50_ms,
-                p99_ms=a.p99_ms,
-                non_2xx=a.failures,
+            _wrk_row(
+                "SSE 20 tokens (streams/s)",
+                a,
+                b,
                 cpu=_cpu(a, b, "stream"),
                 goal=f">={GOAL3_RATIO}x, 0 non-2xx",
-                met=sse_ratio >= GOAL3_RATIO and a.failures == 0,
-                note=f"peer p50 {b.p50_ms:.2f} / p99 {b.p99_ms:.2f} ms, {b.failures} non-2xx"
-                + _classes(a),
+                met=_ratio(a.rate, b.rate) >= GOAL3_RATIO and a.failures == 0,
+                note=_peer_note(a, b),
             )
         )
         rows.append(
@@ -421,14 +429,10 @@ def _floor_row(
 ) -> Row:
     """The floor's run read against the same peer run as ours: its ratio
     bounds what any change inside the service can reach."""
-    return Row(
-        path=path,
-        ours=floor.rate,
-        peer=peer.rate,
-        ratio=_ratio(floor.rate, peer.rate),
-        p50_ms=floor.p50_ms,
-        p99_ms=floor.p99_ms,
-        non_2xx=floor.failures,
+    return _wrk_row(
+        path,
+        floor,
+        peer,
         cpu=_cpu(floor, None, unit).replace(" | -", ""),
         note=(
             "the stack alone: Envoy's transcoder in front of a grpc.aio servicer that answers "
