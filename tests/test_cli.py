@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from agentlab.devstack import Stack, free_port
+from tests.helpers.services import missing
 from tests.helpers.stacks import StackFactory
 
 # Every test runs the command as a process.
@@ -39,6 +41,8 @@ COMMANDS = [
     ["executions", "get"],
     ["executions", "watch"],
     ["executions", "cancel"],
+    ["executions", "replay"],
+    ["executions", "compare"],
 ]
 
 
@@ -184,6 +188,179 @@ def test_cancel_a_running_execution(stack: Stack) -> None:
     assert "CANCELLED" in watched.stderr
 
 
+def test_replay_prints_the_replay_as_get_does(stack: Stack) -> None:
+    source = json.loads(agentlab(stack, "run", "red green", "-m", "echo", "--json").stdout)
+
+    plain = agentlab(stack, "executions", "replay", source["execution_id"], "-m", "other-name")
+    assert plain.returncode == 0, plain.stderr
+    first, *rest = plain.stdout.splitlines()
+    replay_id, state, model = first.split()
+    assert HEX_ID.match(replay_id)
+    assert replay_id != source["execution_id"]
+    assert (state, model, rest) == ("SUCCEEDED", "other-name", ["red green"])
+    assert plain.stderr == ""
+
+    options = ("--seed", "5", "--max-tokens", "9", "--json")
+    as_json = agentlab(stack, "executions", "replay", source["execution_id"], *options)
+    assert as_json.returncode == 0, as_json.stderr
+    replay = json.loads(as_json.stdout)
+    assert replay["replay_of"] == source["execution_id"]
+    assert replay["model"] == "echo"  # no -m: the source's
+    assert (replay["seed"], replay["max_tokens"]) == ("5", 9)  # int64 is a JSON string
+    assert replay["state"] == "EXECUTION_STATE_SUCCEEDED"
+    assert replay["result"]["output"] == "red green"
+    assert HEX_ID.match(replay["request_id"])  # keyed, so a retry is safe
+
+    background = agentlab(stack, "executions", "replay", source["execution_id"], "--background")
+    assert background.returncode == 0, background.stderr
+    assert HEX_ID.match(background.stdout.strip())
+    assert agentlab(stack, "executions", "watch", background.stdout.strip()).stdout == (
+        "red green\n"
+    )
+
+
+def test_replay_exits_1_when_the_replay_is_cancelled(stack: Stack) -> None:
+    long_prompt = " ".join(f"w{n}" for n in range(2000))  # 20 s of echo
+    source = agentlab(stack, "run", long_prompt, "-m", "echo", "--background").stdout.strip()
+    agentlab(stack, "executions", "cancel", source)  # a cancelled source replays all the same
+
+    with spawn(stack, "executions", "replay", source) as replaying:
+        replay_id = ""
+        for _ in range(100):
+            running = agentlab(stack, "executions", "list", "--state", "running", "--json")
+            found = [e for e in ndjson(running.stdout) if e.get("replay_of") == source]
+            if found:
+                replay_id = found[0]["execution_id"]
+                break
+            time.sleep(0.1)
+        assert replay_id, "the replay never showed up as running"
+        assert agentlab(stack, "executions", "cancel", replay_id).returncode == 0
+        out, errors = replaying.communicate(timeout=30)
+    assert replaying.returncode == 1, errors
+    assert out.splitlines()[0].split() == [replay_id, "CANCELLED", "echo"]
+    assert "CANCELLED" in errors
+
+
+def test_compare_prints_a_row_per_node_and_execution(stack: Stack) -> None:
+    def orchestrated(prompt: str) -> str:
+        events = ndjson(agentlab(stack, "orchestrate", prompt, "-m", "echo", "--json").stdout)
+        execution_id: str = events[-1]["execution_id"]
+        return execution_id
+
+    baseline = orchestrated("red green blue")
+    other = orchestrated("red yellow blue")
+    single = json.loads(agentlab(stack, "run", "red", "-m", "echo", "--json").stdout)
+    replay = agentlab(stack, "executions", "replay", baseline, "-m", "again").stdout.split()[0]
+
+    table = agentlab(stack, "executions", "compare", baseline, other, single["execution_id"])
+    assert table.returncode == 0, table.stderr
+    header, *lines = [line.split("\t") for line in table.stdout.splitlines()]
+    assert header == [
+        "node",
+        "execution",
+        "model",
+        "state",
+        "Δ tokens",
+        "Δ ttft ms",
+        "Δ tok/s",
+        "Δ ms",
+        "diff",
+        "output",
+    ]
+    assert all(len(line) == len(header) for line in lines)
+    rows = {(line[0], line[1]): dict(zip(header, line, strict=True)) for line in lines}
+    assert [line[0] for line in lines] == [
+        node for node in ("plan", "answer", "review", "inference", "total") for _ in range(3)
+    ]
+    plan = rows["plan", baseline]
+    assert (plan["diff"], plan["output"], plan["Δ tokens"]) == ("baseline", "red green blue", "")
+    changed = rows["plan", other]
+    assert (changed["diff"], changed["output"]) == ("+1 -1 words", "red yellow blue")
+    assert changed["Δ tokens"] == "+0"
+    for column in ("Δ ttft ms", "Δ tok/s", "Δ ms"):
+        assert re.fullmatch(r"[+-]\d+(\.\d)?", changed[column]), column
+    # The inference run ran none of the graph's nodes, nor they its node.
+    assert rows["plan", single["execution_id"]]["diff"] == "not run"
+    assert rows["inference", baseline]["state"] == "not run"
+    assert rows["inference", single["execution_id"]]["output"] == "red"
+    assert rows["total", other]["state"] == "SUCCEEDED"
+
+    same = agentlab(stack, "executions", "compare", baseline, replay)
+    replayed = [line.split("\t") for line in same.stdout.splitlines() if replay in line]
+    assert [(line[0], line[8], line[9]) for line in replayed] == [
+        (node, "same", "") for node in ("plan", "answer", "review", "total")
+    ]
+
+    as_json = agentlab(stack, "executions", "compare", baseline, replay, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    comparison = json.loads(as_json.stdout)
+    assert [e["execution_id"] for e in comparison["executions"]] == [baseline, replay]
+    assert comparison["executions"][1]["replay_of"] == baseline
+    assert [n["node"] for n in comparison["nodes"]] == ["plan", "answer", "review"]
+    assert comparison["nodes"][0]["versions"][1]["output_diff"] == [
+        {"op": "DIFF_OP_KIND_EQUAL", "text": "red green blue"}
+    ]
+
+
+def test_compare_on_a_terminal_draws_a_table_with_the_outputs_as_written(stack: Stack) -> None:
+    script = shutil.which("script")  # util-linux: the command on a pseudo-terminal
+    if script is None:
+        missing("script (util-linux) is not installed")
+
+    def run(prompt: str) -> str:
+        execution_id: str = json.loads(
+            agentlab(stack, "run", prompt, "-m", "echo", "--json").stdout
+        )["execution_id"]
+        return execution_id
+
+    # Rich markup in an output is text to show, not a style.
+    baseline, other = run("[bold]red[/bold] green"), run("[bold]red[/bold] blue [/x]")
+    command = shlex.join([AGENTLAB, "executions", "compare", baseline, other])
+    done = subprocess.run(
+        [script, "-qec", command, "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment(stack) | {"COLUMNS": "220", "NO_COLOR": "1"},
+    )
+    assert done.returncode == 0, done.stdout
+    rows = [
+        [cell.strip() for cell in line.strip().strip("│").split("│")]
+        for line in done.stdout.splitlines()
+        if line.startswith("│")
+    ]
+    assert [row[:2] for row in rows] == [
+        ["inference", baseline],
+        ["inference", other],
+        ["total", baseline],
+        ["total", other],
+    ]
+    assert rows[0][8:] == ["baseline", "[bold]red[/bold] green"]
+    assert rows[1][8:] == ["+2 -1 words", "[bold]red[/bold] blue [/x]"]
+    assert "┏" in done.stdout  # a drawn table, not tab-separated lines
+
+
+def test_replay_and_compare_refusals(stack: Stack) -> None:
+    known = json.loads(agentlab(stack, "run", "known", "-m", "echo", "--json").stdout)
+    known_id = known["execution_id"]
+
+    one = agentlab(stack, "executions", "compare", known_id)
+    assert (one.returncode, one.stdout) == (4, "")
+    assert "INVALID_ARGUMENT" in one.stderr
+    assert "execution_ids: must contain at least 2 item(s)" in one.stderr
+    unknown = agentlab(stack, "executions", "compare", known_id, "0" * 32)
+    assert unknown.returncode == 4
+    assert "NOT_FOUND" in unknown.stderr
+    assert agentlab(stack, "executions", "compare", known_id, "0" * 32, "--json").stdout == ""
+
+    nobody = agentlab(stack, "executions", "replay", "0" * 32)
+    assert (nobody.returncode, nobody.stdout) == (4, "")
+    assert "NOT_FOUND" in nobody.stderr
+    usage = agentlab(stack, "executions", "replay", known_id, "--temperature", "5")
+    assert usage.returncode == 2
+    assert "--temperature" in usage.stderr
+
+
 def test_models_and_health(stack: Stack) -> None:
     models = agentlab(stack, "models")
     assert models.stdout.splitlines()[0].split("\t") == [
@@ -282,8 +459,10 @@ def test_every_readme_command_runs_as_printed(stack: Stack) -> None:
     prompt = " ".join(f"w{n}" for n in range(200))
     started = agentlab(stack, "run", prompt, "-m", "echo", "--background")
     execution_id = started.stdout.strip()
+    replay_id = agentlab(stack, "executions", "replay", execution_id).stdout.split()[0]
     for command in commands:
-        args = shlex.split(command.replace("<id>", execution_id))[1:]
+        named = command.replace("<replay_id>", replay_id).replace("<id>", execution_id)
+        args = shlex.split(named)[1:]
         done = agentlab(stack, *args)
         assert done.returncode == 0, f"{command}: {done.stderr}"
         assert done.stdout, command
@@ -382,6 +561,36 @@ def test_compare_with_an_unreachable_model(start_stack: StackFactory) -> None:
     assert rows["plan"][1].startswith("failed after "), rows["plan"]
     assert "tok/s" not in rows["plan"][1]
     assert rows["Total"][1].startswith("failed: lab backend 'dead'"), rows["Total"]
+
+
+def test_a_replay_on_an_unreachable_model_is_its_failed_record_and_exit_3(
+    start_stack: StackFactory,
+) -> None:
+    """The replay's record is the answer (printed, FAILED, with its error);
+    the exit code is the one its error stands for, as for `run`."""
+    models = (
+        "backends:\n"
+        "  fast: {kind: echo}\n"
+        f'  dead: {{kind: openai, url: "http://127.0.0.1:{free_port()}/v1"}}\n'
+        "models:\n"
+        "  good: {backend: fast}\n"
+        "  gone: {backend: dead, model: nothing}\n"
+    )
+    stack = start_stack({}, models=models)
+    source = json.loads(agentlab(stack, "run", "blue sky", "-m", "good", "--json").stdout)
+
+    done = agentlab(stack, "-q", "executions", "replay", source["execution_id"], "-m", "gone")
+
+    assert done.returncode == 3, done.stderr
+    first, error = done.stdout.splitlines()[:2]
+    assert first.split()[1:] == ["FAILED", "gone"]
+    assert error.startswith("error: lab backend 'dead'"), error
+    assert "UNAVAILABLE" in done.stderr
+    as_json = agentlab(
+        stack, "-q", "executions", "replay", source["execution_id"], "-m", "gone", "--json"
+    )
+    assert as_json.returncode == 3
+    assert json.loads(as_json.stdout)["state"] == "EXECUTION_STATE_FAILED"
 
 
 def test_a_prompt_from_stdin(stack: Stack) -> None:

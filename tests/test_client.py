@@ -1,7 +1,8 @@
 """agentlab.client against the real stack (the service and Envoy): every RPC
-through the async and the blocking client, errors as one exception type per
-status with their google.rpc details, and the client's variables accepted
-by a service started with them in its environment."""
+(ReplayExecution and CompareExecutions too) through the async and the
+blocking client, errors as one exception type per status with their
+google.rpc details, and the client's variables accepted by a service
+started with them in its environment."""
 
 from __future__ import annotations
 
@@ -170,6 +171,95 @@ async def test_unknown_execution_raises_not_found(lab: AsyncClient) -> None:
     assert raised.value.reason == "NOT_FOUND"
 
 
+async def test_replay_on_echo_then_compare_the_two(lab: AsyncClient) -> None:
+    source = await lab.execute("red green blue", model="echo", seed=3)
+
+    replay = await lab.replay_execution(source.execution_id, model="echo", max_tokens=64)
+
+    assert replay.replay_of == source.execution_id
+    assert replay.execution_id != source.execution_id
+    assert replay.state == pb.EXECUTION_STATE_SUCCEEDED
+    assert replay.result.output == "red green blue"
+    # The source's options unless the request overrides them.
+    assert (replay.seed, replay.max_tokens) == (3, 64)
+    assert len(replay.request_id) == 32  # the client keyed it
+
+    comparison = await lab.compare_executions([source.execution_id, replay.execution_id])
+
+    assert [e.execution_id for e in comparison.executions] == [
+        source.execution_id,
+        replay.execution_id,
+    ]
+    baseline, compared = comparison.executions
+    assert compared.replay_of == source.execution_id
+    assert [op.op for op in compared.output_diff] == [svc.DIFF_OP_KIND_EQUAL]
+    assert compared.output == "red green blue"
+    assert compared.delta.completion_tokens == 0
+    assert baseline.delta == svc.MetricsDelta()
+    (node,) = comparison.nodes
+    assert (node.node, node.occurrence) == ("inference", 1)
+    assert [v.execution_id for v in node.versions] == [source.execution_id, replay.execution_id]
+    assert all(version.present for version in node.versions)
+    assert node.versions[1].step.output == "red green blue"
+
+
+async def test_a_background_replay_answers_at_once(lab: AsyncClient) -> None:
+    source = await lab.execute("later", model="echo")
+
+    replay = await lab.replay_execution(source.execution_id, background=True)
+
+    assert replay.state in (pb.EXECUTION_STATE_QUEUED, pb.EXECUTION_STATE_RUNNING)
+    assert replay.model == "echo"  # no model: the source's
+    final = [event async for event in lab.watch(replay.execution_id)][-1]
+    assert final.execution_completed.result.output == "later"
+
+
+async def test_a_replay_that_fails_is_a_failed_record_not_an_error(lab: AsyncClient) -> None:
+    source = await lab.execute("anyone there?", model="echo")
+
+    replay = await lab.replay_execution(source.execution_id, model="unreachable")
+
+    assert replay.state == pb.EXECUTION_STATE_FAILED
+    assert replay.replay_of == source.execution_id
+    assert replay.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+async def test_replay_and_compare_of_an_unknown_execution_raise_not_found(
+    lab: AsyncClient,
+) -> None:
+    known = (await lab.execute("known", model="echo")).execution_id
+    with pytest.raises(NotFound) as replayed:
+        await lab.replay_execution("0" * 32, model="echo")
+    assert replayed.value.reason == "NOT_FOUND"
+
+    with pytest.raises(NotFound) as compared:
+        await lab.compare_executions([known, "0" * 32])
+    assert compared.value.reason == "NOT_FOUND"
+    assert compared.value.from_service
+
+
+async def test_compare_with_one_id_raises_invalid_argument_naming_the_field(
+    lab: AsyncClient,
+) -> None:
+    known = (await lab.execute("alone", model="echo")).execution_id
+
+    with pytest.raises(InvalidArgument) as raised:
+        await lab.compare_executions([known])
+
+    error = raised.value
+    assert error.reason == "INVALID_ARGUMENT"
+    assert error.error_info is not None
+    assert error.error_info.domain == "agentlab.v1"
+    assert [violation.field for violation in error.violations] == ["execution_ids"]
+
+    with pytest.raises(InvalidArgument) as twice:
+        await lab.compare_executions([known, known])
+    assert [violation.field for violation in twice.value.violations] == ["execution_ids"]
+    with pytest.raises(InvalidArgument) as malformed:
+        await lab.replay_execution("not-an-id", temperature=3)
+    assert {v.field for v in malformed.value.violations} == {"execution_id", "temperature"}
+
+
 async def test_an_unreachable_lab_is_unavailable_with_retry_info(stack: Stack) -> None:
     async with AsyncClient(stack.gateway_grpc, api_key=KEY, retry=NO_RETRIES) as lab:
         with pytest.raises(Unavailable) as raised:
@@ -204,6 +294,27 @@ def test_the_blocking_client_calls_and_streams(sync_lab: Client) -> None:
     assert [m.name for m in sync_lab.list_models()].count("echo") == 1
     with pytest.raises(InvalidArgument):
         sync_lab.execute("x", model="bad model name")
+
+
+def test_the_blocking_client_replays_and_compares(sync_lab: Client) -> None:
+    source = sync_lab.execute("one two three", model="echo")
+
+    replay = sync_lab.replay_execution(source.execution_id, model="echo")
+    assert (replay.replay_of, replay.result.output) == (source.execution_id, "one two three")
+    comparison = sync_lab.compare_executions((source.execution_id, replay.execution_id))
+    assert [e.execution_id for e in comparison.executions] == [
+        source.execution_id,
+        replay.execution_id,
+    ]
+    assert [node.node for node in comparison.nodes] == ["inference"]
+
+    with pytest.raises(NotFound):
+        sync_lab.replay_execution("f" * 32)
+    with pytest.raises(NotFound):
+        sync_lab.compare_executions(["f" * 32, source.execution_id])
+    with pytest.raises(InvalidArgument) as raised:
+        sync_lab.compare_executions([source.execution_id])
+    assert [violation.field for violation in raised.value.violations] == ["execution_ids"]
 
 
 def test_target_and_key_come_from_the_environment(

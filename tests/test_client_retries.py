@@ -1,6 +1,7 @@
 """Retries through the real stack: a lab backend (a fake Ollama) that
 answers 503 reaches the client as UNAVAILABLE; the client tries a keyed call
-again and succeeds, and never repeats a call without a key.
+again and succeeds, and never repeats a call without a key (a replay
+refused for want of room, the same).
 
 A keyed execution that failed stays failed, and its key would only return
 that failure: the client's later attempts carry keys of their own (the
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from agentlab.client import AsyncClient, Retry, RetryPolicy, Unavailable
+from agentlab.client import AsyncClient, ResourceExhausted, Retry, RetryPolicy, Unavailable
 from agentlab.devstack import Stack
 from agentlab.v1 import execution_pb2 as pb
 from tests.helpers.fake_ollama import FakeOllama
@@ -125,6 +126,60 @@ async def test_too_many_failures_give_up_after_the_policy_s_attempts(
             await lab.execute("Name three colours.", model="mistral7b")
     assert len(retries) == 2
     assert len(ollama.requests) == 3
+
+
+async def test_a_keyed_replay_is_retried_and_an_unkeyed_one_never(
+    start_stack: StackFactory,
+) -> None:
+    """A lab backend's failure is a replay's FAILED record, not an error of
+    the call: what the client retries is a refusal, here the service's
+    RESOURCE_EXHAUSTED while its one running and one queued place are
+    taken."""
+    limited = await asyncio.to_thread(
+        start_stack,
+        {
+            "AGENTLAB_DEFAULT_BACKEND": "echo",
+            "AGENTLAB_ECHO_TOKEN_DELAY_S": "0.01",
+            "AGENTLAB_MAX_RUNNING_EXECUTIONS": "1",
+            "AGENTLAB_MAX_QUEUED_EXECUTIONS": "1",
+        },
+    )
+    retries: list[Retry] = []
+    retried = asyncio.Event()
+
+    def on_retry(retry: Retry) -> None:
+        retries.append(retry)
+        retried.set()
+
+    # Attempts to spare: each waits at least the service's RetryInfo.
+    policy = RetryPolicy(max_attempts=10, initial_backoff_s=0.05, max_backoff_s=0.2)
+    async with AsyncClient(limited.gateway_grpc, retry=policy, on_retry=on_retry) as lab:
+        source = await lab.execute("again please", model="echo")
+        long_prompt = " ".join(f"w{n}" for n in range(2000))  # 20 s of echo
+        busy = [await lab.execute(long_prompt, model="echo", background=True) for _ in range(2)]
+
+        with pytest.raises(ResourceExhausted) as refused:
+            await lab.replay_execution(source.execution_id, idempotent=False)
+        assert refused.value.reason == "TOO_MANY_EXECUTIONS"
+        assert retries == []
+
+        keyed = asyncio.create_task(
+            lab.replay_execution(source.execution_id, request_id="replay-retried")
+        )
+        await asyncio.wait_for(retried.wait(), timeout=30)
+        for execution in busy:
+            await lab.cancel_execution(execution.execution_id)
+        replay = await keyed
+
+        assert retries[0].method == "ReplayExecution"
+        assert all(isinstance(retry.error, ResourceExhausted) for retry in retries)
+        assert replay.state == pb.EXECUTION_STATE_SUCCEEDED
+        assert replay.result.output == "again please"
+        # Refused by the service itself, so the retry carried a key of its own.
+        assert replay.request_id.startswith("replay-retried.")
+        page = await lab.list_executions(page_size=20)
+        replays = [e.execution_id for e in page.executions if e.replay_of == source.execution_id]
+        assert replays == [replay.execution_id]
 
 
 async def test_the_command_retries_and_says_so_on_stderr(stack: Stack, ollama: FlakyOllama) -> None:

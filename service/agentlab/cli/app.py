@@ -1,14 +1,14 @@
-"""`agentlab`: run prompts, watch orchestrations live, compare models and
-manage executions from a terminal. Global options (--target, --api-key,
---timeout) come before the command; AGENTLAB_TARGET and AGENTLAB_API_KEY
-stand in for the first two."""
+"""`agentlab`: run prompts, watch orchestrations live, compare models,
+manage, replay and compare executions from a terminal. Global options
+(--target, --api-key, --timeout) come before the command; AGENTLAB_TARGET
+and AGENTLAB_API_KEY stand in for the first two."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, TypeVar
@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from agentlab.cli.live import Progress
 from agentlab.cli.output import (
@@ -36,6 +37,7 @@ from agentlab.cli.output import (
 from agentlab.client import AsyncClient, DeadlineExceeded, LabServiceError, new_request_id
 from agentlab.client.settings import API_KEY_VARIABLE, TARGET_VARIABLE
 from agentlab.v1 import execution_pb2 as pb
+from agentlab.v1 import lab_service_pb2 as svc
 
 __all__ = ["app", "main"]
 
@@ -49,7 +51,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 executions_app = typer.Typer(
-    help="Recorded executions: list, get, watch, cancel.", no_args_is_help=True
+    help="Recorded executions: list, get, watch, cancel, replay, compare.", no_args_is_help=True
 )
 app.add_typer(executions_app, name="executions")
 
@@ -636,17 +638,23 @@ def get_execution(
 
     async def work(client: AsyncClient) -> int:
         execution = await client.get_execution(execution_id)
-        if as_json:
-            print_json(execution)
-            return EXIT_OK
-        print(f"{execution.execution_id}  {_state_name(execution.state)}  {execution.model}")
-        if execution.HasField("error"):
-            print(f"error: {execution.error.message}")
-        if execution.HasField("result"):
-            print(execution.result.output)
+        _print_execution(execution, as_json=as_json)
         return EXIT_OK
 
     _run(context, work)
+
+
+def _print_execution(execution: pb.Execution, *, as_json: bool) -> None:
+    """The record as JSON, or its id, state and model, then its error and
+    its output."""
+    if as_json:
+        print_json(execution)
+        return
+    print(f"{execution.execution_id}  {_state_name(execution.state)}  {execution.model}")
+    if execution.HasField("error"):
+        print(f"error: {execution.error.message}")
+    if execution.HasField("result"):
+        print(execution.result.output)
 
 
 @executions_app.command(
@@ -689,16 +697,206 @@ def cancel_execution(
     _run(context, work)
 
 
-def _print_rows(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+@executions_app.command(
+    "replay",
+    epilog="Examples:\n\n  agentlab executions replay 94d3... -m smollm2\n\n"
+    "  agentlab executions replay 94d3... -m echo --seed 7 --json | jq .result.metrics",
+)
+def replay_execution(
+    context: typer.Context,
+    execution_id: Annotated[str, typer.Argument(help="The execution to replay (32 hex digits).")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model to replay it on (default: its own).")
+    ] = "",
+    temperature: Annotated[
+        float | None,
+        typer.Option(help="Sampling temperature, 0 to 2 (default: the source's).", min=0, max=2),
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option("--max-tokens", help="Tokens per model call (default: the source's).", min=1),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the source's).")] = None,
+    background: Annotated[
+        bool, typer.Option(help="Answer at once with the replay's id; see `executions watch`.")
+    ] = False,
+    request_id: RequestIdOption = None,
+    no_request_id: NoKeyOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Run an execution's prompt and mode again (on another model, or with
+    other options) as a new execution, then print it as `executions get`
+    does. Exit 1 when the replay failed or was cancelled (3 when its backend
+    was unavailable), as `run`."""
+
+    key = request_id or (None if no_request_id else new_request_id())
+
+    async def work(client: AsyncClient) -> int:
+        try:
+            replay = await client.replay_execution(
+                execution_id,
+                model=model,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                seed=seed,
+                background=background,
+                request_id=key,
+                idempotent=not no_request_id,
+            )
+        except asyncio.CancelledError:
+            # Ctrl-C: as for `run`, a keyed replay outlives its call.
+            if key and not background:
+                await _cancel_keyed(client, key)
+            raise
+        if background and not as_json:
+            print(replay.execution_id)
+            return EXIT_OK
+        _print_execution(replay, as_json=as_json)
+        if replay.state in (pb.EXECUTION_STATE_FAILED, pb.EXECUTION_STATE_CANCELLED):
+            # A failed replay is an answer of the call, not an error: its
+            # record's error says how it ended, and the exit code with it.
+            if not replay.HasField("error"):
+                return EXIT_FAILED
+            error = failure_of(replay.error)
+            if not as_json:
+                print_error(error)
+            return exit_code(error)
+        return EXIT_OK
+
+    _run(context, work)
+
+
+@executions_app.command(
+    "compare",
+    epilog="Examples:\n\n  agentlab executions compare 94d3... 5be0...\n\n"
+    "  agentlab executions compare 94d3... 5be0... 0c1f... --json | jq .executions",
+)
+def compare_executions(
+    context: typer.Context,
+    execution_ids: Annotated[
+        list[str],
+        typer.Argument(help="Two to ten execution ids; the first is the baseline."),
+    ],
+    as_json: JsonOption = False,
+) -> None:
+    """Executions side by side against the first, node by node: each one's
+    output (a word diff summary for all but the baseline) and its tokens,
+    time to first token, tokens/s and duration minus the baseline's."""
+
+    async def work(client: AsyncClient) -> int:
+        comparison = await client.compare_executions(execution_ids)
+        if as_json:
+            print_json(comparison)
+            return EXIT_OK
+        _print_rows(_COMPARISON_HEADERS, _comparison_rows(comparison), sections=True)
+        return EXIT_OK
+
+    _run(context, work)
+
+
+_COMPARISON_HEADERS = (
+    "node",
+    "execution",
+    "model",
+    "state",
+    "Δ tokens",
+    "Δ ttft ms",
+    "Δ tok/s",
+    "Δ ms",
+    "diff",
+    "output",
+)
+
+
+def _comparison_rows(comparison: svc.CompareExecutionsResponse) -> list[tuple[str, ...]]:
+    """One row per node and execution, then the totals (node "total"), the
+    baseline's first; deltas are left empty where there is none (the
+    baseline, a node not run)."""
+    executions = list(comparison.executions)
+    rows: list[tuple[str, ...]] = []
+    for node in comparison.nodes:
+        name = node.node if node.occurrence <= 1 else f"{node.node} ({node.occurrence})"
+        for index, (version, execution) in enumerate(zip(node.versions, executions, strict=False)):
+            compared = index > 0 and version.present and version.HasField("delta")
+            rows.append(
+                (
+                    name,
+                    version.execution_id,
+                    execution.model,
+                    _step_status(version.step.status) if version.present else "not run",
+                    *(_deltas(version.delta) if compared else ("",) * 4),
+                    *_diff_and_output(
+                        index, version.output_diff, version.step.output, present=version.present
+                    ),
+                )
+            )
+    for index, execution in enumerate(executions):
+        rows.append(
+            (
+                "total",
+                execution.execution_id,
+                execution.model,
+                _state_name(execution.state),
+                *(_deltas(execution.delta) if index > 0 else ("",) * 4),
+                *_diff_and_output(index, execution.output_diff, execution.output, present=True),
+            )
+        )
+    return rows
+
+
+def _deltas(delta: svc.MetricsDelta) -> tuple[str, str, str, str]:
+    """Signed, so that a column reads as more (+) or less (-) than the baseline."""
+    return (
+        f"{delta.completion_tokens:+d}",
+        _signed(delta.time_to_first_token_ms, 0),
+        _signed(delta.tokens_per_second, 1),
+        _signed(delta.duration_ms, 0),
+    )
+
+
+def _signed(value: float, digits: int) -> str:
+    # Rounded first: -0.3 ms is "+0", not "-0".
+    return f"{round(value, digits) + 0.0:+.{digits}f}"
+
+
+def _diff_and_output(
+    index: int, ops: Sequence[svc.DiffOp], output: str, *, present: bool
+) -> tuple[str, str]:
+    """The diff's summary (``baseline``, ``same``, ``not run``, or the words
+    it inserts and deletes) and the output, left out where it is the
+    baseline's: the same text twice would only hide the ones that differ."""
+    if index == 0:
+        return "baseline", output if present else ""
+    if not present:
+        return "not run", ""
+    inserted = sum(len(op.text.split()) for op in ops if op.op == svc.DIFF_OP_KIND_INSERT)
+    deleted = sum(len(op.text.split()) for op in ops if op.op == svc.DIFF_OP_KIND_DELETE)
+    changed = any(op.op != svc.DIFF_OP_KIND_EQUAL for op in ops)
+    if not changed:
+        return "same", ""
+    return f"+{inserted} -{deleted} words", output
+
+
+def _step_status(status: int) -> str:
+    return pb.StepStatus.Name(status).removeprefix("STEP_STATUS_")
+
+
+def _print_rows(
+    headers: tuple[str, ...], rows: list[tuple[str, ...]], *, sections: bool = False
+) -> None:
     """A table on a terminal; in a pipe, tab-separated lines after a header
-    line, never cut to the terminal's width (ids stay whole for `cut`)."""
+    line, never cut to the terminal's width (ids stay whole for `cut`).
+    ``sections``: on a terminal, a rule wherever the first cell changes."""
     if not sys.stdout.isatty():
         for row in (headers, *rows):
             print("\t".join(cell.replace("\t", " ").replace("\n", " ") for cell in row))
         return
     table = Table(*headers)
-    for row in rows:
-        table.add_row(*row)
+    for number, row in enumerate(rows):
+        if sections and number and row[0] != rows[number - 1][0]:
+            table.add_section()
+        # Text, not markup: an output or a prompt may hold "[/x]".
+        table.add_row(*(Text(cell) for cell in row))
     Console(highlight=False).print(table)
 
 

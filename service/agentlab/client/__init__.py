@@ -2,8 +2,9 @@
 
 ``AsyncClient`` (grpc.aio) and ``Client`` (blocking) call every RPC; the
 target and API key come from arguments or AGENTLAB_TARGET / AGENTLAB_API_KEY.
-Reads and keyed Execute/Orchestrate calls are retried on UNAVAILABLE and
-RESOURCE_EXHAUSTED (``RetryPolicy``, honouring RetryInfo); ``orchestrate``
+Reads (CompareExecutions among them) and keyed Execute, Orchestrate and
+ReplayExecution calls are retried on UNAVAILABLE and RESOURCE_EXHAUSTED
+(``RetryPolicy``, honouring RetryInfo); ``orchestrate``
 and ``watch`` resume after a dropped connection, each event exactly once;
 failures raise one ``LabServiceError`` subclass per gRPC status.
 

@@ -4,6 +4,8 @@ after a drop.
 
     async with AsyncClient("localhost:8000", api_key=key) as lab:
         answer = await lab.execute("Name a fruit.", model="echo")
+        replay = await lab.replay_execution(answer.execution_id, model="echo")
+        comparison = await lab.compare_executions([answer.execution_id, replay.execution_id])
         async for event in lab.orchestrate("Name a fruit.", model="echo"):
             print(event.WhichOneof("kind"))
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -229,6 +231,97 @@ class AsyncClient:
         )
         return response.execution
 
+    async def replay_execution(
+        self,
+        execution_id: str,
+        *,
+        model: str = "",
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        seed: int | None = None,
+        background: bool = False,
+        request_id: str | None = None,
+        idempotent: bool = True,
+        timeout_s: float | None = None,
+    ) -> pb.Execution:
+        """ReplayExecution: run a stored execution's prompt and mode again,
+        as a new execution whose ``replay_of`` is ``execution_id`` (32 hex
+        digits; any state, any backend).
+
+        ``model``: the model to run it on ('' : the source's again);
+        ``temperature`` (0 to 2), ``max_tokens`` (per model call, 1 to
+        32768), ``seed``: None keeps the source's (if it set one);
+        ``background``: answer at once, QUEUED or RUNNING, without the result;
+        ``timeout_s``: seconds, retries included (None: the client's).
+
+        Returns the replay's record (``pb.Execution``): ended, with
+        ``result`` (its output, flow and metrics, times in milliseconds) and,
+        when its state is FAILED or CANCELLED, ``error`` (a google.rpc.Status)
+        — a replay that failed is an answer, not a raised error.
+
+        Raises NotFound (no such execution, or another caller's; an unknown
+        model, reason MODEL_NOT_FOUND), InvalidArgument (a malformed id or
+        option, with ``violations``), AlreadyExists (a ``request_id`` used
+        before for another replay), ResourceExhausted (too many executions,
+        with ``retry_delay_s``), Unauthenticated. Retried as ``execute``:
+        with ``idempotent`` (the default) it carries a ``request_id``
+        (``request_id``, or a fresh one; the key is bound to the source, the
+        model and the options) and is retried on UNAVAILABLE /
+        RESOURCE_EXHAUSTED; with ``idempotent=False`` and no ``request_id``
+        it is sent once."""
+        keys = _Keys.for_call(request_id, idempotent=idempotent)
+        request = svc.ReplayExecutionRequest(
+            execution_id=execution_id,
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            seed=seed,
+            background=background,
+        )
+
+        async def attempt(remaining: float | None) -> pb.Execution:
+            request.request_id = keys.current
+            answer: svc.ReplayExecutionResponse = await self._stub.ReplayExecution(
+                request, metadata=self._metadata, timeout=remaining
+            )
+            return answer.execution
+
+        return await self._unary(
+            "ReplayExecution",
+            attempt,
+            safe=keys.keyed,
+            timeout_s=timeout_s,
+            after_error=keys.after,
+        )
+
+    async def compare_executions(
+        self, execution_ids: Sequence[str], *, timeout_s: float | None = None
+    ) -> svc.CompareExecutionsResponse:
+        """CompareExecutions: two to ten ``execution_ids`` (32 hex digits
+        each, no id twice), each set against the first, the baseline.
+
+        Returns ``executions`` (each one's totals in the request's order:
+        ``metrics``, ``output``, ``output_diff`` from the baseline's output
+        and ``delta``, its metrics minus the baseline's) and ``nodes`` (one
+        per node run, matched by name and ``occurrence``; per execution a
+        NodeVersion: ``present``, its ``step``, ``output_diff`` and
+        ``delta``). A diff is a list of DiffOp: runs of words, whitespace
+        included, EQUAL, INSERT (only in this one) or DELETE (only in the
+        baseline). Deltas: tokens as counts, time to first token and duration
+        in milliseconds, tokens per second; positive means more.
+
+        Raises InvalidArgument (fewer than two ids, more than ten, one twice
+        or malformed: a violation naming ``execution_ids``; a comparison over
+        3 MiB, reason COMPARISON_TOO_LARGE), NotFound (an unknown id, or
+        another caller's), Unauthenticated. A read: retried on UNAVAILABLE /
+        RESOURCE_EXHAUSTED."""
+        return await self._read(
+            "CompareExecutions",
+            self._stub.CompareExecutions,
+            svc.CompareExecutionsRequest(execution_ids=list(execution_ids)),
+            timeout_s,
+        )
+
     # Streams -------------------------------------------------------------
 
     def orchestrate(
@@ -404,8 +497,9 @@ class _Keys:
 
     @classmethod
     def for_call(cls, request_id: str | None, *, idempotent: bool) -> _Keys:
-        """Those of a call of Execute or Orchestrate: from ``request_id``,
-        else with ``idempotent`` a fresh key, else none (sent once)."""
+        """Those of a call of Execute, Orchestrate or ReplayExecution: from
+        ``request_id``, else with ``idempotent`` a fresh key, else none (sent
+        once)."""
         return cls(request_id or (new_request_id() if idempotent else ""))
 
     @property

@@ -1,9 +1,10 @@
 """When a failed call is tried again, and after how long.
 
 Only UNAVAILABLE and RESOURCE_EXHAUSTED are retried, and only for calls that
-are safe to repeat (the caller says which: reads, and Execute/Orchestrate
-with a ``request_id``). The wait is exponential backoff with jitter, never
-shorter than what the server asked for in RetryInfo (or ``retry-after``).
+are safe to repeat (the caller says which: reads, and Execute, Orchestrate
+and ReplayExecution with a ``request_id``). The wait is exponential backoff
+with jitter, never shorter than what the server asked for in RetryInfo (or
+``retry-after``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -117,6 +117,18 @@ class Client:
 
     def cancel_execution(self, execution_id: str, **options: Any) -> pb.Execution:
         return self._run(self._client.cancel_execution(execution_id, **options))
+
+    def replay_execution(self, execution_id: str, **options: Any) -> pb.Execution:
+        """AsyncClient.replay_execution: the replay's record (a failed replay
+        is a FAILED record, not an error); retried only with a request_id."""
+        return self._run(self._client.replay_execution(execution_id, **options))
+
+    def compare_executions(
+        self, execution_ids: Sequence[str], **options: Any
+    ) -> svc.CompareExecutionsResponse:
+        """AsyncClient.compare_executions: each execution and node against
+        the first id's (diffs, metric deltas in ms and tokens/s)."""
+        return self._run(self._client.compare_executions(execution_ids, **options))
 
 
 async def _next(events: AsyncIterator[_T]) -> _T:
