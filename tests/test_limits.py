@@ -411,6 +411,47 @@ def test_executions_beyond_the_limits_are_refused_and_the_queued_one_runs_next(
 
 
 @pytest.fixture
+def wide_limits(start_stack: StackFactory) -> Stack:
+    return start_stack(
+        {
+            "AGENTLAB_DEFAULT_BACKEND": "echo",
+            "AGENTLAB_MAX_RUNNING_EXECUTIONS": "4000",
+            "AGENTLAB_MAX_QUEUED_EXECUTIONS": "4000",
+            "AGENTLAB_LOG_LEVEL": "WARNING",
+        }
+    )
+
+
+async def test_a_burst_of_calls_within_the_limits_is_served_whole(wide_limits: Stack) -> None:
+    # 3,000 calls at once, more than grpc-core lets wait for the event loop
+    # by default: it cancelled a random share of them (bare CANCELLED).
+    burst = 3000
+    request = svc.ExecuteRequest(prompt="burst", model="echo")
+    channels = [
+        grpc.aio.insecure_channel(
+            wide_limits.service_grpc, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in range(4)
+    ]
+    try:
+        stubs = [svc_grpc.LabServiceStub(channel) for channel in channels]  # type: ignore[no-untyped-call]
+
+        async def call(n: int) -> str:
+            try:
+                await stubs[n % len(stubs)].Execute(request, timeout=120)
+            except grpc.aio.AioRpcError as error:
+                return error.code().name
+            return "OK"
+
+        outcomes = await asyncio.gather(*(call(n) for n in range(burst)))
+    finally:
+        for channel in channels:
+            await channel.close()
+    refused = {code: outcomes.count(code) for code in set(outcomes) - {"OK"}}
+    assert refused == {}, refused
+
+
+@pytest.fixture
 def short_prompts(start_stack: StackFactory) -> Stack:
     return start_stack({"AGENTLAB_DEFAULT_BACKEND": "echo", "AGENTLAB_MAX_PROMPT_CHARS": "50"})
 
