@@ -68,8 +68,9 @@ GRPC_ENVOY = "gRPC via Envoy"
 OTHERS_WARN_CORES = 0.25
 
 # Modules of bench/ whose rows join the table: each has
-# measure(quick: bool) -> list[table.Row] (bench/streams.py: SSE at scale).
-EXTRA_ROW_MODULES = ("streams",)
+# measure(quick: bool) -> list[table.Row] (bench/streams.py: SSE at scale;
+# bench/grpc_streams.py: the same over gRPC).
+EXTRA_ROW_MODULES = ("streams", "grpc_streams")
 
 # The table's paths, for the rows printed as skipped when wrk is missing.
 TABLE_PATHS = (
