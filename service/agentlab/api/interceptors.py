@@ -56,9 +56,11 @@ def wrap_handler(
         # A stream written with context.write (grpc_health's Watch) is a
         # coroutine, not an async generator: wrapped as one, it would fail
         # at its first step. grpc.aio tells the two apart by the function.
+        # Any other returns the responses' iterator: an async generator, or
+        # (CheckRequests) a plain function returning the one it wraps.
         behaviour = handler.unary_stream
         wrapped = (
-            streaming(behaviour) if inspect.isasyncgenfunction(behaviour) else unary(behaviour)
+            unary(behaviour) if inspect.iscoroutinefunction(behaviour) else streaming(behaviour)
         )
         return grpc.unary_stream_rpc_method_handler(
             wrapped,
@@ -104,7 +106,7 @@ class CheckRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _wrap(self, handler: Any, method: str) -> Any:
         parse = handler.request_deserializer
 
-        async def decoded(raw: bytes, context: Any) -> Any:
+        def decoded(raw: bytes, context: Any) -> Any:
             # Errors are raised to MapErrors; a rule of the contract that does
             # not compile or evaluate is our bug, INTERNAL there.
             try:
@@ -120,14 +122,17 @@ class CheckRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         def unary(behaviour: Unary) -> Unary:
             async def checked(raw: bytes, context: Any) -> Any:
-                return await behaviour(await decoded(raw, context), context)
+                return await behaviour(decoded(raw, context), context)
 
             return checked
 
         def streaming(behaviour: UnaryStream) -> UnaryStream:
-            async def checked(raw: bytes, context: Any) -> AsyncIterator[Any]:
-                async for response in behaviour(await decoded(raw, context), context):
-                    yield response
+            # The method's own responses, not a generator relaying them: a
+            # level less for every open stream to hold (issue 11). What
+            # decoding raises reaches MapErrors (always outside: grpc.aio
+            # needs an async generator there) where it calls this.
+            def checked(raw: bytes, context: Any) -> AsyncIterator[Any]:
+                return behaviour(decoded(raw, context), context)
 
             return checked
 
