@@ -146,6 +146,9 @@ class _Memory:
         # holds the memory.
         self.peaks = [0] * len(pids)
         self.at_peak_open = (0, 0)  # (streams open, bytes)
+        # Each process's VmRSS before any stream opened: what the streams
+        # add is the peak less this, per stream open at once.
+        self.idle = [rss_kib(pid) * 1024 for pid in pids]
         self._pids, self._tally, self._every_s = pids, tally, every_s
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -206,6 +209,13 @@ class Result:
     # Each process's own peak: the service's and Envoy's.
     service_peak_rss: int = 0
     envoy_peak_rss: int = 0
+    # Each process's RSS before the first stream opened.
+    service_idle_rss: int = 0
+    envoy_idle_rss: int = 0
+
+    def per_stream_kib(self, peak: int, idle: int) -> float:
+        """What one open stream adds to a process's RSS, in KiB."""
+        return (peak - idle) / 1024 / max(self.tally.peak_open, 1)
 
     @property
     def all_open_at_once(self) -> bool:
@@ -254,8 +264,17 @@ def run(plan: Plan) -> Result:
         finally:
             stack.stop()
     service_peak, envoy_peak = memory.peaks
+    service_idle, envoy_idle = memory.idle
     return Result(
-        plan, tally, memory.peak, memory.at_peak_open[1], elapsed, service_peak, envoy_peak
+        plan,
+        tally,
+        memory.peak,
+        memory.at_peak_open[1],
+        elapsed,
+        service_peak,
+        envoy_peak,
+        service_idle,
+        envoy_idle,
     )
 
 
@@ -276,7 +295,10 @@ def row(result: Result) -> Row:
         f"({tally.events:,} events); at most {tally.peak_open:,} open at once; "
         f"peak RSS service + Envoy {result.peak_rss / (1 << 20):,.0f} MiB ({gib:.2f} GiB; "
         f"each at its own peak: service {result.service_peak_rss / (1 << 20):,.0f} MiB, "
-        f"Envoy {result.envoy_peak_rss / (1 << 20):,.0f} MiB); "
+        f"Envoy {result.envoy_peak_rss / (1 << 20):,.0f} MiB; per open stream over idle: "
+        f"service {result.per_stream_kib(result.service_peak_rss, result.service_idle_rss):.1f}"
+        f" KiB, Envoy {result.per_stream_kib(result.envoy_peak_rss, result.envoy_idle_rss):.1f}"
+        " KiB); "
         f"{plan.words} words at {plan.token_delay_s:g} s, {result.elapsed_s:.0f} s in all"
         + (f"; failed: {refused}" if refused else "")
         + (f"; {tally.incomplete} incomplete" if tally.incomplete else "")

@@ -252,6 +252,30 @@ async def test_a_subscriber_that_falls_behind_is_cut_loose(kit: Kit) -> None:
         assert await take(fast, 1) == [event(5)]
 
 
+async def test_a_read_cut_short_loses_nothing(kit: Kit) -> None:
+    # Watchers read with a timeout (executions/watch.py): a read cut short
+    # must leave the subscription whole, and the next read must wait anew.
+    bus = await kit.make()
+    async with bus.subscribe("e1") as events:
+        await assert_quiet(events)
+        await assert_quiet(events)
+        await bus.publish("e1", event(1), event(2))
+        assert await take(events, 2) == [event(1), event(2)]
+        await assert_quiet(events)
+        await bus.publish("e1", event(3))
+        assert await take(events, 1) == [event(3)]
+
+
+async def test_only_unread_events_count_towards_the_buffer(kit: Kit) -> None:
+    bus = await kit.make(max_pending=3)
+    async with bus.subscribe("e1") as events:
+        await bus.publish("e1", event(1), event(2), event(3))
+        assert await take(events, 2) == [event(1), event(2)]
+        # Three unread (3, 4, 5): within the buffer.
+        await bus.publish("e1", event(4), event(5))
+        assert await take(events, 3) == [event(3), event(4), event(5)]
+
+
 async def test_a_closed_bus_ends_its_subscriptions(kit: Kit) -> None:
     bus = await kit.make()
     async with bus.subscribe("e1") as events, bus.cancel_requests() as cancels:

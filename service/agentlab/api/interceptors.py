@@ -56,9 +56,11 @@ def wrap_handler(
         # A stream written with context.write (grpc_health's Watch) is a
         # coroutine, not an async generator: wrapped as one, it would fail
         # at its first step. grpc.aio tells the two apart by the function.
+        # Any other returns the responses' iterator: an async generator, or
+        # (CheckRequests) a plain function returning the one it wraps.
         behaviour = handler.unary_stream
         wrapped = (
-            streaming(behaviour) if inspect.isasyncgenfunction(behaviour) else unary(behaviour)
+            unary(behaviour) if inspect.iscoroutinefunction(behaviour) else streaming(behaviour)
         )
         return grpc.unary_stream_rpc_method_handler(
             wrapped,
@@ -104,7 +106,7 @@ class CheckRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _wrap(self, handler: Any, method: str) -> Any:
         parse = handler.request_deserializer
 
-        async def decoded(raw: bytes, context: Any) -> Any:
+        def decoded(raw: bytes, context: Any) -> Any:
             # Errors are raised to MapErrors; a rule of the contract that does
             # not compile or evaluate is our bug, INTERNAL there.
             try:
@@ -120,14 +122,17 @@ class CheckRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         def unary(behaviour: Unary) -> Unary:
             async def checked(raw: bytes, context: Any) -> Any:
-                return await behaviour(await decoded(raw, context), context)
+                return await behaviour(decoded(raw, context), context)
 
             return checked
 
         def streaming(behaviour: UnaryStream) -> UnaryStream:
-            async def checked(raw: bytes, context: Any) -> AsyncIterator[Any]:
-                async for response in behaviour(await decoded(raw, context), context):
-                    yield response
+            # The method's own responses, not a generator relaying them: a
+            # level less for every open stream to hold (issue 11). What
+            # decoding raises reaches MapErrors (always outside: grpc.aio
+            # needs an async generator there) where it calls this.
+            def checked(raw: bytes, context: Any) -> AsyncIterator[Any]:
+                return behaviour(decoded(raw, context), context)
 
             return checked
 
@@ -214,33 +219,46 @@ def _as_agentlab_error(error: Exception, method: str) -> AgentLabError:
 
 class _Sent:
     """What a stream of ``*Response{event}`` messages has sent so far: enough
-    to end it with an ``execution_failed`` event of its own."""
+    to end it with an ``execution_failed`` event of its own. Not the last
+    response itself, which every open stream would hold between its events
+    (~0.8 KiB of message each: issue 11); only what the failure event needs."""
+
+    __slots__ = ("_execution_id", "_kind", "_open", "_steps")
 
     def __init__(self) -> None:
-        self._last: Any = None
+        # The type of the responses, once one carried an event.
+        self._kind: type[Any] | None = None
+        self._execution_id = ""
+        # Whether the last event sent was not a final one.
+        self._open = False
         self._steps: list[pb.FlowStep] = []
 
     def saw(self, response: Any) -> None:
-        self._last = response
         event = getattr(response, "event", None)
-        if isinstance(event, pb.ExecutionEvent) and event.HasField("node_finished"):
-            self._steps.append(event.node_finished.step)
+        if not isinstance(event, pb.ExecutionEvent):
+            self._kind = None
+            return
+        self._kind = type(response)
+        self._execution_id = event.execution_id
+        kind = event.WhichOneof("kind")
+        self._open = kind not in ("execution_completed", "execution_failed")
+        if kind == "node_finished":
+            step = pb.FlowStep()
+            step.CopyFrom(event.node_finished.step)
+            self._steps.append(step)
 
     def failed(self, error: AgentLabError) -> Any:
         """The response that ends the stream with ``error``, or None when
         nothing was sent yet (the status alone says it) or the last event
         was final already."""
-        event = getattr(self._last, "event", None)
-        if not isinstance(event, pb.ExecutionEvent):
-            return None
-        if event.WhichOneof("kind") in ("execution_completed", "execution_failed"):
+        if self._kind is None or not self._open:
             return None
         # Built here, not by the executions' codec: this event is never
         # stored. Sequence 0: it is the stream's, not the execution's (it is
         # not stored, and the execution may go on); a number would clash with
         # the stored event that later takes it, and mislead a resume.
-        final = pb.ExecutionEvent(sequence=0, execution_id=event.execution_id)
+        final = pb.ExecutionEvent(sequence=0, execution_id=self._execution_id)
         final.time.GetCurrentTime()
         final.execution_failed.error.CopyFrom(rpc_status(error))
         final.execution_failed.flow.extend(self._steps)
-        return type(self._last)(event=final)
+        return self._kind(event=final)

@@ -75,9 +75,12 @@ class LabServicer(svc_grpc.LabServiceServicer):
         ) as call:
             # A reconnect (Last-Event-ID) resumes the execution its key names.
             after = 0 if call.created else (resume_after or 0)
-            async with aclosing(call.events(after)) as events:
+            events = call.events(after)
+            try:
                 async for event in events:
                     yield svc.OrchestrateResponse(event=sizing.fit(event))
+            finally:
+                await events.aclose()
 
     async def GetExecution(
         self, request: svc.GetExecutionRequest, context: Context

@@ -170,6 +170,8 @@ class Stop:
     while the execution waits for its turn or for its lab's next event,
     which is where it spends its time."""
 
+    __slots__ = ("_waiting", "requested")
+
     def __init__(self) -> None:
         self.requested = False
         self._waiting: Waiting | None = None
@@ -199,6 +201,16 @@ class _Cutoff:
     REST Execute). It cancels its task as asyncio.Timeout does, and only
     while the task waits here: between waits, the next wait fails at once.
     """
+
+    __slots__ = (
+        "_cancelled",
+        "_fired",
+        "_handle",
+        "_loop",
+        "_stop",
+        "_task_timeout_s",
+        "_waiter",
+    )
 
     def __init__(self, deadline: float | None, task: Task, stop: Stop | None) -> None:
         self._loop = asyncio.get_running_loop()

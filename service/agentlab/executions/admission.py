@@ -11,8 +11,6 @@ counted, never refused.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from agentlab.core.errors import ResourceExhausted
 from agentlab.core.runner import Stop
@@ -53,29 +51,46 @@ class Admission:
         """An admitted execution finished, or was never recorded."""
         self._admitted -= 1
 
-    @asynccontextmanager
-    async def turn(self, execution_id: str, stop: Stop) -> AsyncIterator[bool]:
-        """Wait (QUEUED) for a turn at the lab, and hold it while running;
-        False when a stop (a cancel, the shutdown) came first."""
+    def turn(self, execution_id: str, stop: Stop) -> _Turn:
+        """``async with``: wait (QUEUED) for a turn at the lab, and hold it
+        while running; yields False when a stop (a cancel, the shutdown) came
+        first."""
+        return _Turn(self, execution_id, stop)
+
+
+class _Turn:
+    """Admission.turn's context: a class rather than an asynccontextmanager,
+    whose generator every running execution would hold (issue 11)."""
+
+    __slots__ = ("_acquired", "_admission", "_execution_id", "_stop")
+
+    def __init__(self, admission: Admission, execution_id: str, stop: Stop) -> None:
+        self._admission = admission
+        self._execution_id = execution_id
+        self._stop = stop
+        self._acquired = False
+
+    async def __aenter__(self) -> bool:
+        admission, stop = self._admission, self._stop
         waiting = asyncio.timeout(None)
-        acquired = False
-        self.waiting.add(execution_id)
+        admission.waiting.add(self._execution_id)
         try:
             async with waiting:
                 stop.attach(waiting)
-                await self._turns.acquire()
-                acquired = True
+                await admission._turns.acquire()
+                self._acquired = True
         except TimeoutError:
             if not stop.requested:
                 raise
         finally:
             stop.detach()
-            self.waiting.discard(execution_id)
-        if acquired:
-            self.running += 1
-        try:
-            yield acquired
-        finally:
-            if acquired:
-                self.running -= 1
-                self._turns.release()
+            admission.waiting.discard(self._execution_id)
+        if self._acquired:
+            admission.running += 1
+        return self._acquired
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._acquired:
+            self._acquired = False
+            self._admission.running -= 1
+            self._admission._turns.release()

@@ -4,9 +4,8 @@ serves their watchers."""
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Generic, TypeVar
 
 from agentlab.executions.errors import BusUnavailable, SubscriberLagged
@@ -32,15 +31,27 @@ class Inbox(Generic[T]):
     Iteration ends with StopAsyncIteration once closed, or raises the error it
     failed with. A failure drops what is buffered: the subscriber resumes from
     the store at the last item it saw, which covers those items too.
+
+    Every open stream holds one, mostly empty and waited on (10,000 may be
+    open: issue 11): a list and one future while a read waits, not a deque
+    and an asyncio.Event (each of those two holds a 624-byte deque block,
+    ~1.9 KiB an inbox with the Event's wait coroutine). A read cut short (a
+    timeout, a cancel) loses nothing: items wait in the list.
     """
+
+    __slots__ = ("_closed", "_error", "_head", "_items", "_max_pending", "_waiter", "name")
 
     def __init__(self, name: str, max_pending: int) -> None:
         self.name = name
         self._max_pending = max_pending
-        self._items: deque[T] = deque()
+        # Read from ``_head`` on: the list is emptied once read to its end,
+        # so a read never shifts the items behind it.
+        self._items: list[T] = []
+        self._head = 0
         self._error: BaseException | None = None
         self._closed = False
-        self._wakeup = asyncio.Event()
+        # The future a read waits on, while one waits: one reader at a time.
+        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def active(self) -> bool:
@@ -51,24 +62,33 @@ class Inbox(Generic[T]):
         has failed, or just overflowed and failed with SubscriberLagged)."""
         if not self.active:
             return False
-        if len(self._items) >= self._max_pending:
+        if len(self._items) - self._head >= self._max_pending:
             self.fail(SubscriberLagged(self.name, self._max_pending))
             return False
         self._items.append(item)
-        self._wakeup.set()
+        self._wake()
         return True
 
     def fail(self, error: BaseException) -> None:
         if not self.active:
             return
         self._error = error
-        self._items.clear()
-        self._wakeup.set()
+        self._drop()
+        self._wake()
 
     def close(self) -> None:
         self._closed = True
+        self._drop()
+        self._wake()
+
+    def _drop(self) -> None:
         self._items.clear()
-        self._wakeup.set()
+        self._head = 0
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def __aiter__(self) -> Inbox[T]:
         return self
@@ -79,12 +99,19 @@ class Inbox(Generic[T]):
                 # One error is shared by every inbox of a failed connection:
                 # without the reset each raise would grow its traceback.
                 raise self._error.with_traceback(None)
-            if self._items:
-                return self._items.popleft()
+            if self._head < len(self._items):
+                item = self._items[self._head]
+                self._head += 1
+                if self._head == len(self._items):
+                    self._drop()
+                return item
             if self._closed:
                 raise StopAsyncIteration
-            self._wakeup.clear()
-            await self._wakeup.wait()
+            # A read cut short cancels the future it waited on: the next
+            # read waits on a new one.
+            if self._waiter is None or self._waiter.done():
+                self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
 
 
 class LocalBus:
@@ -126,22 +153,18 @@ class LocalBus:
         if not inboxes:
             del self._subscribers[execution_id]
 
-    @asynccontextmanager
-    async def subscribe(self, execution_id: str) -> AsyncIterator[AsyncIterator[StoredEvent]]:
-        self._check_open()
-        inbox: Inbox[StoredEvent] = Inbox(
-            f"events of {execution_id}", min(self._max_pending, EVENTS_MAX_PENDING)
-        )
-        self._subscribers.setdefault(execution_id, set()).add(inbox)
-        try:
-            yield inbox
-        finally:
-            inbox.close()
-            inboxes = self._subscribers.get(execution_id)
-            if inboxes is not None:
-                inboxes.discard(inbox)
-                if not inboxes:
-                    del self._subscribers[execution_id]
+    def subscribe(
+        self, execution_id: str
+    ) -> AbstractAsyncContextManager[AsyncIterator[StoredEvent]]:
+        return _Subscription(self, execution_id)
+
+    def _unsubscribe(self, execution_id: str, inbox: Inbox[StoredEvent]) -> None:
+        inbox.close()
+        inboxes = self._subscribers.get(execution_id)
+        if inboxes is not None:
+            inboxes.discard(inbox)
+            if not inboxes:
+                del self._subscribers[execution_id]
 
     async def request_cancel(self, execution_id: str) -> None:
         self._check_open()
@@ -163,3 +186,31 @@ class LocalBus:
     def _check_open(self) -> None:
         if self._closed:
             raise BusUnavailable("the bus is closed")
+
+
+class _Subscription:
+    """LocalBus.subscribe's context: a class rather than an
+    asynccontextmanager, whose generator every open stream would hold for
+    its whole life (issue 11)."""
+
+    __slots__ = ("_bus", "_execution_id", "_inbox")
+
+    def __init__(self, bus: LocalBus, execution_id: str) -> None:
+        self._bus = bus
+        self._execution_id = execution_id
+        self._inbox: Inbox[StoredEvent] | None = None
+
+    async def __aenter__(self) -> Inbox[StoredEvent]:
+        bus = self._bus
+        bus._check_open()
+        inbox: Inbox[StoredEvent] = Inbox(
+            f"events of {self._execution_id}", min(bus._max_pending, EVENTS_MAX_PENDING)
+        )
+        bus._subscribers.setdefault(self._execution_id, set()).add(inbox)
+        self._inbox = inbox
+        return inbox
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._inbox is not None:
+            self._bus._unsubscribe(self._execution_id, self._inbox)
+            self._inbox = None

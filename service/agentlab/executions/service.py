@@ -21,7 +21,7 @@ from agentlab.core.runner import Runner
 from agentlab.core.types import Task
 from agentlab.executions import cancel, watch
 from agentlab.executions.admission import Admission
-from agentlab.executions.call import Call, held, with_deadline
+from agentlab.executions.call import Call, Held, with_deadline
 from agentlab.executions.compare import compare
 from agentlab.executions.model import (
     ACTIVE_STATES,
@@ -160,8 +160,7 @@ class Executions:
             replay_of=replay_of,
         )
 
-    @contextlib.asynccontextmanager
-    async def call(
+    def call(
         self,
         task: Task,
         *,
@@ -171,45 +170,50 @@ class Executions:
         leaving_cancels: bool,
         time_remaining_s: float | None = None,
         replay_of: str = "",
-    ) -> AsyncIterator[Call]:
-        """Submit ``task`` for one call and yield the execution; on leaving
-        before its final event, cancel it when ``leaving_cancels`` and this
-        call created it (executions/call.py). Only then does the caller's
-        deadline (``time_remaining_s``, seconds) limit the execution.
-        ``replay_of``: the execution this one replays (see replay_task)."""
+    ) -> Held:
+        """``async with``: submit ``task`` for one call and yield the
+        execution; on leaving before its final event, cancel it when
+        ``leaving_cancels`` and this call created it (executions/call.py).
+        Only then does the caller's deadline (``time_remaining_s``, seconds)
+        limit the execution. ``replay_of``: the execution this one replays
+        (see replay_task)."""
         if leaving_cancels:
             task = with_deadline(task, time_remaining_s)
+        submitted = self._submit_call(task, caller, request_id, background, replay_of)
+        return Held(self, submitted, leaving_cancels=leaving_cancels)
+
+    async def _submit_call(
+        self, task: Task, caller: str, request_id: str, background: bool, replay_of: str
+    ) -> Call:
         submitted = await self.submit(
             task, caller=caller, request_id=request_id, background=background, replay_of=replay_of
         )
-
-        created = submitted.created
         # The rest of the call's log lines (and its span) name the execution.
         logs.execution_id.set(submitted.record.id)
         tracing.annotate("agentlab.execution.id", submitted.record.id)
+        return Call(submitted.record, submitted.created, self, caller)
 
-        def watched(execution_id: str, after: int) -> AsyncGenerator[pb.ExecutionEvent, None]:
-            if created and after == 0:
-                # Its own execution: no ownership check; and while it has
-                # published nothing (run here, nothing stored yet, checked
-                # once subscribed), the bus before the store.
-                return self._watch(
-                    execution_id, 0, replay_first=lambda: not self._runs.unpublished(execution_id)
-                )
-            return self.watch(execution_id, after, caller)
+    def watch_call(self, call: Call, after_sequence: int) -> AsyncIterator[pb.ExecutionEvent]:
+        """The events of ``call``'s execution (Call.events)."""
+        execution_id = call.record.id
+        if call.created and after_sequence == 0:
+            # Its own execution: no ownership check; and while it has
+            # published nothing (run here, nothing stored yet, checked
+            # once subscribed), the bus before the store.
+            return self._watch(
+                execution_id, 0, replay_first=lambda: not self._runs.unpublished(execution_id)
+            )
+        return self.watch(execution_id, after_sequence, call.caller)
 
-        async def cancelled(execution_id: str) -> None:
-            # Run here (this call created it): stopped before anything is
-            # awaited, so its place is free as soon as the caller has left.
-            task = self._runs.stop(execution_id)
-            if task is not None:
-                await asyncio.wait({task}, timeout=10.0)
-            else:
-                await self.cancel(execution_id, caller)
-
-        call = Call(submitted.record, submitted.created, self.wait_for_final, watched)
-        async with held(call, leaving_cancels=leaving_cancels, cancel=cancelled):
-            yield call
+    async def cancel_left(self, call: Call) -> None:
+        """Cancel the execution ``call`` created, which its caller left."""
+        # Run here: stopped before anything is awaited, so its place is free
+        # as soon as the caller has left.
+        task = self._runs.stop(call.record.id)
+        if task is not None:
+            await asyncio.wait({task}, timeout=10.0)
+        else:
+            await self.cancel(call.record.id, call.caller)
 
     async def get(self, execution_id: str, caller: str | None = None) -> ExecutionRecord:
         """The record; NOT_FOUND too when it is another caller's, so ids of

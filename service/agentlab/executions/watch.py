@@ -14,14 +14,13 @@ the start. A bus that fails leaves the store alone, read every ``poll_s``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from agentlab.core.errors import NotFound
 from agentlab.executions import codec
 from agentlab.executions.errors import SubscriberLagged
-from agentlab.executions.model import ACTIVE_STATES, EventBus, ExecutionStore, StoredEvent
+from agentlab.executions.model import ACTIVE_STATES, EventBus, ExecutionStore
 from agentlab.metrics import record as metrics
 from agentlab.v1 import execution_pb2 as pb
 
@@ -62,98 +61,77 @@ async def watch(
     risk: had events been published before, the first live one shows a gap
     (or the bus stays quiet for ``poll_s``), and the store is read as usual."""
     last = after_sequence
-    lagged = True
-    while lagged:
-        lagged = False
-        async with (
-            bus.subscribe(execution_id) as live,
-            contextlib.aclosing(
-                _follow(store, live, execution_id, last, poll_s, replay_first)
-            ) as events,
-        ):
-            async for event in events:
-                if isinstance(event, SubscriberLagged):
-                    # Subscribed again first, then the store: nothing missed.
-                    replay_first, lagged = True, True
-                    break
-                last = event.sequence
-                yield event
-
-
-async def _follow(
-    store: ExecutionStore,
-    live: AsyncIterator[StoredEvent],
-    execution_id: str,
-    last: int,
-    poll_s: float,
-    replay_first: bool | Callable[[], bool],
-) -> AsyncGenerator[pb.ExecutionEvent | SubscriberLagged, None]:
-    """One subscription's share of watch(): events after ``last`` until the
-    final one, or a SubscriberLagged if the bus cut the subscription loose."""
-    skip_replay = not (replay_first() if callable(replay_first) else replay_first)
-    quiet_s = poll_s
-    # Whether the bus failed (it raises the error again on every read):
-    # the store alone serves then, polled at poll_s.
-    bus_failed = False
-    while True:
-        if skip_replay:
-            stored_events = []
-        else:
-            stored_events = await store.events_after(execution_id, last, REPLAY_PAGE)
-        for stored in stored_events:
-            event = codec.parsed(stored)
-            last = stored.sequence
-            yield event
-            if codec.is_final(event):
-                return
-        if len(stored_events) == REPLAY_PAGE:
-            continue  # more in the store
-        if (
-            not stored_events
-            and not skip_replay  # the store was not read: live events first
-            and await _past_the_end(store, execution_id, last)
-        ):
-            return  # resumed after the final event: nothing more will come
-        skip_replay = False
-        if bus_failed:
-            await asyncio.sleep(poll_s)
-            continue
-        # Live events, until one is missing: the store has it.
-        while True:
-            try:
-                # Read straight from the subscription (no task or queue
-                # of our own per stream: 10,000 streams may be open):
-                # its reads are safe to cut short, as the buses'
-                # Inbox's are. A timeout scope, not wait_for: no task
-                # per wait.
-                async with asyncio.timeout(quiet_s):
-                    item = await anext(live)
-            except TimeoutError:
-                quiet_s = min(quiet_s * 2, poll_s * _QUIET_BACKOFF_MAX)
-                break
-            except StopAsyncIteration:
-                # Only a closed subscription ends: never while we hold it.
-                bus_failed = True
-                break
-            except SubscriberLagged as error:
-                yield error
-                return
-            except Exception as error:
-                # The bus failed: the store has it all.
-                logger.warning("watching %s: the bus failed (%s)", execution_id, error)
-                bus_failed = True
-                break
+    # One generator, not one per subscription relaying another: every open
+    # stream holds it (10,000 may be open: issue 11).
+    while True:  # a subscription each time round: again after a lag
+        async with bus.subscribe(execution_id) as live:
+            skip_replay = not (replay_first() if callable(replay_first) else replay_first)
             quiet_s = poll_s
-            if item.sequence <= last:
-                continue  # seen already, in the store
-            if item.sequence != last + 1:
-                break  # a gap
-            event = codec.parsed(item)
-            metrics.bus_delivered(event.time.seconds + event.time.nanos / 1e9)
-            last = item.sequence
-            yield event
-            if codec.is_final(event):
-                return
+            # Whether the bus failed (it raises the error again on every
+            # read): the store alone serves then, polled at poll_s.
+            bus_failed = False
+            # Whether the bus cut the subscription loose (SubscriberLagged).
+            lagged = False
+            while not lagged:
+                if skip_replay:
+                    stored_events = []
+                else:
+                    stored_events = await store.events_after(execution_id, last, REPLAY_PAGE)
+                for stored in stored_events:
+                    event = codec.parsed(stored)
+                    last = stored.sequence
+                    yield event
+                    if codec.is_final(event):
+                        return
+                if len(stored_events) == REPLAY_PAGE:
+                    continue  # more in the store
+                if (
+                    not stored_events
+                    and not skip_replay  # the store was not read: live events first
+                    and await _past_the_end(store, execution_id, last)
+                ):
+                    return  # resumed after the final event: nothing more will come
+                skip_replay = False
+                if bus_failed:
+                    await asyncio.sleep(poll_s)
+                    continue
+                # Live events, until one is missing: the store has it.
+                while True:
+                    try:
+                        # Read straight from the subscription (no task or
+                        # queue of our own per stream): its reads are safe
+                        # to cut short, as the buses' Inbox's are. A timeout
+                        # scope, not wait_for: no task per wait.
+                        async with asyncio.timeout(quiet_s):
+                            item = await anext(live)
+                    except TimeoutError:
+                        quiet_s = min(quiet_s * 2, poll_s * _QUIET_BACKOFF_MAX)
+                        break
+                    except StopAsyncIteration:
+                        # Only a closed subscription ends: never while we hold it.
+                        bus_failed = True
+                        break
+                    except SubscriberLagged:
+                        lagged = True
+                        break
+                    except Exception as error:
+                        # The bus failed: the store has it all.
+                        logger.warning("watching %s: the bus failed (%s)", execution_id, error)
+                        bus_failed = True
+                        break
+                    quiet_s = poll_s
+                    if item.sequence <= last:
+                        continue  # seen already, in the store
+                    if item.sequence != last + 1:
+                        break  # a gap
+                    event = codec.parsed(item)
+                    metrics.bus_delivered(event.time.seconds + event.time.nanos / 1e9)
+                    last = item.sequence
+                    yield event
+                    if codec.is_final(event):
+                        return
+        # Cut loose: subscribed again first, then the store: nothing missed.
+        replay_first = True
 
 
 async def _past_the_end(store: ExecutionStore, execution_id: str, last: int) -> bool:

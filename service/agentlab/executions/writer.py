@@ -37,6 +37,20 @@ class EventWriter:
     life, and 10,000 of them may be open at once) holds no task and no
     asyncio.Event here, ~3 KiB less each (issue 11)."""
 
+    __slots__ = (
+        "_bus",
+        "_closed",
+        "_closing",
+        "_ending",
+        "_execution_id",
+        "_interval_s",
+        "_pending",
+        "_started_at",
+        "_store",
+        "_task",
+        "storing",
+    )
+
     def __init__(
         self, store: ExecutionStore, bus: EventBus, execution_id: str, interval_s: float = 0.05
     ) -> None:

@@ -15,7 +15,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 
-from agentlab.core.ports import LabEvent, LabNodeEnded, LabNodeStarted, LabToken
+from agentlab.core.ports import LabEvent, LabNodeEnded, LabNodeStarted, LabOutput, LabToken
 from agentlab.core.types import GenerationOptions
 from agentlab.lab.base import ChatMessage, ChatModel, TextChunk, Usage
 from agentlab.lab.spans import ModelCallSpans
@@ -43,10 +43,17 @@ class GraphState(TypedDict, total=False):
 
 
 async def model_node(
-    model: ChatModel, node: str, messages: list[ChatMessage], options: GenerationOptions
+    model: ChatModel,
+    node: str,
+    messages: list[ChatMessage],
+    options: GenerationOptions,
+    *,
+    as_output: bool = False,
 ) -> AsyncGenerator[LabEvent, None]:
     """Run one model call as one node: its start, its tokens, its end; with
-    tracing on, a span for the node and one for the model call in it."""
+    tracing on, a span for the node and one for the model call in it.
+    ``as_output``: the node's output is the lab's too (a LabOutput last):
+    inference, which is this node alone, needs no generator relaying it."""
     yield LabNodeStarted(node=node, input=messages[-1].content)
     parts: list[str] = []
     usage = Usage(prompt_tokens=0, completion_tokens=0)
@@ -66,9 +73,12 @@ async def model_node(
         raise
     if spans is not None:
         spans.end(usage)
+    output = "".join(parts)
     yield LabNodeEnded(
-        node, "".join(parts), usage.prompt_tokens, usage.completion_tokens, usage.generation_s
+        node, output, usage.prompt_tokens, usage.completion_tokens, usage.generation_s
     )
+    if as_output:
+        yield LabOutput(output)
 
 
 async def _run_node(

@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
-from agentlab.core.ports import LabEvent, LabNodeEnded, LabOutput
+from agentlab.core.ports import LabEvent, LabOutput
 from agentlab.core.types import ExecutionMode, Task
 from agentlab.lab.base import ChatMessage, ChatModel
 from agentlab.lab.graph import build_graph, model_node
@@ -55,20 +55,9 @@ class GraphLab:
         # The mode's own generator, not one relaying it: a level less for
         # every token to pass through. Closing it stops the work all the same.
         if task.mode is ExecutionMode.INFERENCE:
-            return self._infer(task)
+            messages = [ChatMessage("user", task.prompt)]
+            return model_node(self._model, _INFERENCE_NODE, messages, task.options, as_output=True)
         return self._orchestrate(task)
-
-    async def _infer(self, task: Task) -> AsyncGenerator[LabEvent, None]:
-        messages = [ChatMessage("user", task.prompt)]
-        output = ""
-        async with aclosing(
-            model_node(self._model, _INFERENCE_NODE, messages, task.options)
-        ) as events:
-            async for event in events:
-                yield event
-                if isinstance(event, LabNodeEnded):
-                    output = event.output
-        yield LabOutput(output)
 
     async def _orchestrate(self, task: Task) -> AsyncGenerator[LabEvent, None]:
         config: Any = {"configurable": {"options": task.options}}
