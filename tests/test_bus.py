@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import shutil
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from agentlab.devstack import free_port
 from agentlab.executions.errors import BusUnavailable, SubscriberLagged
-from agentlab.executions.local_bus import LocalBus
+from agentlab.executions.local_bus import Inbox, LocalBus
 from agentlab.executions.model import EventBus, StoredEvent
 from agentlab.executions.redis_bus import RedisBus
 from tests.helpers.services import missing, redis_url
@@ -274,6 +276,22 @@ async def test_only_unread_events_count_towards_the_buffer(kit: Kit) -> None:
         # Three unread (3, 4, 5): within the buffer.
         await bus.publish("e1", event(4), event(5))
         assert await take(events, 3) == [event(3), event(4), event(5)]
+
+
+async def test_a_reader_always_one_event_behind_holds_only_a_few_it_has_read() -> None:
+    # A client a little slower than its model never empties its inbox: the
+    # events it has read must still be let go, not kept until the end.
+    inbox: Inbox[StoredEvent] = Inbox("e1", max_pending=10)
+    first = event(1)
+    gone = weakref.ref(first)
+    inbox.put(first)
+    del first
+    for sequence in range(2, 2_000):
+        inbox.put(event(sequence))
+        assert (await anext(inbox)).sequence == sequence - 1
+    gc.collect()
+    assert gone() is None
+    assert (await anext(inbox)).sequence == 1_999
 
 
 async def test_a_closed_bus_ends_its_subscriptions(kit: Kit) -> None:

@@ -25,6 +25,11 @@ DEFAULT_MAX_PENDING = 10_000
 EVENTS_MAX_PENDING = 256
 
 
+# Items read that an inbox may keep before it lets them go (in one cut, so
+# that a read never shifts the items behind it).
+_COMPACT_AFTER = 64
+
+
 class Inbox(Generic[T]):
     """One subscriber's buffer, filled without ever blocking the publisher.
 
@@ -104,6 +109,12 @@ class Inbox(Generic[T]):
                 self._head += 1
                 if self._head == len(self._items):
                     self._drop()
+                elif self._head >= _COMPACT_AFTER and self._head * 2 >= len(self._items):
+                    # A reader that keeps up but never quite catches up (a
+                    # client a little slower than its model) would otherwise
+                    # hold every item it read until the execution ends.
+                    del self._items[: self._head]
+                    self._head = 0
                 return item
             if self._closed:
                 raise StopAsyncIteration
