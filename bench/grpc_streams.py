@@ -134,8 +134,17 @@ def run(plan: streams.Plan) -> streams.Result:
         finally:
             stack.stop()
     service_peak, envoy_peak = memory.peaks
+    service_idle, envoy_idle = memory.idle
     return streams.Result(
-        plan, tally, memory.peak, memory.at_peak_open[1], elapsed, service_peak, envoy_peak
+        plan,
+        tally,
+        memory.peak,
+        memory.at_peak_open[1],
+        elapsed,
+        service_peak,
+        envoy_peak,
+        service_idle,
+        envoy_idle,
     )
 
 
