@@ -77,11 +77,21 @@ def agentlab(
     )
 
 
+# Starts the command with SIGINT at its default, as a terminal's foreground
+# command has it. A test run started in the background by a shell without
+# job control (`pytest &`, nohup) has SIGINT ignored, which its children
+# inherit: the command would then rightly ignore the test's Ctrl-C.
+_INTERRUPTIBLE = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def spawn(stack: Stack, *args: str) -> subprocess.Popen[str]:
     """The command started as agentlab() runs it, stdout and stderr piped,
     for the tests that signal it or close its stdout while it runs."""
     return subprocess.Popen(
-        [AGENTLAB, *args],
+        [sys.executable, "-c", _INTERRUPTIBLE, AGENTLAB, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -469,7 +479,8 @@ def test_every_readme_command_runs_as_printed(stack: Stack) -> None:
 
 
 def test_ctrl_c_stops_the_orchestration_it_started(stack: Stack) -> None:
-    long_prompt = " ".join(f"w{n}" for n in range(2000))  # 20 s of echo per node
+    # 256 words a node (the default max tokens): about 8 s of echo in all.
+    long_prompt = " ".join(f"w{n}" for n in range(2000))
     with spawn(stack, "orchestrate", long_prompt, "-m", "echo", "--json") as running:
         assert running.stdout is not None
         first = json.loads(running.stdout.readline())
