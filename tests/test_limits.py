@@ -434,13 +434,13 @@ async def test_a_burst_of_calls_within_the_limits_is_served_whole(wide_limits: S
         for _ in range(4)
     ]
     try:
-        stubs = [svc_grpc.LabServiceStub(channel) for channel in channels]  # type: ignore[no-untyped-call]
+        stubs = [svc_grpc.LabServiceStub(channel) for channel in channels]
 
         async def call(n: int) -> str:
             try:
                 await stubs[n % len(stubs)].Execute(request, timeout=120)
             except grpc.aio.AioRpcError as error:
-                return error.code().name
+                return str(error.code().name)
             return "OK"
 
         outcomes = await asyncio.gather(*(call(n) for n in range(burst)))
