@@ -260,6 +260,20 @@ async def test_compare_with_one_id_raises_invalid_argument_naming_the_field(
     assert {v.field for v in malformed.value.violations} == {"execution_id", "temperature"}
 
 
+async def test_compare_refuses_one_string_of_ids_before_calling() -> None:
+    # A str is a Sequence[str] too: sent as is, one id would be compared as
+    # its 32 one-character "ids", and the error would list 32 violations.
+    # Nothing listens at this target: the call is refused before any is made.
+    async with AsyncClient(f"127.0.0.1:{free_port()}", retry=NO_RETRIES) as lab:
+        with pytest.raises(TypeError, match="execution_ids"):
+            await lab.compare_executions("a" * 32)
+    with (
+        Client(f"127.0.0.1:{free_port()}", retry=NO_RETRIES) as blocking,
+        pytest.raises(TypeError, match="execution_ids"),
+    ):
+        blocking.compare_executions("a" * 32)
+
+
 async def test_an_unreachable_lab_is_unavailable_with_retry_info(stack: Stack) -> None:
     async with AsyncClient(stack.gateway_grpc, api_key=KEY, retry=NO_RETRIES) as lab:
         with pytest.raises(Unavailable) as raised:

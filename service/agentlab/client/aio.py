@@ -314,7 +314,15 @@ class AsyncClient:
         or malformed: a violation naming ``execution_ids``; a comparison over
         3 MiB, reason COMPARISON_TOO_LARGE), NotFound (an unknown id, or
         another caller's), Unauthenticated. A read: retried on UNAVAILABLE /
-        RESOURCE_EXHAUSTED."""
+        RESOURCE_EXHAUSTED.
+
+        Raises TypeError for one string: a str is a sequence of strings too,
+        and would be sent as its characters."""
+        if isinstance(execution_ids, str):
+            raise TypeError(
+                "execution_ids: a list of execution ids, not one string "
+                f"(compare_executions([{execution_ids!r}, ...]))"
+            )
         return await self._read(
             "CompareExecutions",
             self._stub.CompareExecutions,
