@@ -84,6 +84,8 @@ async def served(tmp_path: Path) -> AsyncIterator[InProcess]:
         LocalBackend("scripted", ScriptedModel()),
         echo=LocalBackend("echo", EchoModel()),
         failing=LocalBackend("failing", FailingMidWayModel()),
+        # Long enough (a word every 2 s) to be compared while it runs.
+        slow=LocalBackend("slow", EchoModel(token_delay_s=2.0)),
     )
     async for server in serve_in_process(registry, tmp_path):
         yield server
@@ -224,6 +226,20 @@ async def test_grpc_replay_and_compare_of_a_source_that_failed_mid_way(
     assert replay_total.delta.completion_tokens == (
         replay_total.metrics.completion_tokens - base_total.metrics.completion_tokens
     )
+    # Its first token and rate too: the plan streamed before the failure, so
+    # a delta against them is not one against nothing.
+    first = plan.versions[0].step.metrics
+    assert base_total.metrics.time_to_first_token_ms == pytest.approx(first.time_to_first_token_ms)
+    done = [v.step.metrics for row in comparison.nodes for v in row.versions[:1] if v.present]
+    streamed = [m for m in done if m.tokens_per_second > 0]
+    assert streamed, done
+    assert base_total.metrics.tokens_per_second == pytest.approx(
+        sum(m.completion_tokens for m in streamed)
+        / sum(m.completion_tokens / m.tokens_per_second for m in streamed)
+    )
+    assert replay_total.delta.time_to_first_token_ms == pytest.approx(
+        replay_total.metrics.time_to_first_token_ms - base_total.metrics.time_to_first_token_ms
+    )
 
 
 @pytest.mark.e2e
@@ -261,6 +277,18 @@ async def test_invalid_comparisons_are_refused(served: InProcess) -> None:
         unknown = await client.post("/executions:compare", json={"execution_ids": [one, "0" * 32]})
         assert unknown.status_code == 404, unknown.text
         assert "0" * 32 in unknown.json()["message"]
+        # A running one has no flow to compare yet: wait for its end.
+        started = await client.post(
+            "/execute", json={"prompt": PROMPT, "model": "slow", "background": True}
+        )
+        running = started.json()["execution_id"]
+        early = await client.post("/executions:compare", json={"execution_ids": [one, running]})
+        assert early.status_code == 400, early.text
+        assert early.json()["code"] == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        [info] = details_of(early.json(), "ErrorInfo")
+        assert info["reason"] == "EXECUTION_NOT_FINISHED"
+        assert info["metadata"]["execution_id"] == running
+        assert running in early.json()["message"]
 
 
 @given(st.text(alphabet="ab \n.", max_size=60), st.text(alphabet="ab \n.", max_size=60))

@@ -20,6 +20,7 @@ __all__ = [
     "LabFailed",
     "LabUnavailable",
     "ModelNotFound",
+    "NotFinished",
     "NotFound",
     "NotServing",
     "Unauthenticated",
@@ -90,6 +91,20 @@ class ModelNotFound(NotFound):
             f"model {model!r} is not served here; known models: {', '.join(known)}",
             model=model,
             known_models=",".join(known),
+        )
+
+
+class NotFinished(AgentLabError):
+    """The request needs an execution that has ended, and this one has not
+    (CompareExecutions of a running one): the caller must wait for its end."""
+
+    reason = "EXECUTION_NOT_FINISHED"
+
+    def __init__(self, execution_id: str, state: str) -> None:
+        super().__init__(
+            f"execution '{execution_id}' has not ended (it is {state}): compare it once it has",
+            execution_id=execution_id,
+            state=state,
         )
 
 

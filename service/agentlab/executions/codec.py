@@ -31,6 +31,7 @@ from agentlab.core.errors import (
     InvalidArgument,
     LabFailed,
     LabUnavailable,
+    NotFinished,
     NotFound,
     NotServing,
     ResourceExhausted,
@@ -78,6 +79,8 @@ _CODES: list[tuple[type[AgentLabError], int]] = [
     # 409 through Envoy. (The IETF draft suggests 422, which no gRPC code
     # becomes.)
     (IdempotencyKeyReused, code_pb2.ALREADY_EXISTS),
+    # Not yet: 400 through Envoy, with the reason saying to wait.
+    (NotFinished, code_pb2.FAILED_PRECONDITION),
     (NotServing, code_pb2.UNAVAILABLE),
     (LabUnavailable, code_pb2.UNAVAILABLE),
     (ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),

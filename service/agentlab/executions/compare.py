@@ -127,14 +127,29 @@ def _compared(run: _Run, baseline: _Run, is_baseline: bool) -> svc.ComparedExecu
 
 def _totals(run: _Run) -> pb.Metrics:
     """The execution's own totals; for one that ended without them (failed
-    or cancelled: only its flow so far is kept), the sum of its steps'
-    tokens and durations."""
+    or cancelled: only its flow so far is kept), what its steps add up to:
+    tokens and durations summed, the first token as the steps before the
+    first that streamed one took plus its own wait (the steps run one after
+    the other), tokens/s as all tokens over all steps' generation time."""
     if run.result.HasField("metrics"):
         return run.result.metrics
+    flow = run.result.flow
+    first_token_ms, before_ms = 0.0, 0.0
+    for step in flow:
+        if step.metrics.time_to_first_token_ms > 0:
+            first_token_ms = before_ms + step.metrics.time_to_first_token_ms
+            break
+        before_ms += step.duration_ms
+    generating = [step.metrics for step in flow if step.metrics.tokens_per_second > 0]
+    generation_s = sum(m.completion_tokens / m.tokens_per_second for m in generating)
     return pb.Metrics(
-        latency_ms=sum(step.duration_ms for step in run.result.flow),
-        prompt_tokens=sum(step.metrics.prompt_tokens for step in run.result.flow),
-        completion_tokens=sum(step.metrics.completion_tokens for step in run.result.flow),
+        latency_ms=sum(step.duration_ms for step in flow),
+        time_to_first_token_ms=first_token_ms,
+        prompt_tokens=sum(step.metrics.prompt_tokens for step in flow),
+        completion_tokens=sum(step.metrics.completion_tokens for step in flow),
+        tokens_per_second=(
+            sum(m.completion_tokens for m in generating) / generation_s if generation_s else 0.0
+        ),
         requested_model=run.record.model,
     )
 

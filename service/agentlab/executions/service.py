@@ -16,7 +16,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
-from agentlab.core.errors import NotFound
+from agentlab.core.errors import NotFinished, NotFound
 from agentlab.core.runner import Runner
 from agentlab.core.types import Task
 from agentlab.executions import cancel, watch
@@ -233,6 +233,10 @@ class Executions:
         """The executions lined up against the first (executions/compare.py);
         NOT_FOUND, as get, for any that is not the caller's."""
         records = [await self.get(execution_id, caller) for execution_id in execution_ids]
+        # A running one has no flow yet: its nodes would all read "not run".
+        for record in records:
+            if record.state in ACTIVE_STATES:
+                raise NotFinished(record.id, record.state.value)
         # Word diffs of long outputs take a while: not on the event loop.
         return await asyncio.to_thread(compare, records)
 
