@@ -22,6 +22,7 @@ import pytest
 from agentlab.devstack import Stack, free_port
 from tests.helpers.services import missing
 from tests.helpers.stacks import StackFactory
+from tests.helpers.tools import interruptible
 
 # Every test runs the command as a process.
 pytestmark = pytest.mark.e2e
@@ -77,21 +78,11 @@ def agentlab(
     )
 
 
-# Starts the command with SIGINT at its default, as a terminal's foreground
-# command has it. A test run started in the background by a shell without
-# job control (`pytest &`, nohup) has SIGINT ignored, which its children
-# inherit: the command would then rightly ignore the test's Ctrl-C.
-_INTERRUPTIBLE = (
-    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-    "os.execv(sys.argv[1], sys.argv[1:])"
-)
-
-
 def spawn(stack: Stack, *args: str) -> subprocess.Popen[str]:
     """The command started as agentlab() runs it, stdout and stderr piped,
     for the tests that signal it or close its stdout while it runs."""
     return subprocess.Popen(
-        [sys.executable, "-c", _INTERRUPTIBLE, AGENTLAB, *args],
+        interruptible([AGENTLAB, *args]),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from agentlab.devstack import ROOT, Ports, Stack, envoy_binary, free_port, render_envoy_config
-from tests.helpers.tools import run_service
+from tests.helpers.tools import interruptible, run_service
 
 # Every test runs `make run` or its supervisor script.
 pytestmark = pytest.mark.e2e
@@ -50,7 +50,7 @@ def make_run(ports: dict[str, int], env: dict[str, str]) -> subprocess.Popen[str
         pytest.fail("make is not installed")
     args = " ".join(f"--{name}-port={port}" for name, port in ports.items())
     return subprocess.Popen(
-        [make, "--no-print-directory", "run", f"ARGS={args}"],
+        interruptible([make, "--no-print-directory", "run", f"ARGS={args}"]),
         cwd=ROOT,
         env={**os.environ, **env},
         stdout=subprocess.PIPE,

@@ -17,6 +17,22 @@ from agentlab.devstack import ROOT
 BIN = Path(sys.executable).parent
 
 
+# Execs its arguments with SIGINT at its default, as a terminal's foreground
+# command has it. A test run started in the background by a shell without
+# job control (`pytest &`, nohup) has SIGINT ignored, which its children
+# inherit, and a command that ignores SIGINT rightly ignores a test's Ctrl-C.
+_INTERRUPTIBLE = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def interruptible(cmd: list[str]) -> list[str]:
+    """``cmd`` (its program an absolute path) to run as a foreground
+    command would: for the tests that send it a Ctrl-C."""
+    return [sys.executable, "-c", _INTERRUPTIBLE, *cmd]
+
+
 def tool(name: str) -> str:
     """A command-line tool from the venv (grpcurl, buf, envoy) or PATH."""
     found = shutil.which(name, path=str(BIN)) or shutil.which(name)
