@@ -20,20 +20,18 @@ Run alone: ``.venv/bin/python bench/grpc_streams.py [--streams N] [--quick]``;
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
 import streams
-from table import Row, render
+from table import Row
 
+from agentlab.devstack import Stack
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
@@ -91,7 +89,7 @@ async def _stream(
             call.cancel()
 
 
-async def _open_all(gateway: str, plan: streams.Plan, tally: streams.Tally) -> None:
+async def _open_all(stack: Stack, plan: streams.Plan, tally: streams.Tally) -> None:
     request = svc.OrchestrateRequest(
         prompt=" ".join(f"w{i}" for i in range(plan.words)),
         model="echo",
@@ -100,7 +98,9 @@ async def _open_all(gateway: str, plan: streams.Plan, tally: streams.Tally) -> N
     # started, node_started, a token per word, node_finished, completed
     expected = plan.words + 4
     channels = [
-        grpc.aio.insecure_channel(gateway, options=[("grpc.use_local_subchannel_pool", 1)])
+        grpc.aio.insecure_channel(
+            stack.gateway_grpc, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
         for _ in range(CONNECTIONS)
     ]
     try:
@@ -120,32 +120,7 @@ async def _open_all(gateway: str, plan: streams.Plan, tally: streams.Tally) -> N
 
 def run(plan: streams.Plan) -> streams.Result:
     """Open ``plan.streams`` gRPC streams through a fresh stack and measure."""
-    with tempfile.TemporaryDirectory(prefix="agentlab-grpc-streams-") as log_dir:
-        stack = streams._start_stack(Path(log_dir), plan)
-        try:
-            assert stack.service.proc is not None
-            assert stack.envoy.proc is not None
-            tally = streams.Tally()
-            start = time.perf_counter()
-            pids = [stack.service.proc.pid, stack.envoy.proc.pid]
-            with streams._Memory(pids, tally) as memory:
-                asyncio.run(_open_all(stack.gateway_grpc, plan, tally))
-            elapsed = time.perf_counter() - start
-        finally:
-            stack.stop()
-    service_peak, envoy_peak = memory.peaks
-    service_idle, envoy_idle = memory.idle
-    return streams.Result(
-        plan,
-        tally,
-        memory.peak,
-        memory.at_peak_open[1],
-        elapsed,
-        service_peak,
-        envoy_peak,
-        service_idle,
-        envoy_idle,
-    )
+    return streams.run(plan, _open_all)
 
 
 def row(result: streams.Result) -> Row:
@@ -161,18 +136,7 @@ def measure(quick: bool) -> list[Row]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="a few hundred streams")
-    parser.add_argument("--streams", type=int, help="how many streams (default: the plan's)")
-    parser.add_argument("--words", type=int, help="tokens per stream")
-    parser.add_argument("--token-delay", type=float, help="seconds per token")
-    args = parser.parse_args(argv)
-    plan = streams.QUICK if args.quick else streams.FULL
-    changes = {"streams": args.streams, "words": args.words, "token_delay_s": args.token_delay}
-    plan = streams.Plan(**{**plan.__dict__, **{k: v for k, v in changes.items() if v is not None}})
-    result = run(plan)
-    print(render([row(result)]))
-    return 0 if result.tally.complete == plan.streams else 1
+    return streams.main(argv, description=__doc__ or "", open_all=_open_all, row=row)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from procstat import rss_kib
 from table import Row, render
@@ -248,8 +249,14 @@ async def _open_all(stack: Stack, plan: Plan, tally: Tally) -> None:
     await asyncio.wait_for(asyncio.gather(*streams), plan.timeout_s)
 
 
-def run(plan: Plan) -> Result:
-    """Open ``plan.streams`` streams through a fresh stack and measure."""
+# Opens a plan's streams through a stack, counting them in the tally.
+Opener = Callable[[Stack, Plan, Tally], Coroutine[Any, Any, None]]
+
+
+def run(plan: Plan, open_all: Opener | None = None) -> Result:
+    """Open ``plan.streams`` streams through a fresh stack and measure;
+    ``open_all`` opens them (default: SSE, one connection each)."""
+    open_all = open_all or _open_all
     _raise_open_files(plan.streams + 1024)
     with tempfile.TemporaryDirectory(prefix="agentlab-streams-") as log_dir:
         stack = _start_stack(Path(log_dir), plan)
@@ -259,7 +266,7 @@ def run(plan: Plan) -> Result:
             tally = Tally()
             start = time.perf_counter()
             with _Memory([stack.service.proc.pid, stack.envoy.proc.pid], tally) as memory:
-                asyncio.run(_open_all(stack, plan, tally))
+                asyncio.run(open_all(stack, plan, tally))
             elapsed = time.perf_counter() - start
         finally:
             stack.stop()
@@ -322,8 +329,16 @@ def measure(quick: bool) -> list[Row]:
     return [row(run(QUICK if quick else FULL))]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    description: str = __doc__ or "",
+    open_all: Opener | None = None,
+    row: Callable[[Result], Row] = row,
+) -> int:
+    """The command line of this module, and of one that opens its streams
+    another way (``open_all``) and names its row so (``row``)."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="a few hundred streams")
     parser.add_argument("--streams", type=int, help="how many streams (default: the plan's)")
     parser.add_argument("--words", type=int, help="tokens per stream")
@@ -336,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "token_delay_s": args.token_delay,
     }
     plan = Plan(**{**plan.__dict__, **{k: v for k, v in changes.items() if v is not None}})
-    result = run(plan)
+    result = run(plan, open_all)
     print(render([row(result)]))
     return 0 if result.tally.complete == plan.streams else 1
 
