@@ -26,9 +26,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 
+from agentlab.executions.migrations import quote_ident
 from agentlab.v1 import execution_pb2 as pb
 from agentlab.v1 import lab_service_pb2 as svc
 from agentlab.v1 import lab_service_pb2_grpc as svc_grpc
@@ -177,6 +179,36 @@ async def calls_in_flight(admin_port: int, port: int, at_least: int, timeout_s: 
         assert loop.time() < deadline, f"never {at_least} calls at once on {port}"
 
 
+async def running_on(schema: str, pid: int, at_least: int) -> int:
+    """How many executions the store has RUNNING on the process ``pid``
+    (its owner names the pid), once at least ``at_least``: returns 0 after
+    a short wait when there are fewer."""
+    connection = await asyncpg.connect(postgres_url())
+    try:
+        count: int = await connection.fetchval(
+            f"SELECT count(*) FROM {quote_ident(schema)}.executions"
+            " WHERE state = 'RUNNING' AND owner LIKE $1",
+            f"%:{pid}:%",
+        )
+    finally:
+        await connection.close()
+    return count if count >= at_least else 0
+
+
+async def busy(admin_port: int, port: int, schema: str, pid: int, timeout_s: float = 20) -> None:
+    """Returns at a moment when Envoy has calls in flight on the process
+    (what fails with it) and the store has executions running on it (what a
+    survivor must take over): both cases the test is about. An in-flight
+    call alone may not be recorded yet, or already be finished."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        await calls_in_flight(admin_port, port, at_least=2)
+        if await running_on(schema, pid, at_least=2):
+            return
+        assert loop.time() < deadline, f"never calls in flight and executions running on {pid}"
+
+
 async def failed_health_checks(admin_port: int, port: int, timeout_s: float = 10) -> str:
     """The host's health flags once they include failed_active_hc (or at
     ``timeout_s``, whatever they are then)."""
@@ -190,7 +222,9 @@ async def failed_health_checks(admin_port: int, port: int, timeout_s: float = 10
 
 
 @pytest.mark.timeout(240)
-async def test_kill_9_of_one_replica_fails_only_its_calls_in_flight(replicas: Replicas) -> None:
+async def test_kill_9_of_one_replica_fails_only_its_calls_in_flight(
+    replicas: Replicas, schema: str
+) -> None:
     load = Load()
     victim = replicas.services[2]
     assert victim.proc is not None
@@ -198,10 +232,10 @@ async def test_kill_9_of_one_replica_fails_only_its_calls_in_flight(replicas: Re
         stub = svc_grpc.LabServiceStub(channel)
         workers = [asyncio.create_task(keep_calling(stub, i, load)) for i in range(WORKERS)]
         await asyncio.sleep(LOAD_BEFORE_KILL_S)
-        # At a moment when the victim has calls in flight (streams, mostly):
-        # the case this test is about.
-        await calls_in_flight(replicas.envoy.ports.admin, victim.port, at_least=2)
+        # At a moment when the victim has calls in flight (streams, mostly)
+        # and executions running: the case this test is about.
         victim_pid = victim.proc.pid
+        await busy(replicas.envoy.ports.admin, victim.port, schema, victim_pid)
         signalled_at = asyncio.get_running_loop().time()
         victim.proc.send_signal(signal.SIGKILL)
         # Dead (reaped, its sockets closed) by here: a call that started
