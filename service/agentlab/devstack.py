@@ -75,11 +75,18 @@ def free_port() -> int:
     if low > _LISTEN_PORTS_START + 1000:
         for _ in range(200):
             port = random.randrange(_LISTEN_PORTS_START, low)
+            # Free now is not free when used: a port handed out already, and
+            # not bound yet (a stack's four ports are picked before any of
+            # them listens), must not be handed out again (seen: the service
+            # and Envoy of one stack given the same port).
+            if port in _HANDED_OUT:
+                continue
             with socket.socket() as sock:
                 try:
                     sock.bind(("127.0.0.1", port))
                 except OSError:
                     continue
+            _HANDED_OUT.add(port)
             return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -88,6 +95,8 @@ def free_port() -> int:
 
 
 _LISTEN_PORTS_START = 20_000
+# Every port free_port() has returned in this process.
+_HANDED_OUT: set[int] = set()
 
 
 def require_free(port: int, what: str) -> None:
