@@ -131,17 +131,7 @@ class AsyncClient:
             seed=seed,
             background=background,
         )
-
-        async def attempt(remaining: float | None) -> pb.ExecuteResponse:
-            request.request_id = keys.current
-            answer: pb.ExecuteResponse = await self._stub.Execute(
-                request, metadata=self._metadata, timeout=remaining
-            )
-            return answer
-
-        return await self._unary(
-            "Execute", attempt, safe=keys.keyed, timeout_s=timeout_s, after_error=keys.after
-        )
+        return await self._keyed("Execute", self._stub.Execute, request, keys, timeout_s)
 
     async def list_models(self, *, timeout_s: float | None = None) -> list[svc.Model]:
         """The models the gateway routes, with whether each is ready now."""
@@ -278,21 +268,10 @@ class AsyncClient:
             seed=seed,
             background=background,
         )
-
-        async def attempt(remaining: float | None) -> pb.Execution:
-            request.request_id = keys.current
-            answer: svc.ReplayExecutionResponse = await self._stub.ReplayExecution(
-                request, metadata=self._metadata, timeout=remaining
-            )
-            return answer.execution
-
-        return await self._unary(
-            "ReplayExecution",
-            attempt,
-            safe=keys.keyed,
-            timeout_s=timeout_s,
-            after_error=keys.after,
+        answer: svc.ReplayExecutionResponse = await self._keyed(
+            "ReplayExecution", self._stub.ReplayExecution, request, keys, timeout_s
         )
+        return answer.execution
 
     async def compare_executions(
         self, execution_ids: Sequence[str], *, timeout_s: float | None = None
@@ -451,6 +430,26 @@ class AsyncClient:
             lambda remaining: rpc(request, metadata=self._metadata, timeout=remaining),
             safe=True,
             timeout_s=timeout_s,
+        )
+
+    async def _keyed(
+        self,
+        method: str,
+        rpc: Callable[..., Awaitable[_T]],
+        request: Any,
+        keys: _Keys,
+        timeout_s: float | None,
+    ) -> _T:
+        """``rpc(request)`` carrying each attempt's key (``keys.current``):
+        retried only when the call is keyed, and after an error the service
+        sent under the next key (``_Keys.after``)."""
+
+        async def attempt(remaining: float | None) -> _T:
+            request.request_id = keys.current
+            return await rpc(request, metadata=self._metadata, timeout=remaining)
+
+        return await self._unary(
+            method, attempt, safe=keys.keyed, timeout_s=timeout_s, after_error=keys.after
         )
 
     async def _unary(
